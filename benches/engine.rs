@@ -1,0 +1,31 @@
+//! Dense engine latency (criterion): ResNet-50 at 1x3x224x224, ResNet-20 at 1x1x28x28 and
+//! 32x1x28x28, channels-last (the default) and NCHW. Run: `cargo bench --bench engine`.
+//! Threads: SLUICE_BENCH_THREADS (default 2, this machine's cores).
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use sluice::engine::{ArchSpec, Layout, Model, ModelSource};
+use tch::{Device, Kind, Tensor};
+
+fn threads() -> i32 {
+    std::env::var("SLUICE_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2)
+}
+
+fn dense(c: &mut Criterion) {
+    tch::set_num_threads(threads());
+    let _guard = tch::no_grad_guard();
+    let cases = [("resnet50", 3, 1000, 1, 224), ("resnet20", 1, 10, 1, 28), ("resnet20", 1, 10, 32, 28)];
+    for (arch, channels, classes, batch, hw) in cases {
+        let mut group = c.benchmark_group(format!("dense/{arch}/b{batch}x{hw}"));
+        group.sample_size(if arch == "resnet50" { 20 } else { 50 });
+        for layout in [Layout::ChannelsLast, Layout::Nchw] {
+            let spec = ArchSpec::named(arch, channels, classes).unwrap();
+            let model = Model::build(&ModelSource { layout, ..ModelSource::random(spec, 0) }).unwrap();
+            let x = Tensor::randn([batch, channels, hw, hw], (Kind::Float, Device::Cpu));
+            group.bench_function(format!("{layout:?}"), |b| b.iter(|| model.forward(&x).unwrap()));
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, dense);
+criterion_main!(benches);

@@ -1,0 +1,64 @@
+//! The `sluice` command line (clap derive; every option also reads an environment variable).
+
+mod model_info;
+
+use clap::{Parser, Subcommand};
+
+pub use model_info::InfoArgs;
+
+/// sluice: serve dynamically pruned CNNs and prove the compute they skip.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// sluice's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+/// `sluice model ...`
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Print an architecture's or a model folder's layers, parameters and dense FLOPs.
+    Info(InfoArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model(ModelCommand::Info(args)) => model_info::run(&args),
+    }
+}
+
+/// A tensor shape given on the command line as `1x3x224x224`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shape(pub Vec<i64>);
+
+impl std::str::FromStr for Shape {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let dims: Result<Vec<i64>, _> =
+            text.split(['x', 'X', ',']).map(|d| d.trim().parse::<i64>()).collect();
+        match dims {
+            Ok(d) if !d.is_empty() && d.iter().all(|&v| v > 0) => Ok(Shape(d)),
+            _ => Err(format!("`{text}` is not a shape like 1x3x224x224 (positive integers joined by x)")),
+        }
+    }
+}

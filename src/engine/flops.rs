@@ -1,0 +1,133 @@
+//! Analytic FLOP accounting. FLOPs = 2 × multiply-accumulates of every executed convolution
+//! and linear layer, from the real shapes they ran at (DESIGN.md). Batch-norm is folded,
+//! and ReLU, additions and pooling are not counted, as in the published MAC counts.
+
+use serde::Serialize;
+
+use super::arch::{ArchSpec, ConvShape};
+
+/// FLOPs of one convolution producing `out_ch` channels of `out_h × out_w` from `in_ch`
+/// input channels.
+pub fn conv_flops(in_ch: i64, out_ch: i64, kernel: i64, out_h: i64, out_w: i64) -> u64 {
+    2 * (in_ch * out_ch * kernel * kernel * out_h * out_w) as u64
+}
+
+/// FLOPs of a fully connected layer.
+pub fn linear_flops(inputs: i64, outputs: i64) -> u64 {
+    2 * (inputs * outputs) as u64
+}
+
+/// One layer of a dense network with its cost, for `sluice model info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerCost {
+    /// torchvision's parameter prefix (`layer1.0.conv2`, `fc`).
+    pub name: String,
+    /// `conv` or `linear`.
+    pub kind: &'static str,
+    pub in_ch: i64,
+    pub out_ch: i64,
+    pub kernel: i64,
+    pub stride: i64,
+    /// Output spatial size `[h, w]` (`[1, 1]` for linear).
+    pub out_hw: [i64; 2],
+    pub flops: u64,
+    /// Trainable parameters of the layer including its batch-norm's affine pair.
+    pub params: u64,
+}
+
+fn conv_cost(name: String, s: &ConvShape, h: i64, w: i64) -> (LayerCost, i64, i64) {
+    let (oh, ow) = (s.out_hw(h), s.out_hw(w));
+    let cost = LayerCost {
+        name,
+        kind: "conv",
+        in_ch: s.in_ch,
+        out_ch: s.out_ch,
+        kernel: s.kernel,
+        stride: s.stride,
+        out_hw: [oh, ow],
+        flops: conv_flops(s.in_ch, s.out_ch, s.kernel, oh, ow),
+        params: (s.in_ch * s.out_ch * s.kernel * s.kernel + 2 * s.out_ch) as u64,
+    };
+    (cost, oh, ow)
+}
+
+/// Every dense layer of `spec` at input size `h × w`, in forward order.
+pub fn dense_layers(spec: &ArchSpec, h: i64, w: i64) -> Vec<LayerCost> {
+    let mut layers = Vec::new();
+    let (stem, mut h, mut w) = conv_cost("conv1".into(), &spec.stem_conv(), h, w);
+    layers.push(stem);
+    if spec.stem == super::arch::StemKind::Imagenet {
+        h = (h - 1) / 2 + 1;
+        w = (w - 1) / 2 + 1;
+    }
+    for block in spec.block_specs() {
+        let (bh, bw) = (h, w);
+        for (i, conv) in block.convs.iter().enumerate() {
+            let (cost, oh, ow) = conv_cost(format!("{}.conv{}", block.prefix, i + 1), conv, h, w);
+            layers.push(cost);
+            (h, w) = (oh, ow);
+        }
+        if let Some(ds) = &block.downsample {
+            layers.push(conv_cost(format!("{}.downsample.0", block.prefix), ds, bh, bw).0);
+        }
+    }
+    let (f, c) = (spec.feature_width(), spec.num_classes);
+    layers.push(LayerCost {
+        name: "fc".into(),
+        kind: "linear",
+        in_ch: f,
+        out_ch: c,
+        kernel: 1,
+        stride: 1,
+        out_hw: [1, 1],
+        flops: linear_flops(f, c),
+        params: (f * c + c) as u64,
+    });
+    layers
+}
+
+/// Dense FLOPs of `spec` for one input of size `h × w`.
+pub fn dense_flops(spec: &ArchSpec, h: i64, w: i64) -> u64 {
+    dense_layers(spec, h, w).iter().map(|l| l.flops).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn within(actual: u64, published_macs: f64, tolerance: f64) -> bool {
+        let macs = actual as f64 / 2.0;
+        (macs - published_macs).abs() / published_macs <= tolerance
+    }
+
+    #[test]
+    fn matches_published_mac_counts() {
+        let r50 = ArchSpec::named("resnet50", 3, 1000).unwrap();
+        let r18 = ArchSpec::named("resnet18", 3, 1000).unwrap();
+        let r20 = ArchSpec::named("resnet20", 3, 10).unwrap();
+        assert!(within(dense_flops(&r50, 224, 224), 4.1e9, 0.02), "{}", dense_flops(&r50, 224, 224));
+        assert!(within(dense_flops(&r18, 224, 224), 1.8e9, 0.02), "{}", dense_flops(&r18, 224, 224));
+        assert!(within(dense_flops(&r20, 32, 32), 41e6, 0.02), "{}", dense_flops(&r20, 32, 32));
+    }
+
+    #[test]
+    fn parameter_counts_match_torchvision() {
+        // torchvision: sum(p.numel() for p in model.parameters())
+        let count = |name| -> u64 {
+            let spec = ArchSpec::named(name, 3, 1000).unwrap();
+            dense_layers(&spec, 224, 224).iter().map(|l| l.params).sum()
+        };
+        assert_eq!(count("resnet18"), 11_689_512);
+        assert_eq!(count("resnet34"), 21_797_672);
+        assert_eq!(count("resnet50"), 25_557_032);
+    }
+
+    #[test]
+    fn flops_scale_with_input_area() {
+        let r20 = ArchSpec::named("resnet20", 1, 10).unwrap();
+        let fc = linear_flops(64, 10);
+        let small = dense_flops(&r20, 28, 28) - fc;
+        let big = dense_flops(&r20, 56, 56) - fc;
+        assert_eq!(big, 4 * small);
+    }
+}

@@ -1,0 +1,176 @@
+//! The engine thread: one `std::thread` per model instance owns the model and every tensor
+//! (`tch::Tensor` is `Send`, not `Sync`). Plain data crosses a bounded channel in; each job
+//! carries its tracing span and a oneshot for the answer. The thread is joined on drop.
+
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+
+use tch::Tensor;
+use tokio::sync::oneshot;
+use tracing::{Span, info, warn};
+
+use crate::engine::{EngineError, Model, ModelSource};
+
+/// Settings of one engine thread.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Thread name (shows in `top -H`, panics and logs).
+    pub name: String,
+    /// libtorch intra-op threads for this engine thread.
+    pub intra_op_threads: usize,
+    /// Jobs that may wait in the channel before `try_submit` reports `Busy`.
+    pub queue_capacity: usize,
+    /// Batch size of the warm-up pass run before the worker reports ready (0: none).
+    pub warmup_batch: usize,
+}
+
+/// A batch of inputs as plain data: row-major f32 values and their `[N, C, H, W]` shape.
+#[derive(Clone, Debug)]
+pub struct InputBatch {
+    pub values: Vec<f32>,
+    pub shape: Vec<i64>,
+}
+
+/// What the engine returns for a batch.
+#[derive(Clone, Debug)]
+pub struct BatchOutput {
+    /// Row-major `[batch, classes]` logits.
+    pub logits: Vec<f32>,
+    pub batch: usize,
+    pub classes: usize,
+}
+
+/// Why a job was not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the engine queue is full")]
+    Busy,
+    #[error("the engine thread has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+struct Job {
+    input: InputBatch,
+    reply: oneshot::Sender<Result<BatchOutput, WorkerError>>,
+    span: Span,
+}
+
+/// Handle to one engine thread.
+pub struct EngineWorker {
+    jobs: Option<SyncSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineWorker {
+    /// Starts the thread, builds the model on it and warms it up; returns once it is ready,
+    /// or with the error that stopped it.
+    pub fn spawn(source: ModelSource, config: WorkerConfig) -> Result<Self, WorkerError> {
+        let (jobs, inbox) = mpsc::sync_channel(config.queue_capacity.max(1));
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let name = config.name.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                tch::set_num_threads(config.intra_op_threads.max(1) as i32);
+                let _no_grad = tch::no_grad_guard();
+                let model =
+                    match Model::build(&source).and_then(|m| warm_up(&m, config.warmup_batch).map(|_| m)) {
+                        Ok(model) => model,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                let _ = ready_tx.send(Ok(()));
+                serve(&model, inbox);
+            })
+            .map_err(|e| EngineError::InvalidConfig(format!("cannot start engine thread {name}: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {
+                info!(worker = %config.name, threads = config.intra_op_threads, "engine ready");
+                Ok(EngineWorker { jobs: Some(jobs), thread: Some(thread) })
+            }
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e.into())
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(WorkerError::Stopped)
+            }
+        }
+    }
+
+    /// Queues a batch without blocking; the answer arrives on the returned receiver.
+    pub fn try_submit(
+        &self,
+        input: InputBatch,
+    ) -> Result<oneshot::Receiver<Result<BatchOutput, WorkerError>>, WorkerError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job { input, reply, span: Span::current() };
+        let jobs = self.jobs.as_ref().ok_or(WorkerError::Stopped)?;
+        match jobs.try_send(job) {
+            Ok(()) => Ok(answer),
+            Err(TrySendError::Full(_)) => Err(WorkerError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(WorkerError::Stopped),
+        }
+    }
+
+    /// Runs one batch and waits for it (for the CLI, tests and benches; servers use
+    /// `try_submit`).
+    pub fn run_blocking(&self, input: InputBatch) -> Result<BatchOutput, WorkerError> {
+        let answer = self.try_submit(input)?;
+        answer.blocking_recv().map_err(|_| WorkerError::Stopped)?
+    }
+}
+
+impl Drop for EngineWorker {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop once queued jobs are done.
+        self.jobs.take();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            warn!("engine thread panicked");
+        }
+    }
+}
+
+fn serve(model: &Model, inbox: Receiver<Job>) {
+    while let Ok(job) = inbox.recv() {
+        if job.reply.is_closed() {
+            continue; // nobody waits for this answer any more
+        }
+        let _entered = job.span.enter();
+        let result = run(model, &job.input).map_err(WorkerError::from);
+        let _ = job.reply.send(result);
+    }
+}
+
+fn run(model: &Model, input: &InputBatch) -> Result<BatchOutput, EngineError> {
+    model.check_input_shape(&input.shape)?;
+    let expected: i64 = input.shape.iter().product();
+    if expected as usize != input.values.len() {
+        return Err(EngineError::InputShape {
+            got: input.shape.clone(),
+            why: format!("{} values for {expected} elements", input.values.len()),
+        });
+    }
+    let x = Tensor::from_slice(&input.values).view(input.shape.as_slice());
+    let logits = model.forward(&x)?;
+    let (batch, classes) = logits.size2()?;
+    let logits = Vec::<f32>::try_from(logits.contiguous().view(-1))?;
+    Ok(BatchOutput { logits, batch: batch as usize, classes: classes as usize })
+}
+
+fn warm_up(model: &Model, batch: usize) -> Result<(), EngineError> {
+    if batch == 0 {
+        return Ok(());
+    }
+    let hw = model.spec.default_input_hw();
+    let x =
+        Tensor::zeros([batch as i64, model.spec.in_channels, hw, hw], (tch::Kind::Float, tch::Device::Cpu));
+    model.forward(&x).map(|_| ())
+}
