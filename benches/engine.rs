@@ -3,7 +3,7 @@
 //! Threads: SLUICE_BENCH_THREADS (default 2, this machine's cores).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice::engine::{ArchSpec, Layout, Model, ModelSource};
+use sluice::engine::{ArchSpec, GatePolicy, Layout, Model, ModelSource};
 use tch::{Device, Kind, Tensor};
 
 fn threads() -> i32 {
@@ -21,7 +21,8 @@ fn dense(c: &mut Criterion) {
             let spec = ArchSpec::named(arch, channels, classes).unwrap();
             let model = Model::build(&ModelSource { layout, ..ModelSource::random(spec, 0) }).unwrap();
             let x = Tensor::randn([batch, channels, hw, hw], (Kind::Float, Device::Cpu));
-            group.bench_function(format!("{layout:?}"), |b| b.iter(|| model.forward(&x).unwrap()));
+            let dense = GatePolicy::dense();
+            group.bench_function(format!("{layout:?}"), |b| b.iter(|| model.forward(&x, &dense).unwrap()));
         }
         group.finish();
     }

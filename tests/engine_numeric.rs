@@ -8,16 +8,15 @@ use std::collections::BTreeMap;
 use common::{fixture, fixture_tensor, max_abs_diff};
 use sluice::engine::folded::{FoldedResNet, Layout};
 use sluice::engine::params::ResNetParams;
-use sluice::engine::{ArchSpec, EngineError, Model, ModelSource, weights};
+use sluice::engine::{ArchSpec, EngineError, GatePolicy, Model, ModelSource, weights};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 fn resnet20_source(layout: Layout) -> ModelSource {
     ModelSource {
-        spec: ArchSpec::named("resnet20", 1, 10).unwrap(),
         weights: Some(fixture("resnet20_weights.safetensors")),
-        seed: 0,
         layout,
+        ..ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 0)
     }
 }
 
@@ -28,12 +27,12 @@ fn resnet20_matches_pytorch_eval_logits() {
     let expected = fixture_tensor("resnet20_io.safetensors", "logits");
     for layout in [Layout::ChannelsLast, Layout::Nchw] {
         let model = Model::build(&resnet20_source(layout)).unwrap();
-        let diff = max_abs_diff(&model.forward(&input).unwrap(), &expected);
+        let diff = max_abs_diff(&model.forward(&input, &GatePolicy::dense()).unwrap().0, &expected);
         assert!(diff <= 1e-4, "{layout:?}: max abs diff {diff}");
     }
     // The unfolded reference path (used for training) agrees too.
     let (_vs, params) = sluice::engine::model::load_params(&resnet20_source(Layout::Nchw)).unwrap();
-    let diff = max_abs_diff(&params.forward_t(&input, false), &expected);
+    let diff = max_abs_diff(&params.backbone.forward_t(&input, false), &expected);
     assert!(diff <= 1e-4, "reference path: max abs diff {diff}");
 }
 
@@ -77,8 +76,8 @@ fn torchvision_resnets_match_pytorch_on_synthetic_weights() {
             names.iter().enumerate().map(|(i, (n, s))| (n.clone(), synthetic_value(i, n, s))).collect();
         let path = dir.path().join(format!("{arch}.safetensors"));
         Tensor::write_safetensors(&tensors, &path).unwrap();
-        let source = ModelSource { spec, weights: Some(path), seed: 0, layout: Layout::ChannelsLast };
-        let logits = Model::build(&source).unwrap().forward(&input).unwrap();
+        let source = ModelSource { weights: Some(path), ..ModelSource::random(spec, 0) };
+        let logits = Model::build(&source).unwrap().forward(&input, &GatePolicy::dense()).unwrap().0;
         let expected = fixture_tensor("synthetic_io.safetensors", &format!("{arch}_logits"));
         let scale = expected.abs().max().double_value(&[]);
         let diff = max_abs_diff(&logits, &expected);
@@ -161,8 +160,8 @@ fn folding_preserves_the_reference_forward_on_random_models() {
         let spec = ArchSpec::named(arch, 3, 10).unwrap();
         let (_vs, params) = sluice::engine::model::load_params(&ModelSource::random(spec, 3)).unwrap();
         let x = Tensor::randn([2, 3, 40, 40], (Kind::Float, Device::Cpu));
-        let reference = params.forward_t(&x, false);
-        let folded = FoldedResNet::fold(&params, Layout::ChannelsLast).forward(&x);
+        let reference = params.backbone.forward_t(&x, false);
+        let folded = FoldedResNet::fold(&params.backbone, Layout::ChannelsLast).forward(&x);
         let scale = reference.abs().max().double_value(&[]).max(1.0);
         let diff = max_abs_diff(&folded, &reference);
         assert!(diff <= 1e-5 * scale, "{arch}: {diff} at scale {scale}");
@@ -172,8 +171,9 @@ fn folding_preserves_the_reference_forward_on_random_models() {
 #[test]
 fn wrong_input_shapes_are_rejected_with_the_reason() {
     let model = Model::build(&resnet20_source(Layout::ChannelsLast)).unwrap();
-    let err = model.forward(&Tensor::zeros([1, 3, 28, 28], (Kind::Float, Device::Cpu))).unwrap_err();
+    let dense = GatePolicy::dense();
+    let err = model.forward(&Tensor::zeros([1, 3, 28, 28], (Kind::Float, Device::Cpu)), &dense).unwrap_err();
     assert!(err.to_string().contains("expected 1 channels, got 3"), "{err}");
-    let err = model.forward(&Tensor::zeros([1, 28, 28], (Kind::Float, Device::Cpu))).unwrap_err();
+    let err = model.forward(&Tensor::zeros([1, 28, 28], (Kind::Float, Device::Cpu)), &dense).unwrap_err();
     assert!(err.to_string().contains("4 dimensions"), "{err}");
 }

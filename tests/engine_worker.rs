@@ -3,8 +3,14 @@
 mod common;
 
 use common::{fixture, fixture_tensor};
-use sluice::engine::{ArchSpec, Layout, ModelSource};
+use std::sync::Arc;
+
+use sluice::engine::{ArchSpec, GatePolicy, ModelSource};
 use sluice::scheduling::{EngineWorker, InputBatch, WorkerConfig, WorkerError};
+
+fn dense() -> Arc<GatePolicy> {
+    Arc::new(GatePolicy::dense())
+}
 
 fn config() -> WorkerConfig {
     WorkerConfig { name: "test-engine".into(), intra_op_threads: 1, queue_capacity: 4, warmup_batch: 2 }
@@ -13,17 +19,15 @@ fn config() -> WorkerConfig {
 #[test]
 fn engine_thread_returns_pytorchs_logits() {
     let source = ModelSource {
-        spec: ArchSpec::named("resnet20", 1, 10).unwrap(),
         weights: Some(fixture("resnet20_weights.safetensors")),
-        seed: 0,
-        layout: Layout::ChannelsLast,
+        ..ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 0)
     };
     let worker = EngineWorker::spawn(source, config()).unwrap();
     let input = fixture_tensor("resnet20_io.safetensors", "input");
     let expected =
         Vec::<f32>::try_from(fixture_tensor("resnet20_io.safetensors", "logits").view(-1)).unwrap();
     let values = Vec::<f32>::try_from(input.contiguous().view(-1)).unwrap();
-    let out = worker.run_blocking(InputBatch { values, shape: input.size() }).unwrap();
+    let out = worker.run_blocking(InputBatch { values, shape: input.size() }, dense()).unwrap();
     assert_eq!((out.batch, out.classes), (8, 10));
     let diff = out.logits.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff <= 1e-4, "max abs diff {diff}");
@@ -34,10 +38,13 @@ fn bad_batches_get_errors_and_the_thread_keeps_serving() {
     let worker =
         EngineWorker::spawn(ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 1), config())
             .unwrap();
-    let err =
-        worker.run_blocking(InputBatch { values: vec![0.0; 10], shape: vec![1, 1, 28, 28] }).unwrap_err();
+    let err = worker
+        .run_blocking(InputBatch { values: vec![0.0; 10], shape: vec![1, 1, 28, 28] }, dense())
+        .unwrap_err();
     assert!(err.to_string().contains("10 values for 784 elements"), "{err}");
-    let ok = worker.run_blocking(InputBatch { values: vec![0.5; 784], shape: vec![1, 1, 28, 28] }).unwrap();
+    let ok = worker
+        .run_blocking(InputBatch { values: vec![0.5; 784], shape: vec![1, 1, 28, 28] }, dense())
+        .unwrap();
     assert_eq!(ok.logits.len(), 10);
     assert!(ok.logits.iter().all(|v| v.is_finite()));
 }

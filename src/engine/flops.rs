@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::arch::{ArchSpec, ConvShape};
+use super::arch::{ArchSpec, BlockSpec, ConvShape};
 
 /// FLOPs of one convolution producing `out_ch` channels of `out_h × out_w` from `in_ch`
 /// input channels.
@@ -15,6 +15,27 @@ pub fn conv_flops(in_ch: i64, out_ch: i64, kernel: i64, out_h: i64, out_w: i64) 
 /// FLOPs of a fully connected layer.
 pub fn linear_flops(inputs: i64, outputs: i64) -> u64 {
     2 * (inputs * outputs) as u64
+}
+
+/// FLOPs of a residual branch whose inner widths are `widths` (one per inner width: `[k]`
+/// for Basic, `[k1, k2]` for Bottleneck), for a block input of `h × w`. The projection
+/// shortcut is not included (see [`shortcut_flops`]).
+pub fn residual_flops(block: &BlockSpec, h: i64, w: i64, widths: &[i64]) -> u64 {
+    let last = block.convs.len() - 1;
+    let (mut h, mut w) = (h, w);
+    let mut total = 0;
+    for (j, conv) in block.convs.iter().enumerate() {
+        let in_ch = if j == 0 { conv.in_ch } else { widths[j - 1] };
+        let out_ch = if j == last { conv.out_ch } else { widths[j] };
+        (h, w) = (conv.out_hw(h), conv.out_hw(w));
+        total += conv_flops(in_ch, out_ch, conv.kernel, h, w);
+    }
+    total
+}
+
+/// FLOPs of a block's projection shortcut (0 for an identity shortcut).
+pub fn shortcut_flops(block: &BlockSpec, h: i64, w: i64) -> u64 {
+    block.downsample.as_ref().map_or(0, |d| conv_flops(d.in_ch, d.out_ch, d.kernel, d.out_hw(h), d.out_hw(w)))
 }
 
 /// One layer of a dense network with its cost, for `sluice model info`.
@@ -120,6 +141,24 @@ mod tests {
         assert_eq!(count("resnet18"), 11_689_512);
         assert_eq!(count("resnet34"), 21_797_672);
         assert_eq!(count("resnet50"), 25_557_032);
+    }
+
+    #[test]
+    fn residual_and_shortcut_flops_add_up_to_dense() {
+        for arch in ["resnet20", "resnet50"] {
+            let spec = ArchSpec::named(arch, 3, 10).unwrap();
+            let hw = spec.default_input_hw();
+            let (mut h, mut w) = (spec.after_stem_hw(hw), spec.after_stem_hw(hw));
+            let mut blocks = 0;
+            for b in spec.block_specs() {
+                let widths = vec![b.inner_width(); b.convs.len() - 1];
+                blocks += residual_flops(&b, h, w, &widths) + shortcut_flops(&b, h, w);
+                let s = b.stride();
+                (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
+            }
+            let stem = dense_layers(&spec, hw, hw)[0].flops;
+            assert_eq!(stem + blocks + linear_flops(spec.feature_width(), 10), dense_flops(&spec, hw, hw));
+        }
     }
 
     #[test]

@@ -4,13 +4,21 @@
 pub mod arch;
 pub mod flops;
 pub mod folded;
+pub mod gated;
+pub mod gates;
 pub mod model;
 pub mod params;
+pub mod policy;
+pub mod report;
 pub mod weights;
 
 pub use arch::{ArchSpec, BlockKind, StemKind};
 pub use folded::Layout;
+pub use gated::GatedResNet;
+pub use gates::{BlockGates, GateConfig};
 pub use model::{Model, ModelSource};
+pub use policy::{ChannelMode, GatePolicy};
+pub use report::{BatchTotals, BlockDecision, ComputeReport};
 
 /// Errors of the engine layer.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +31,8 @@ pub enum EngineError {
     Weights { file: String, problem: String },
     #[error("input shape {got:?} does not fit the model: {why}")]
     InputShape { got: Vec<i64>, why: String },
+    #[error("invalid gating policy: {0}")]
+    InvalidPolicy(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -1,5 +1,5 @@
-//! A loaded model: its architecture and folded inference network, built on the thread
-//! that will own it.
+//! A loaded model: its architecture, gate layout and gated inference network, built on the
+//! thread that will own it.
 
 use std::path::PathBuf;
 
@@ -7,14 +7,19 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::arch::ArchSpec;
-use super::folded::{FoldedResNet, Layout};
+use super::folded::Layout;
+use super::gated::GatedResNet;
+use super::gates::{GateConfig, GateLayout, GateParams};
 use super::params::ResNetParams;
+use super::policy::GatePolicy;
+use super::report::ComputeReport;
 use super::{EngineError, weights};
 
 /// Where a model comes from: plain data that can cross threads (tensors cannot be shared).
 #[derive(Clone, Debug)]
 pub struct ModelSource {
     pub spec: ArchSpec,
+    pub gates: GateConfig,
     /// Safetensors weights; `None` means random initialisation from `seed`.
     pub weights: Option<PathBuf>,
     pub seed: i64,
@@ -22,24 +27,49 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    /// A randomly initialised model (benchmarks, tests, `model info`).
+    /// A randomly initialised dense model (benchmarks, tests, `model info`).
     pub fn random(spec: ArchSpec, seed: i64) -> Self {
-        ModelSource { spec, weights: None, seed, layout: Layout::default() }
+        ModelSource { spec, gates: GateConfig::default(), weights: None, seed, layout: Layout::default() }
     }
 }
 
-/// A dense model ready for inference.
+/// Every parameter of a model, registered in one `VarStore`.
+#[derive(Debug)]
+pub struct NetworkParams {
+    pub backbone: ResNetParams,
+    pub gates: GateParams,
+}
+
+/// A model ready for inference.
 #[derive(Debug)]
 pub struct Model {
     pub spec: ArchSpec,
-    pub net: FoldedResNet,
+    pub net: GatedResNet,
+    gate_ids: Vec<String>,
 }
 
 impl Model {
-    /// Loads (or randomly initialises) the parameters and folds them for inference.
+    /// Loads (or randomly initialises) the parameters and builds the inference network.
     pub fn build(source: &ModelSource) -> Result<Self, EngineError> {
-        let params = load_params(source)?;
-        Ok(Model { spec: source.spec.clone(), net: FoldedResNet::fold(&params.1, source.layout) })
+        let (_vs, params) = load_params(source)?;
+        Ok(Model::from_params(&params, source.layout))
+    }
+
+    /// Builds the inference network from parameters already in memory.
+    pub fn from_params(params: &NetworkParams, layout: Layout) -> Self {
+        let net = GatedResNet::build(&params.backbone, &params.gates, layout);
+        let gate_ids = params.gates.layout.gate_ids(&params.backbone.spec);
+        Model { spec: params.backbone.spec.clone(), net, gate_ids }
+    }
+
+    /// The ids of every gate, as policy overrides name them.
+    pub fn gate_ids(&self) -> &[String] {
+        &self.gate_ids
+    }
+
+    /// Checks a policy against this model's gates.
+    pub fn validate_policy(&self, policy: &GatePolicy) -> Result<(), EngineError> {
+        policy.validate(&self.gate_ids)
     }
 
     /// Checks that `shape` is `[N, C, H, W]` with the model's channels and a usable size.
@@ -61,24 +91,30 @@ impl Model {
         Ok(())
     }
 
-    /// Dense forward pass of a `[N, C, H, W]` f32 batch; returns `[N, classes]` logits.
-    pub fn forward(&self, input: &Tensor) -> Result<Tensor, EngineError> {
+    /// Runs a `[N, C, H, W]` f32 batch under `policy`: `[N, classes]` logits and a compute
+    /// report per input.
+    pub fn forward(
+        &self,
+        input: &Tensor,
+        policy: &GatePolicy,
+    ) -> Result<(Tensor, Vec<ComputeReport>), EngineError> {
         self.check_input_shape(&input.size())?;
         if input.kind() != Kind::Float {
             return Err(EngineError::InvalidConfig(format!("input dtype {:?}, expected f32", input.kind())));
         }
-        Ok(self.net.forward(input))
+        Ok(self.net.forward(input, policy))
     }
 }
 
 /// Builds the parameter store of `source` (random, or loaded strictly from safetensors).
-/// Returns the store with the parameters registered in it.
-pub fn load_params(source: &ModelSource) -> Result<(VarStore, ResNetParams), EngineError> {
+pub fn load_params(source: &ModelSource) -> Result<(VarStore, NetworkParams), EngineError> {
     tch::manual_seed(source.seed);
+    let layout = GateLayout::new(&source.spec, &source.gates)?;
     let mut vs = VarStore::new(Device::Cpu);
-    let params = ResNetParams::new(&vs.root(), &source.spec);
+    let backbone = ResNetParams::new(&vs.root(), &source.spec);
+    let gates = GateParams::new(&vs.root(), &source.spec, &layout);
     if let Some(path) = &source.weights {
         weights::load_strict(&mut vs, path)?;
     }
-    Ok((vs, params))
+    Ok((vs, NetworkParams { backbone, gates }))
 }

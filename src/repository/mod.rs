@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::{ArchSpec, EngineError, Layout, ModelSource};
+use crate::engine::{ArchSpec, EngineError, GateConfig, Layout, ModelSource};
 
 /// File name of a model folder's configuration.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -22,6 +22,9 @@ pub struct ModelConfig {
     pub weights: PathBuf,
     pub input: InputConfig,
     pub output: OutputConfig,
+    /// Which gates the model has (none: a dense model).
+    #[serde(default)]
+    pub gates: GateConfig,
 }
 
 /// The model's input tensor.
@@ -67,6 +70,7 @@ impl ModelDir {
     pub fn source(&self, layout: Layout) -> ModelSource {
         ModelSource {
             spec: self.spec.clone(),
+            gates: self.config.gates.clone(),
             weights: Some(self.dir.join(&self.config.weights)),
             seed: 0,
             layout,

@@ -2,6 +2,7 @@
 //! (`tch::Tensor` is `Send`, not `Sync`). Plain data crosses a bounded channel in; each job
 //! carries its tracing span and a oneshot for the answer. The thread is joined on drop.
 
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
@@ -9,7 +10,7 @@ use tch::Tensor;
 use tokio::sync::oneshot;
 use tracing::{Span, info, warn};
 
-use crate::engine::{EngineError, Model, ModelSource};
+use crate::engine::{ComputeReport, EngineError, GatePolicy, Model, ModelSource};
 
 /// Settings of one engine thread.
 #[derive(Clone, Debug)]
@@ -38,6 +39,10 @@ pub struct BatchOutput {
     pub logits: Vec<f32>,
     pub batch: usize,
     pub classes: usize,
+    /// One per input, in order.
+    pub reports: Vec<ComputeReport>,
+    /// Version of the policy the batch ran under.
+    pub policy_version: u64,
 }
 
 /// Why a job was not run.
@@ -53,6 +58,7 @@ pub enum WorkerError {
 
 struct Job {
     input: InputBatch,
+    policy: Arc<GatePolicy>,
     reply: oneshot::Sender<Result<BatchOutput, WorkerError>>,
     span: Span,
 }
@@ -107,9 +113,10 @@ impl EngineWorker {
     pub fn try_submit(
         &self,
         input: InputBatch,
+        policy: Arc<GatePolicy>,
     ) -> Result<oneshot::Receiver<Result<BatchOutput, WorkerError>>, WorkerError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job { input, reply, span: Span::current() };
+        let job = Job { input, policy, reply, span: Span::current() };
         let jobs = self.jobs.as_ref().ok_or(WorkerError::Stopped)?;
         match jobs.try_send(job) {
             Ok(()) => Ok(answer),
@@ -120,8 +127,12 @@ impl EngineWorker {
 
     /// Runs one batch and waits for it (for the CLI, tests and benches; servers use
     /// `try_submit`).
-    pub fn run_blocking(&self, input: InputBatch) -> Result<BatchOutput, WorkerError> {
-        let answer = self.try_submit(input)?;
+    pub fn run_blocking(
+        &self,
+        input: InputBatch,
+        policy: Arc<GatePolicy>,
+    ) -> Result<BatchOutput, WorkerError> {
+        let answer = self.try_submit(input, policy)?;
         answer.blocking_recv().map_err(|_| WorkerError::Stopped)?
     }
 }
@@ -144,12 +155,12 @@ fn serve(model: &Model, inbox: Receiver<Job>) {
             continue; // nobody waits for this answer any more
         }
         let _entered = job.span.enter();
-        let result = run(model, &job.input).map_err(WorkerError::from);
+        let result = run(model, &job.input, &job.policy).map_err(WorkerError::from);
         let _ = job.reply.send(result);
     }
 }
 
-fn run(model: &Model, input: &InputBatch) -> Result<BatchOutput, EngineError> {
+fn run(model: &Model, input: &InputBatch, policy: &GatePolicy) -> Result<BatchOutput, EngineError> {
     model.check_input_shape(&input.shape)?;
     let expected: i64 = input.shape.iter().product();
     if expected as usize != input.values.len() {
@@ -159,10 +170,16 @@ fn run(model: &Model, input: &InputBatch) -> Result<BatchOutput, EngineError> {
         });
     }
     let x = Tensor::from_slice(&input.values).view(input.shape.as_slice());
-    let logits = model.forward(&x)?;
+    let (logits, reports) = model.forward(&x, policy)?;
     let (batch, classes) = logits.size2()?;
     let logits = Vec::<f32>::try_from(logits.contiguous().view(-1))?;
-    Ok(BatchOutput { logits, batch: batch as usize, classes: classes as usize })
+    Ok(BatchOutput {
+        logits,
+        batch: batch as usize,
+        classes: classes as usize,
+        reports,
+        policy_version: policy.version,
+    })
 }
 
 fn warm_up(model: &Model, batch: usize) -> Result<(), EngineError> {
@@ -172,5 +189,5 @@ fn warm_up(model: &Model, batch: usize) -> Result<(), EngineError> {
     let hw = model.spec.default_input_hw();
     let x =
         Tensor::zeros([batch as i64, model.spec.in_channels, hw, hw], (tch::Kind::Float, tch::Device::Cpu));
-    model.forward(&x).map(|_| ())
+    model.forward(&x, &GatePolicy::dense()).map(|_| ())
 }

@@ -1,0 +1,287 @@
+//! The gated inference network. Gate decisions are made on the host, per input, from one
+//! small MLP over the stem's pooled features; then every block runs only on the inputs
+//! that execute it, grouped by chosen width (gather → residual → in-place scatter-add), and
+//! inputs that pass an exit leave the batch. Nothing is computed densely and masked.
+
+mod block;
+pub mod plan;
+
+use tch::{Device, Kind, Tensor};
+
+use self::block::GatedBlock;
+use self::plan::{Exec, Thresholds, decide, exec_widths};
+use super::arch::ArchSpec;
+use super::flops::{conv_flops, dense_flops, linear_flops, residual_flops, shortcut_flops};
+use super::folded::{FoldedConv, FoldedLinear, Layout, global_pool, stem_forward};
+use super::gates::{GateLayout, GateParams};
+use super::params::ResNetParams;
+use super::policy::{GatePolicy, passes};
+use super::report::{BlockDecision, ComputeReport};
+
+/// The gate MLP, with every gate's output layer fused into one matrix.
+#[derive(Debug)]
+struct FoldedTrunk {
+    fc1: FoldedLinear,
+    fc2: FoldedLinear,
+}
+
+impl FoldedTrunk {
+    /// Sigmoid scores `[n × outputs]`, row-major on the host.
+    fn scores(&self, stem_out: &Tensor) -> Vec<f32> {
+        let hidden = self.fc1.forward(&global_pool(stem_out)).relu_();
+        let scores = self.fc2.forward(&hidden).sigmoid_();
+        Vec::<f32>::try_from(scores.view(-1)).unwrap_or_default()
+    }
+
+    fn flops(&self) -> u64 {
+        let (h, c) = self.fc1.weight.size2().unwrap_or((0, 0));
+        let (o, _) = self.fc2.weight.size2().unwrap_or((0, 0));
+        linear_flops(c, h) + linear_flops(h, o)
+    }
+}
+
+/// An exit head: optional 3x3/s2 conv with ReLU, global pool, linear.
+#[derive(Debug)]
+struct FoldedExit {
+    stage: usize,
+    /// Index of the block after which it sits.
+    after_block: usize,
+    conv: Option<FoldedConv>,
+    fc: FoldedLinear,
+}
+
+impl FoldedExit {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = match &self.conv {
+            Some(conv) => conv.forward(x).relu_(),
+            None => x.shallow_clone(),
+        };
+        self.fc.forward(&global_pool(&x))
+    }
+
+    fn flops(&self, h: i64, w: i64) -> u64 {
+        let conv = self.conv.as_ref().map_or(0, |c| {
+            conv_flops(c.shape.in_ch, c.shape.out_ch, 3, c.shape.out_hw(h), c.shape.out_hw(w))
+        });
+        let (classes, inputs) = self.fc.weight.size2().unwrap_or((0, 0));
+        conv + linear_flops(inputs, classes)
+    }
+}
+
+/// A gated ResNet ready for inference.
+#[derive(Debug)]
+pub struct GatedResNet {
+    pub spec: ArchSpec,
+    pub layout: Layout,
+    pub gates: GateLayout,
+    stem: FoldedConv,
+    trunk: Option<FoldedTrunk>,
+    blocks: Vec<GatedBlock>,
+    exits: Vec<FoldedExit>,
+    fc: FoldedLinear,
+}
+
+impl GatedResNet {
+    /// Folds batch-norm, pre-slices every allowed width and fuses the gate heads.
+    pub fn build(backbone: &ResNetParams, gates: &GateParams, layout: Layout) -> Self {
+        let spec = backbone.spec.clone();
+        let trunk = gates.trunk.as_ref().map(|fc1| {
+            let (ws, bs): (Vec<Tensor>, Vec<Tensor>) = gates
+                .blocks
+                .iter()
+                .flat_map(|b| b.channel.iter().chain(b.block.iter()))
+                .map(|d| (d.weight.detach(), d.bias.detach()))
+                .unzip();
+            FoldedTrunk {
+                fc1: FoldedLinear::new(&fc1.weight, &fc1.bias),
+                fc2: FoldedLinear::new(&Tensor::cat(&ws, 0), &Tensor::cat(&bs, 0)),
+            }
+        });
+        let blocks = backbone
+            .blocks
+            .iter()
+            .zip(&gates.blocks)
+            .zip(&gates.layout.blocks)
+            .map(|((params, gate), slots)| GatedBlock::build(params, gate, slots, layout))
+            .collect();
+        let mut last_block_of_stage = Vec::new();
+        let mut seen = 0;
+        for &n in &spec.blocks {
+            seen += n;
+            last_block_of_stage.push(seen - 1);
+        }
+        let exits = gates
+            .exits
+            .iter()
+            .map(|e| FoldedExit {
+                stage: e.stage,
+                after_block: last_block_of_stage[e.stage - 1],
+                conv: e.conv.as_ref().map(|(w, b)| {
+                    let (o, i) = (w.size()[0], w.size()[1]);
+                    let shape =
+                        super::arch::ConvShape { in_ch: i, out_ch: o, kernel: 3, stride: 2, padding: 1 };
+                    FoldedConv::new(&w.detach(), &b.detach(), shape, layout)
+                }),
+                fc: FoldedLinear::new(&e.fc.weight, &e.fc.bias),
+            })
+            .collect();
+        GatedResNet {
+            spec,
+            layout,
+            gates: gates.layout.clone(),
+            stem: FoldedConv::fold(&backbone.stem, layout),
+            trunk,
+            blocks,
+            exits,
+            fc: FoldedLinear::copy_of(&backbone.fc),
+        }
+    }
+
+    /// The gate MLP's sigmoid scores `[N, outputs]` for a batch (calibration, benchmarks).
+    pub fn gate_scores(&self, input: &Tensor) -> Option<Tensor> {
+        let trunk = self.trunk.as_ref()?;
+        let stem = stem_forward(&self.stem, self.spec.stem, &self.layout.apply(input));
+        let n = stem.size()[0];
+        Some(Tensor::from_slice(&trunk.scores(&stem)).view([n, -1]))
+    }
+
+    /// Residual-branch convolutions block `index` has run so far (all widths and modes).
+    pub fn residual_conv_calls(&self, index: usize) -> u64 {
+        self.blocks[index].residual_calls()
+    }
+
+    /// Runs a `[N, C, H, W]` batch under `policy`: `[N, classes]` logits and one report per
+    /// input.
+    pub fn forward(&self, input: &Tensor, policy: &GatePolicy) -> (Tensor, Vec<ComputeReport>) {
+        let size = input.size();
+        let (n, h, w) = (size[0] as usize, size[2], size[3]);
+        let thresholds = Thresholds::resolve(policy, &self.spec, &self.gates);
+        let stem = stem_forward(&self.stem, self.spec.stem, &self.layout.apply(input));
+        let (sh, sw) = (stem.size()[2], stem.size()[3]);
+
+        let dense = dense_flops(&self.spec, h, w);
+        let stem_flops = dense_flops(&self.spec, h, w) - self.body_dense_flops(sh, sw) - self.head_flops();
+        let trunk_flops = self.trunk.as_ref().map_or(0, FoldedTrunk::flops);
+        let mut reports: Vec<ComputeReport> = (0..n)
+            .map(|_| ComputeReport {
+                dense_flops: dense,
+                executed_flops: stem_flops + trunk_flops,
+                gate_flops: trunk_flops,
+                blocks: vec![BlockDecision::NotReached; self.blocks.len()],
+                exit: None,
+            })
+            .collect();
+
+        let scores = self.trunk.as_ref().map(|t| t.scores(&stem)).unwrap_or_default();
+        let stride = self.gates.outputs;
+        let plans: Vec<Vec<Exec>> = (0..n)
+            .map(|i| {
+                let row = scores.get(i * stride..(i + 1) * stride).unwrap_or(&[]);
+                self.blocks
+                    .iter()
+                    .enumerate()
+                    .map(|(b, block)| {
+                        decide(
+                            &block.slots,
+                            self.spec.block,
+                            row,
+                            thresholds.channel[b],
+                            thresholds.block[b],
+                            thresholds.mode,
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+
+        let mut active: Vec<usize> = (0..n).collect();
+        let mut out: Option<Tensor> = None;
+        let mut cur = stem;
+        let (mut ch, mut cw) = (sh, sw);
+        for (b, block) in self.blocks.iter().enumerate() {
+            let execs: Vec<&Exec> = active.iter().map(|&i| &plans[i][b]).collect();
+            for (&i, exec) in active.iter().zip(&execs) {
+                let widths = exec_widths(exec, &block.slots, self.spec.block);
+                let cost = if widths.is_empty() { 0 } else { residual_flops(&block.spec, ch, cw, &widths) };
+                reports[i].executed_flops += cost + shortcut_flops(&block.spec, ch, cw);
+                reports[i].blocks[b] =
+                    if widths.is_empty() { BlockDecision::Skipped } else { BlockDecision::Run { widths } };
+            }
+            cur = block.run(&cur, &execs, self.layout);
+            let s = block.spec.stride();
+            (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
+
+            let Some((e, exit)) = self.exits.iter().enumerate().find(|(_, x)| x.after_block == b) else {
+                continue;
+            };
+            let t = thresholds.exit[e];
+            if t >= 1.0 {
+                continue; // disabled: the head is not even evaluated
+            }
+            let exit_logits = exit.forward(&cur);
+            let confidence = exit_logits.softmax(1, Kind::Float).amax(&[1i64][..], false);
+            let confidence = Vec::<f32>::try_from(confidence).unwrap_or_default();
+            let head = exit.flops(ch, cw);
+            let (mut leave, mut stay) = (Vec::new(), Vec::new());
+            for (local, &i) in active.iter().enumerate() {
+                reports[i].executed_flops += head;
+                reports[i].gate_flops += head;
+                if passes(confidence[local], t) {
+                    reports[i].exit = Some(exit.stage);
+                    leave.push(local as i64);
+                } else {
+                    stay.push(local as i64);
+                }
+            }
+            if leave.is_empty() {
+                continue;
+            }
+            let dst = out.get_or_insert_with(|| {
+                Tensor::zeros([n as i64, self.spec.num_classes], tch::kind::FLOAT_CPU)
+            });
+            let leave_t = Tensor::from_slice(&leave);
+            let rows: Vec<i64> = leave.iter().map(|&l| active[l as usize] as i64).collect();
+            let _ = dst.index_copy_(0, &Tensor::from_slice(&rows), &exit_logits.index_select(0, &leave_t));
+            if stay.is_empty() {
+                return (out.unwrap_or_else(|| Tensor::zeros([0], tch::kind::FLOAT_CPU)), reports);
+            }
+            cur = self.layout.gather(&cur, 0, &Tensor::from_slice(&stay));
+            active = stay.iter().map(|&l| active[l as usize]).collect();
+        }
+        let logits = self.fc.forward(&global_pool(&cur));
+        let fc = self.head_flops();
+        for &i in &active {
+            reports[i].executed_flops += fc;
+        }
+        let logits = match out {
+            None => logits,
+            Some(mut dst) => {
+                let rows: Vec<i64> = active.iter().map(|&i| i as i64).collect();
+                let _ = dst.index_copy_(0, &Tensor::from_slice(&rows), &logits);
+                dst
+            }
+        };
+        (logits, reports)
+    }
+
+    fn body_dense_flops(&self, h: i64, w: i64) -> u64 {
+        let (mut h, mut w) = (h, w);
+        let mut total = 0;
+        for block in &self.blocks {
+            let widths = vec![block.spec.inner_width(); block.spec.convs.len() - 1];
+            total += residual_flops(&block.spec, h, w, &widths) + shortcut_flops(&block.spec, h, w);
+            let s = block.spec.stride();
+            (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
+        }
+        total
+    }
+
+    fn head_flops(&self) -> u64 {
+        linear_flops(self.spec.feature_width(), self.spec.num_classes)
+    }
+
+    /// The device all tensors live on.
+    pub fn device(&self) -> Device {
+        self.stem.weight.device()
+    }
+}

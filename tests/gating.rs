@@ -1,0 +1,356 @@
+//! The gated engine: dense equivalence at threshold 0, batch consistency, monotonicity,
+//! extreme thresholds, and proof that skipped work is physically not run.
+
+use proptest::prelude::*;
+use sluice::engine::arch::BlockKind;
+use sluice::engine::flops::{dense_flops, linear_flops, residual_flops, shortcut_flops};
+use sluice::engine::folded::{FoldedResNet, Layout};
+use sluice::engine::gates::{BlockGates, GateConfig, GateLayout};
+use sluice::engine::model::{NetworkParams, load_params};
+use sluice::engine::{ArchSpec, BlockDecision, ChannelMode, ComputeReport, GatePolicy, Model, ModelSource};
+use tch::{Device, Kind, Tensor};
+
+/// Random initialisation and inputs use libtorch's global generator: tests running in
+/// parallel take turns, so each gets the same weights on every run.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn gated(arch: &str, channels: i64, exits: Vec<usize>, seed: i64) -> (NetworkParams, Model) {
+    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let config = GateConfig {
+        channel: true,
+        block: BlockGates::Identity,
+        exits,
+        exit_conv: true,
+        ..Default::default()
+    };
+    let source = ModelSource {
+        gates: config,
+        ..ModelSource::random(ArchSpec::named(arch, channels, 10).unwrap(), seed)
+    };
+    let (_vs, params) = load_params(&source).unwrap();
+    let model = Model::from_params(&params, Layout::ChannelsLast);
+    (params, model)
+}
+
+/// Random images whose per-image scale and offset differ, so the gates' pooled features do.
+fn input(n: i64, c: i64, hw: i64, seed: i64) -> Tensor {
+    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    let spread = Tensor::arange(n, (Kind::Float, Device::Cpu)).view([n, 1, 1, 1]) / n as f64;
+    Tensor::randn([n, c, hw, hw], (Kind::Float, Device::Cpu)) * (&spread + 0.5) + (spread - 0.5)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Per-gate overrides putting every block gate at its own median score over `x`.
+fn block_medians(model: &Model, x: &Tensor) -> std::collections::BTreeMap<String, f32> {
+    let scores = model.net.gate_scores(x).unwrap();
+    model
+        .net
+        .gates
+        .blocks
+        .iter()
+        .zip(model.spec.block_specs())
+        .filter_map(|(slots, spec)| {
+            let j = slots.block?;
+            let id = sluice::engine::gates::block_gate_id(&spec);
+            Some((id, median(Vec::<f32>::try_from(scores.select(1, j as i64)).unwrap())))
+        })
+        .collect()
+}
+
+fn policy(channel: f32, block: f32, exit: f32, mode: ChannelMode) -> GatePolicy {
+    GatePolicy { channel_mode: mode, ..GatePolicy::with_thresholds(channel, block, exit) }
+}
+
+/// The gate MLP's FLOPs for one input (stem width → hidden → outputs).
+fn trunk_flops(spec: &ArchSpec, layout: &GateLayout) -> u64 {
+    let h = layout.config.hidden;
+    linear_flops(spec.stem_conv().out_ch, h) + linear_flops(h, layout.outputs as i64)
+}
+
+#[test]
+fn threshold_zero_is_the_dense_network_plus_gate_heads() {
+    let _g = tch::no_grad_guard();
+    for (arch, c, hw) in [("resnet20", 1, 28), ("resnet50", 3, 64)] {
+        let (params, model) = gated(arch, c, vec![1, 2], 3);
+        let dense = FoldedResNet::fold(&params.backbone, Layout::ChannelsLast);
+        let x = input(4, c, hw, 1);
+        let expected = dense.forward(&x);
+        for mode in [ChannelMode::Slice, ChannelMode::Select] {
+            let (logits, reports) = model.forward(&x, &policy(0.0, 0.0, 1.0, mode)).unwrap();
+            let diff = max_diff(&logits, &expected);
+            assert!(
+                diff <= 1e-5 * expected.abs().max().double_value(&[]).max(1.0),
+                "{arch} {mode:?}: {diff}"
+            );
+            let heads = trunk_flops(&model.spec, &params.gates.layout);
+            for r in &reports {
+                assert_eq!(r.dense_flops, dense_flops(&model.spec, hw, hw));
+                assert_eq!(r.executed_flops, r.dense_flops + heads, "{arch}: dense + gate heads");
+                assert_eq!(r.gate_flops, heads);
+                assert!(r.blocks.iter().all(|b| matches!(b, BlockDecision::Run { .. })));
+                assert_eq!(r.exit, None);
+            }
+        }
+    }
+}
+
+/// A threshold that splits `values` near the middle, half-way across the widest gap there,
+/// so that float rounding differences between a batch and a single input cannot flip a
+/// decision.
+fn median(mut values: Vec<f32>) -> f32 {
+    values.sort_by(f32::total_cmp);
+    values.dedup();
+    let n = values.len();
+    let i = (n / 4..(3 * n / 4).max(n / 4 + 1).min(n - 1))
+        .max_by(|&a, &b| (values[a + 1] - values[a]).total_cmp(&(values[b + 1] - values[b])))
+        .unwrap_or(0);
+    (values[i] + values[(i + 1).min(n - 1)]) / 2.0
+}
+
+/// The median channel saliency and block score of `x`, to choose thresholds that mix.
+fn score_medians(model: &Model, x: &Tensor) -> (f32, f32) {
+    let scores = model.net.gate_scores(x).unwrap();
+    let layout = &model.net.gates;
+    let mut block = Vec::new();
+    let mut channel = Vec::new();
+    for slots in &layout.blocks {
+        if let Some(j) = slots.block {
+            block.extend(Vec::<f32>::try_from(scores.select(1, j as i64)).unwrap());
+        }
+        if let Some(r) = &slots.channel {
+            channel.extend(
+                Vec::<f32>::try_from(scores.narrow(1, r.start as i64, r.len() as i64).reshape(-1)).unwrap(),
+            );
+        }
+    }
+    (median(channel), median(block))
+}
+
+/// An exit threshold at which some but not all of `x` leave at the first exit: between two
+/// of the first exit's confidences (at threshold 0 every input leaves there).
+fn mixing_exit_threshold(model: &Model, x: &Tensor, base: &GatePolicy) -> f32 {
+    let (exit_logits, _) = model.forward(x, &GatePolicy { exit_threshold: 0.0, ..base.clone() }).unwrap();
+    let confidence = exit_logits.softmax(1, Kind::Float).amax(&[1i64][..], false);
+    median(Vec::<f32>::try_from(confidence).unwrap())
+}
+
+/// Whether some block decided differently for different inputs of the batch.
+fn some_block_mixed(reports: &[ComputeReport]) -> bool {
+    (0..reports[0].blocks.len()).any(|b| {
+        let mut seen: Vec<&BlockDecision> =
+            reports.iter().map(|r| &r.blocks[b]).filter(|d| **d != BlockDecision::NotReached).collect();
+        seen.dedup();
+        seen.sort_by_key(|d| format!("{d:?}"));
+        seen.dedup();
+        seen.len() > 1
+    })
+}
+
+#[test]
+fn a_mixed_batch_equals_each_input_alone() {
+    let _g = tch::no_grad_guard();
+    for (arch, c, hw, n) in [("resnet20", 1, 28, 16), ("resnet50", 3, 64, 6)] {
+        let (_params, model) = gated(arch, c, vec![1], 11);
+        let x = input(n, c, hw, 5);
+        let (channel_t, block_t) = score_medians(&model, &x);
+        for mode in [ChannelMode::Slice, ChannelMode::Select] {
+            let base =
+                GatePolicy { overrides: block_medians(&model, &x), ..policy(channel_t, block_t, 1.0, mode) };
+            let exit_t = mixing_exit_threshold(&model, &x, &base);
+            let p = GatePolicy { exit_threshold: exit_t, ..base };
+            let (logits, reports) = model.forward(&x, &p).unwrap();
+            assert!(some_block_mixed(&reports), "{arch} {mode:?}: decisions must actually differ");
+            assert!(reports.iter().any(|r| r.exit.is_some()) && reports.iter().any(|r| r.exit.is_none()));
+            for i in 0..n {
+                let (alone, report) = model.forward(&x.narrow(0, i, 1), &p).unwrap();
+                let diff = max_diff(&logits.narrow(0, i, 1), &alone);
+                assert_eq!(reports[i as usize], report[0], "{arch} {mode:?} input {i}");
+                assert!(diff <= 1e-5, "{arch} {mode:?} input {i}: {diff} {:?}", report[0]);
+            }
+        }
+    }
+}
+
+/// Reference semantics with masks (test only): a block at width k computes all channels
+/// and zeroes those ≥ k; a skipped block is its shortcut. Valid for random models, whose
+/// per-width batch-norm statistics equal the full-width ones.
+fn masked_reference(params: &NetworkParams, x: &Tensor, report: &ComputeReport) -> Tensor {
+    let b = &params.backbone;
+    let mut h = b.stem_t(x, false);
+    for (i, block) in b.blocks.iter().enumerate() {
+        let shortcut = block.shortcut_t(&h, false);
+        h = match &report.blocks[i] {
+            BlockDecision::NotReached => break,
+            BlockDecision::Skipped => shortcut.relu(),
+            BlockDecision::Run { widths } => {
+                let mut r = h.shallow_clone();
+                for (j, layer) in block.layers.iter().enumerate() {
+                    r = layer.forward_t(&r, false);
+                    if j < widths.len() {
+                        let c = r.size()[1];
+                        let mask =
+                            Tensor::arange(c, (Kind::Float, Device::Cpu)).lt(widths[j]).to_kind(Kind::Float);
+                        r = r.relu() * mask.view([1, -1, 1, 1]);
+                    }
+                }
+                (r + shortcut).relu()
+            }
+        };
+        if let Some(stage) = report.exit {
+            let last_of_stage: usize = b.spec.blocks[..stage].iter().sum::<usize>() - 1;
+            if i == last_of_stage {
+                let exit = params.gates.exits.iter().find(|e| e.stage == stage).unwrap();
+                return exit.forward(&h);
+            }
+        }
+    }
+    b.head(&h)
+}
+
+#[test]
+fn physical_slicing_and_skipping_equal_the_masked_reference() {
+    let _g = tch::no_grad_guard();
+    for (arch, c, hw, n) in [("resnet20", 1, 28, 12), ("resnet50", 3, 64, 4)] {
+        let (params, model) = gated(arch, c, vec![1], 21);
+        let x = input(n, c, hw, 9);
+        let (channel_t, block_t) = score_medians(&model, &x);
+        let base = policy(channel_t, block_t, 1.0, ChannelMode::Slice);
+        let p = GatePolicy { exit_threshold: mixing_exit_threshold(&model, &x, &base), ..base };
+        let (logits, reports) = model.forward(&x, &p).unwrap();
+        assert!(reports.iter().any(|r| r.blocks.iter().any(|b| matches!(b, BlockDecision::Skipped))));
+        let full = |b: &BlockDecision, w: i64| matches!(b, BlockDecision::Run { widths } if widths[0] < w);
+        assert!(
+            reports.iter().any(|r| r
+                .blocks
+                .iter()
+                .zip(model.spec.block_specs())
+                .any(|(d, s)| full(d, s.inner_width())))
+        );
+        for i in 0..n {
+            let expected = masked_reference(&params, &x.narrow(0, i, 1), &reports[i as usize]);
+            let diff = max_diff(&logits.narrow(0, i, 1), &expected);
+            let scale = expected.abs().max().double_value(&[]).max(1.0);
+            assert!(diff <= 1e-4 * scale, "{arch} input {i}: {diff} (scale {scale})");
+        }
+    }
+}
+
+#[test]
+fn maximum_thresholds_give_the_minimum_compute_and_zero_exit_threshold_exits_first() {
+    let _g = tch::no_grad_guard();
+    let (params, model) = gated("resnet20", 1, vec![1, 2], 4);
+    let spec = &model.spec;
+    let x = input(8, 1, 28, 2);
+    let (_, reports) = model.forward(&x, &policy(1.0, 1.0, 1.0, ChannelMode::Slice)).unwrap();
+    // Analytic minimum: identity blocks skipped, the others at their narrowest width.
+    let mut expected = dense_flops(spec, 28, 28);
+    let (mut h, mut w) = (28, 28);
+    for (block, slots) in spec.block_specs().iter().zip(&params.gates.layout.blocks) {
+        let full = vec![block.inner_width(); block.convs.len() - 1];
+        expected -= residual_flops(block, h, w, &full);
+        if slots.block.is_none() {
+            expected += residual_flops(block, h, w, &vec![slots.widths[0]; full.len()]);
+        }
+        let s = block.stride();
+        (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
+    }
+    expected += trunk_flops(spec, &params.gates.layout);
+    for r in &reports {
+        assert_eq!(r.executed_flops, expected);
+        assert_eq!(r.exit, None);
+    }
+    let (_, reports) = model.forward(&x, &policy(0.0, 0.0, 0.0, ChannelMode::Slice)).unwrap();
+    assert!(reports.iter().all(|r| r.exit == Some(1)), "every input leaves at the first exit");
+    assert!(reports.iter().all(|r| r.blocks[3..].iter().all(|b| *b == BlockDecision::NotReached)));
+}
+
+#[test]
+fn skipped_blocks_do_not_run_their_convolutions() {
+    let _g = tch::no_grad_guard();
+    let (params, model) = gated("resnet20", 1, vec![], 8);
+    let gated_blocks: Vec<usize> = params
+        .gates
+        .layout
+        .blocks
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.block.is_some())
+        .map(|(i, _)| i)
+        .collect();
+    let calls = |m: &Model| (0..9).map(|b| m.net.residual_conv_calls(b)).collect::<Vec<_>>();
+    let before = calls(&model);
+    let _ = model.forward(&input(4, 1, 28, 3), &policy(0.0, 1.0, 1.0, ChannelMode::Slice)).unwrap();
+    let after = calls(&model);
+    for b in 0..9 {
+        let ran = after[b] - before[b];
+        if gated_blocks.contains(&b) {
+            assert_eq!(ran, 0, "block {b} was skipped but ran {ran} convolutions");
+        } else {
+            assert_eq!(ran, 2, "block {b} runs its two convolutions once for the batch");
+        }
+    }
+}
+
+#[test]
+fn bottleneck_select_mode_counts_both_inner_widths() {
+    let _g = tch::no_grad_guard();
+    let (_, model) = gated("resnet50", 3, vec![], 2);
+    assert_eq!(model.spec.block, BlockKind::Bottleneck);
+    let x = input(1, 3, 64, 3);
+    let (channel_t, _) = score_medians(&model, &x);
+    let (_, reports) = model.forward(&x, &policy(channel_t, 0.0, 1.0, ChannelMode::Select)).unwrap();
+    let r = &reports[0];
+    let (mut h, mut w) = (16, 16); // 64 → stem /2 → max-pool /2
+    let mut expected = dense_flops(&model.spec, 64, 64);
+    for (block, decision) in model.spec.block_specs().iter().zip(&r.blocks) {
+        let BlockDecision::Run { widths } = decision else { panic!("no block gates here") };
+        assert_eq!(widths.len(), 2);
+        let full = vec![block.inner_width(); 2];
+        expected = expected - residual_flops(block, h, w, &full) + residual_flops(block, h, w, widths);
+        let s = block.stride();
+        (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
+        let _ = shortcut_flops(block, h, w);
+    }
+    assert_eq!(r.executed_flops - r.gate_flops, expected);
+    assert!(r.executed_flops < r.dense_flops);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Raising the channel or block threshold (exits off) never increases any input's FLOPs:
+    /// every gate reads the stem's features, so no decision depends on another.
+    #[test]
+    fn raising_channel_or_block_thresholds_never_adds_flops(
+        c in 0.0f32..1.0, b in 0.0f32..1.0, dc in 0.0f32..0.5, db in 0.0f32..0.5, select in any::<bool>(),
+    ) {
+        let _g = tch::no_grad_guard();
+        let (_, model) = gated("resnet20", 1, vec![], 6);
+        let x = input(8, 1, 28, 7);
+        let mode = if select { ChannelMode::Select } else { ChannelMode::Slice };
+        let (_, low) = model.forward(&x, &policy(c, b, 1.0, mode)).unwrap();
+        let (_, high) = model.forward(&x, &policy((c + dc).min(1.0), (b + db).min(1.0), 1.0, mode)).unwrap();
+        for (l, h) in low.iter().zip(&high) {
+            prop_assert!(h.executed_flops <= l.executed_flops);
+        }
+    }
+
+    /// Lowering an enabled exit threshold (others fixed) never adds FLOPs: an input leaves at
+    /// the same exit or an earlier one. (Raising it is the opposite knob: more compute; and
+    /// enabling exits at all costs their heads' FLOPs.)
+    #[test]
+    fn lowering_the_exit_threshold_never_adds_flops(e in 0.0f32..1.0, de in 0.0f32..0.5, c in 0.0f32..0.6) {
+        let _g = tch::no_grad_guard();
+        let (_, model) = gated("resnet20", 1, vec![1, 2], 6);
+        let x = input(8, 1, 28, 7);
+        let (_, high) = model.forward(&x, &policy(c, 0.3, (e + de).min(0.999), ChannelMode::Slice)).unwrap();
+        let (_, low) = model.forward(&x, &policy(c, 0.3, e, ChannelMode::Slice)).unwrap();
+        for (l, h) in low.iter().zip(&high) {
+            prop_assert!(l.executed_flops <= h.executed_flops);
+        }
+    }
+}
