@@ -1,10 +1,16 @@
 //! The `sluice` command line (clap derive; every option also reads an environment variable).
 
+mod bench;
+mod calibrate;
+pub mod eval;
 mod model_info;
+mod plot;
+mod train;
 
 use clap::{Parser, Subcommand};
 
 pub use model_info::InfoArgs;
+pub use train::TrainArgs;
 
 /// sluice: serve dynamically pruned CNNs and prove the compute they skip.
 #[derive(Debug, Parser)]
@@ -30,6 +36,15 @@ pub enum Command {
     /// Inspect models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Sweep gate thresholds on the validation split; write the budget table.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Test accuracy, FLOPs and batch-1 latency at every calibrated budget; write a report.
+    Eval(eval::EvalArgs),
+    /// Benchmarks that print tables.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Train a gated model on Fashion-MNIST (resumable) and export it as a model folder.
+    Train(TrainArgs),
 }
 
 /// `sluice model ...`
@@ -43,6 +58,10 @@ pub enum ModelCommand {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(ModelCommand::Info(args)) => model_info::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Bench(command) => bench::run(&command),
+        Command::Calibrate(args) => calibrate::run(&args),
+        Command::Eval(args) => eval::run(&args),
     }
 }
 

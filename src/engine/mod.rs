@@ -14,7 +14,7 @@ pub mod weights;
 
 pub use arch::{ArchSpec, BlockKind, StemKind};
 pub use folded::Layout;
-pub use gated::GatedResNet;
+pub use gated::{ExitTrace, GatedResNet};
 pub use gates::{BlockGates, GateConfig};
 pub use model::{Model, ModelSource};
 pub use policy::{ChannelMode, GatePolicy};

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{ArchSpec, EngineError, GateConfig, Layout, ModelSource};
 
@@ -11,7 +11,7 @@ use crate::engine::{ArchSpec, EngineError, GateConfig, Layout, ModelSource};
 pub const CONFIG_FILE: &str = "config.toml";
 
 /// A model folder's `config.toml`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name clients use.
@@ -28,7 +28,7 @@ pub struct ModelConfig {
 }
 
 /// The model's input tensor.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputConfig {
     pub name: String,
@@ -37,7 +37,7 @@ pub struct InputConfig {
 }
 
 /// The model's output tensor.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     pub name: String,

@@ -68,6 +68,20 @@ impl FoldedExit {
     }
 }
 
+/// What [`GatedResNet::trace`] records.
+#[derive(Debug)]
+pub struct ExitTrace {
+    /// Per exit (layout order): `[N, classes]` logits.
+    pub exit_logits: Vec<Tensor>,
+    /// Per exit, per input: executed FLOPs had the input left there (heads so far included).
+    pub flops_at_exit: Vec<Vec<u64>>,
+    /// Per input: FLOPs of all exit heads (what running with exits off saves).
+    pub head_flops: Vec<u64>,
+    pub final_logits: Tensor,
+    /// Reports of the traced pass (exit heads included, no exit taken).
+    pub reports: Vec<ComputeReport>,
+}
+
 /// A gated ResNet ready for inference.
 #[derive(Debug)]
 pub struct GatedResNet {
@@ -153,6 +167,33 @@ impl GatedResNet {
     /// Runs a `[N, C, H, W]` batch under `policy`: `[N, classes]` logits and one report per
     /// input.
     pub fn forward(&self, input: &Tensor, policy: &GatePolicy) -> (Tensor, Vec<ComputeReport>) {
+        self.run(input, policy, None)
+    }
+
+    /// Runs a batch with every exit head evaluated and nobody leaving (the policy's exit
+    /// thresholds are ignored), recording what each input would have cost and predicted at
+    /// each exit: calibration derives every exit threshold from one pass.
+    pub fn trace(&self, input: &Tensor, policy: &GatePolicy) -> ExitTrace {
+        let n = input.size()[0] as usize;
+        let mut trace = ExitTrace {
+            exit_logits: Vec::new(),
+            flops_at_exit: vec![vec![0; n]; self.exits.len()],
+            head_flops: vec![0; n],
+            final_logits: Tensor::zeros([0], tch::kind::FLOAT_CPU),
+            reports: Vec::new(),
+        };
+        let (logits, reports) = self.run(input, policy, Some(&mut trace));
+        trace.final_logits = logits;
+        trace.reports = reports;
+        trace
+    }
+
+    fn run(
+        &self,
+        input: &Tensor,
+        policy: &GatePolicy,
+        mut trace: Option<&mut ExitTrace>,
+    ) -> (Tensor, Vec<ComputeReport>) {
         let size = input.size();
         let (n, h, w) = (size[0] as usize, size[2], size[3]);
         let thresholds = Thresholds::resolve(policy, &self.spec, &self.gates);
@@ -215,10 +256,21 @@ impl GatedResNet {
                 continue;
             };
             let t = thresholds.exit[e];
-            if t >= 1.0 {
+            if t >= 1.0 && trace.is_none() {
                 continue; // disabled: the head is not even evaluated
             }
             let exit_logits = exit.forward(&cur);
+            if let Some(trace) = trace.as_deref_mut() {
+                let head = exit.flops(ch, cw);
+                for &i in &active {
+                    reports[i].executed_flops += head;
+                    reports[i].gate_flops += head;
+                    trace.head_flops[i] += head;
+                    trace.flops_at_exit[e][i] = reports[i].executed_flops;
+                }
+                trace.exit_logits.push(exit_logits);
+                continue;
+            }
             let confidence = exit_logits.softmax(1, Kind::Float).amax(&[1i64][..], false);
             let confidence = Vec::<f32>::try_from(confidence).unwrap_or_default();
             let head = exit.flops(ch, cw);

@@ -1,0 +1,207 @@
+//! `sluice eval <model-dir>`: test-set accuracy, mean executed FLOPs and batch-1 latency at
+//! every calibrated budget (and dense), as JSON lines or a table, plus a report folder with a
+//! CSV, a markdown table and an SVG plot.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+
+use crate::bench::timing::median;
+use crate::control::calibration::{CALIBRATION_FILE, CalibrationTable};
+use crate::data::FashionMnist;
+use crate::engine::{BatchTotals, GatePolicy, Model};
+use crate::repository::ModelDir;
+
+/// Arguments of `sluice eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The model folder (config.toml, weights, calibration.json).
+    pub model: PathBuf,
+    /// One JSON object per budget instead of a table.
+    #[arg(long, env = "SLUICE_EVAL_JSON")]
+    pub json: bool,
+    /// Evaluate only the first N test images (0: all 10000).
+    #[arg(long, env = "SLUICE_EVAL_LIMIT", default_value_t = 0)]
+    pub limit: usize,
+    /// Test images timed one at a time for the batch-1 latency (0: skip latency).
+    #[arg(long, env = "SLUICE_EVAL_LATENCY_IMAGES", default_value_t = 300)]
+    pub latency_images: usize,
+    /// Write report.csv, report.md and report.svg here.
+    #[arg(long, env = "SLUICE_EVAL_REPORT")]
+    pub report: Option<PathBuf>,
+    #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
+    pub threads: usize,
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = crate::data::fashion_mnist::DEFAULT_DIR)]
+    pub data_dir: PathBuf,
+}
+
+/// One evaluated operating point.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalRow {
+    /// The calibrated budget, or `null` for the dense row (every gate open, exits off).
+    pub budget: Option<f64>,
+    pub accuracy: f64,
+    pub flop_fraction: f64,
+    /// Median batch-1 latency.
+    pub latency_ms: f64,
+    /// Median over images of latency / dense latency of the same image (same run).
+    pub latency_ratio: f64,
+    pub channel_threshold: f32,
+    pub block_threshold: f32,
+    pub exit_threshold: f32,
+    pub images: usize,
+}
+
+pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    tch::set_num_threads(args.threads.max(1) as i32);
+    let _guard = tch::no_grad_guard();
+    let dir = ModelDir::open(&args.model)?;
+    let model = Model::build(&dir.source(Default::default()))?;
+    let table = CalibrationTable::load(&args.model.join(CALIBRATION_FILE)).with_context(|| {
+        format!("{} has no calibration table: run `sluice calibrate` first", args.model.display())
+    })?;
+    let mut test = FashionMnist::load_test(&args.data_dir)?;
+    if args.limit > 0 {
+        test = test.take(args.limit);
+    }
+    let mut policies: Vec<(Option<f64>, GatePolicy)> = vec![(None, GatePolicy::dense())];
+    for e in &table.budgets {
+        policies.push((Some(e.budget), table.policy_for(e.budget)?));
+    }
+    let latencies = batch1_latencies(&model, &test, &policies, args.latency_images);
+    let mut rows = Vec::new();
+    for (k, (budget, policy)) in policies.iter().enumerate() {
+        let (accuracy, flop_fraction) = accuracy_and_flops(&model, &test, policy);
+        let (latency_ms, latency_ratio) = latencies.get(k).copied().unwrap_or((0.0, 0.0));
+        let row = EvalRow {
+            budget: *budget,
+            accuracy,
+            flop_fraction,
+            latency_ms,
+            latency_ratio,
+            channel_threshold: policy.channel_threshold,
+            block_threshold: policy.block_threshold,
+            exit_threshold: policy.exit_threshold,
+            images: test.len(),
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&row)?);
+        }
+        rows.push(row);
+    }
+    if !args.json {
+        println!("{}", markdown(&dir.config.name, &rows));
+    }
+    if let Some(out) = &args.report {
+        write_report(out, &dir.config.name, &rows)?;
+    }
+    Ok(())
+}
+
+/// Test accuracy and mean executed FLOP fraction under `policy`.
+pub fn accuracy_and_flops(model: &Model, test: &crate::data::Split, policy: &GatePolicy) -> (f64, f64) {
+    let (mut correct, mut totals) = (0i64, BatchTotals::default());
+    for start in (0..test.len()).step_by(500) {
+        let range = start..(start + 500).min(test.len());
+        let (logits, reports) = model.net.forward(&test.images(range.clone()), policy);
+        correct += logits
+            .argmax(1, false)
+            .eq_tensor(&test.label_tensor(range))
+            .sum(tch::Kind::Int64)
+            .int64_value(&[]);
+        let t = BatchTotals::of(&reports);
+        totals.dense_flops += t.dense_flops;
+        totals.executed_flops += t.executed_flops;
+    }
+    (correct as f64 / test.len().max(1) as f64, totals.flop_fraction())
+}
+
+/// Per policy: median batch-1 latency (ms) and median per-image ratio to the first policy,
+/// timing every policy on each image in a rotating order.
+fn batch1_latencies(
+    model: &Model,
+    test: &crate::data::Split,
+    policies: &[(Option<f64>, GatePolicy)],
+    images: usize,
+) -> Vec<(f64, f64)> {
+    let n = images.min(test.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let k = policies.len();
+    let mut times = vec![Vec::with_capacity(n); k];
+    let inputs: Vec<tch::Tensor> = (0..n).map(|i| test.images(i..i + 1)).collect();
+    for x in inputs.iter().take(5) {
+        policies.iter().for_each(|(_, p)| drop(model.net.forward(x, p)));
+    }
+    for (i, x) in inputs.iter().enumerate() {
+        for j in 0..k {
+            let p = (i + j) % k;
+            let start = Instant::now();
+            let _ = model.net.forward(x, &policies[p].1);
+            times[p].push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times
+        .iter()
+        .map(|t| {
+            let ratios: Vec<f64> = t.iter().zip(&times[0]).map(|(a, d)| a / d).collect();
+            (median(t), median(&ratios))
+        })
+        .collect()
+}
+
+fn label(budget: Option<f64>) -> String {
+    budget.map_or("dense".into(), |b| format!("{b:.2}"))
+}
+
+fn markdown(model: &str, rows: &[EvalRow]) -> String {
+    let mut s = format!(
+        "Model `{model}` on the Fashion-MNIST test set ({} images).\n\n\
+         | budget | accuracy | FLOP fraction | batch-1 latency ms | latency / dense | channel t | block t | exit t |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        rows.first().map_or(0, |r| r.images)
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {:.2}% | {:.3} | {:.3} | {:.2} | {:.4} | {:.4} | {:.4} |\n",
+            label(r.budget),
+            100.0 * r.accuracy,
+            r.flop_fraction,
+            r.latency_ms,
+            r.latency_ratio,
+            r.channel_threshold,
+            r.block_threshold,
+            r.exit_threshold
+        );
+    }
+    s
+}
+
+fn write_report(dir: &Path, model: &str, rows: &[EvalRow]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut csv = String::from(
+        "budget,accuracy,flop_fraction,latency_ms,latency_ratio,channel_threshold,block_threshold,exit_threshold,images\n",
+    );
+    for r in rows {
+        csv += &format!(
+            "{},{:.6},{:.6},{:.6},{:.6},{},{},{},{}\n",
+            label(r.budget),
+            r.accuracy,
+            r.flop_fraction,
+            r.latency_ms,
+            r.latency_ratio,
+            r.channel_threshold,
+            r.block_threshold,
+            r.exit_threshold,
+            r.images
+        );
+    }
+    std::fs::write(dir.join("report.csv"), csv)?;
+    std::fs::write(dir.join("report.md"), markdown(model, rows))?;
+    super::plot::accuracy_vs_flops(&dir.join("report.svg"), model, rows)?;
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! `sluice train`: train (or resume) a gated model on Fashion-MNIST and export it as a model
+//! folder.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+
+use crate::data::FashionMnist;
+use crate::train::export::export_model;
+use crate::train::{RunDir, TrainConfig, Trainer, has_checkpoint};
+
+/// Arguments of `sluice train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Run folder: checkpoints (after every epoch) and the training log.
+    #[arg(long, env = "SLUICE_TRAIN_OUT")]
+    pub out: PathBuf,
+    /// Continue the run saved in --out (its saved settings win over the flags below).
+    #[arg(long, env = "SLUICE_TRAIN_RESUME")]
+    pub resume: bool,
+    /// Where to write the finished model folder (config, weights); none: don't export.
+    #[arg(long, env = "SLUICE_TRAIN_EXPORT")]
+    pub export: Option<PathBuf>,
+    /// The exported model's name.
+    #[arg(long, env = "SLUICE_TRAIN_NAME", default_value = "fashion-resnet20")]
+    pub name: String,
+    /// Architecture (a Basic-block ResNet).
+    #[arg(long, env = "SLUICE_TRAIN_ARCH", default_value = "resnet20")]
+    pub arch: String,
+    #[arg(long, env = "SLUICE_TRAIN_EPOCHS", default_value_t = 30)]
+    pub epochs: usize,
+    #[arg(long, env = "SLUICE_TRAIN_BATCH_SIZE", default_value_t = 128)]
+    pub batch_size: usize,
+    /// Peak learning rate (cosine schedule, 1 epoch warm-up).
+    #[arg(long, env = "SLUICE_TRAIN_LR", default_value_t = 0.1)]
+    pub lr: f64,
+    /// Train on the first N training images only (0: all 55000).
+    #[arg(long, env = "SLUICE_TRAIN_LIMIT", default_value_t = 0)]
+    pub limit: usize,
+    #[arg(long, env = "SLUICE_TRAIN_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// libtorch intra-op threads.
+    #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
+    pub threads: usize,
+    /// Folder with Fashion-MNIST's IDX files.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = crate::data::fashion_mnist::DEFAULT_DIR)]
+    pub data_dir: PathBuf,
+    /// No progress bar (logs only).
+    #[arg(long, env = "SLUICE_QUIET")]
+    pub quiet: bool,
+}
+
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    tch::set_num_threads(args.threads.max(1) as i32);
+    let run = RunDir { dir: args.out.clone() };
+    let mut trainer = if has_checkpoint(&args.out) {
+        if !args.resume {
+            bail!(
+                "{} already holds a run: pass --resume to continue it, or choose another --out",
+                args.out.display()
+            );
+        }
+        let trainer = Trainer::resume(&run)?;
+        tracing::info!(epoch = trainer.state.epoch, "resuming");
+        trainer
+    } else {
+        let config = TrainConfig {
+            arch: args.arch.clone(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            lr: args.lr,
+            limit: args.limit,
+            seed: args.seed,
+            ..TrainConfig::fashion_default()
+        };
+        Trainer::new(config)?
+    };
+    let data = FashionMnist::load(&args.data_dir)?;
+    trainer.run(&data, &run, args.quiet)?;
+    tracing::info!(minutes = format!("{:.1}", trainer.state.seconds / 60.0), "training finished");
+    if let Some(dir) = &args.export {
+        export_model(&trainer, &data.train, dir, &args.name)?;
+        tracing::info!(dir = %dir.display(), "model exported");
+    }
+    Ok(())
+}

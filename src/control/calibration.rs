@@ -1,0 +1,299 @@
+//! Calibration: on held-out validation images, sweep the gate thresholds, keep the
+//! accuracy-vs-compute frontier, and build the table that maps a compute budget (fraction of
+//! dense FLOPs) to the thresholds with the best validation accuracy whose mean executed
+//! FLOPs stay within it. Stored beside the weights as `calibration.json`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::data::Split;
+use crate::engine::{ChannelMode, GatePolicy, Model};
+
+/// File name of the table in a model folder.
+pub const CALIBRATION_FILE: &str = "calibration.json";
+
+/// One operating point: thresholds and what they measured on the validation split.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OperatingPoint {
+    pub channel_threshold: f32,
+    pub block_threshold: f32,
+    pub exit_threshold: f32,
+    pub validation_accuracy: f64,
+    /// Mean executed FLOPs / dense FLOPs (gate heads included).
+    pub flop_fraction: f64,
+}
+
+/// A budget and the operating point chosen for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BudgetEntry {
+    pub budget: f64,
+    #[serde(flatten)]
+    pub point: OperatingPoint,
+}
+
+/// The calibration table of a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationTable {
+    pub model: String,
+    /// Which data it was measured on (always the validation split).
+    pub split: String,
+    pub images: usize,
+    pub channel_mode: ChannelMode,
+    /// Ascending budgets.
+    pub budgets: Vec<BudgetEntry>,
+    /// Every point of the accuracy/FLOPs frontier the sweep found, ascending FLOPs.
+    pub frontier: Vec<OperatingPoint>,
+}
+
+/// Why a budget cannot be served.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BudgetError {
+    #[error("budget {budget} is outside the calibrated range [{min}, {max}]")]
+    OutOfRange { budget: f64, min: f64, max: f64 },
+    #[error("this model has no calibration table")]
+    NotCalibrated,
+}
+
+impl CalibrationTable {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_string_pretty(self)? + "\n")?;
+        Ok(())
+    }
+
+    /// The smallest and largest calibrated budgets.
+    pub fn range(&self) -> Option<(f64, f64)> {
+        Some((self.budgets.first()?.budget, self.budgets.last()?.budget))
+    }
+
+    /// The entry for `budget`: the largest calibrated budget not above it (so the measured
+    /// FLOPs stay within the request). Budgets above the table's top use the top entry.
+    pub fn lookup(&self, budget: f64) -> Result<&BudgetEntry, BudgetError> {
+        let (min, max) = self.range().ok_or(BudgetError::NotCalibrated)?;
+        if !(budget.is_finite() && budget >= min - 1e-9 && budget <= 1.0) {
+            return Err(BudgetError::OutOfRange { budget, min, max: max.max(1.0) });
+        }
+        Ok(self.budgets.iter().rev().find(|e| e.budget <= budget + 1e-9).unwrap_or(&self.budgets[0]))
+    }
+
+    /// The policy that serves `budget` (version left at 0 for the caller to assign).
+    pub fn policy_for(&self, budget: f64) -> Result<GatePolicy, BudgetError> {
+        let e = &self.lookup(budget)?.point;
+        Ok(GatePolicy {
+            channel_threshold: e.channel_threshold,
+            block_threshold: e.block_threshold,
+            exit_threshold: e.exit_threshold,
+            channel_mode: self.channel_mode,
+            budget: Some(budget),
+            ..GatePolicy::dense()
+        })
+    }
+}
+
+/// The thresholds a sweep tries.
+#[derive(Clone, Debug)]
+pub struct SweepGrid {
+    pub channel: Vec<f32>,
+    pub block: Vec<f32>,
+    pub exit: Vec<f32>,
+}
+
+impl SweepGrid {
+    /// Channel and block thresholds at quantiles of the gates' own scores on `images` (plus 0
+    /// and 1), so the grid follows the trained gates; exit thresholds on a fixed ladder.
+    pub fn from_scores(model: &Model, images: &Tensor, steps: usize) -> Self {
+        let mut channel = vec![0.0f32, 1.0];
+        let mut block = vec![0.0f32, 1.0];
+        if let Some(scores) = model.net.gate_scores(images) {
+            let mut c = Vec::new();
+            let mut b = Vec::new();
+            for slots in &model.net.gates.blocks {
+                if let Some(r) = &slots.channel {
+                    c.extend(
+                        Vec::<f32>::try_from(scores.narrow(1, r.start as i64, r.len() as i64).reshape(-1))
+                            .unwrap_or_default(),
+                    );
+                }
+                if let Some(j) = slots.block {
+                    b.extend(Vec::<f32>::try_from(scores.select(1, j as i64)).unwrap_or_default());
+                }
+            }
+            channel.extend(quantiles(c, steps));
+            block.extend(quantiles(b, steps));
+        }
+        let has_exits = !model.net.gates.exits.is_empty();
+        let exit = if has_exits {
+            vec![1.0, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5]
+        } else {
+            vec![1.0]
+        };
+        let tidy = |mut v: Vec<f32>| {
+            v.sort_by(f32::total_cmp);
+            v.dedup_by(|a, b| (*a - *b).abs() < 1e-6);
+            v
+        };
+        let channel = if model.net.gates.blocks.iter().any(|s| s.channel.is_some()) {
+            tidy(channel)
+        } else {
+            vec![0.0]
+        };
+        let block =
+            if model.net.gates.blocks.iter().any(|s| s.block.is_some()) { tidy(block) } else { vec![0.0] };
+        SweepGrid { channel, block, exit }
+    }
+}
+
+fn quantiles(mut values: Vec<f32>, steps: usize) -> Vec<f32> {
+    if values.is_empty() || steps == 0 {
+        return Vec::new();
+    }
+    values.sort_by(f32::total_cmp);
+    (1..steps).map(|i| values[(i * (values.len() - 1)) / steps]).collect()
+}
+
+/// Measures every grid point on `split` (slice mode): accuracy and mean FLOP fraction.
+/// Each (channel, block) pair is one traced pass; every exit threshold follows from it.
+pub fn sweep(
+    model: &Model,
+    split: &Split,
+    grid: &SweepGrid,
+    batch: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Vec<OperatingPoint> {
+    let _guard = tch::no_grad_guard();
+    let n = split.len();
+    let total = grid.channel.len() * grid.block.len();
+    let mut points = Vec::new();
+    let mut done = 0;
+    for &c in &grid.channel {
+        for &b in &grid.block {
+            let policy = GatePolicy::with_thresholds(c, b, 1.0);
+            // Per exit threshold: (correct, FLOP fraction sum).
+            let mut acc = vec![(0usize, 0.0f64); grid.exit.len()];
+            for start in (0..n).step_by(batch.max(1)) {
+                let range = start..(start + batch).min(n);
+                let labels = &split.labels[range.clone()];
+                let trace = model.net.trace(&split.images(range.clone()), &policy);
+                let final_pred = argmax(&trace.final_logits);
+                let exit_conf: Vec<Vec<f32>> = trace.exit_logits.iter().map(confidence).collect();
+                let exit_pred: Vec<Vec<i64>> = trace.exit_logits.iter().map(argmax).collect();
+                for (k, &e) in grid.exit.iter().enumerate() {
+                    for (i, &label) in labels.iter().enumerate() {
+                        let r = &trace.reports[i];
+                        let dense = r.dense_flops as f64;
+                        let left =
+                            (e < 1.0).then(|| exit_conf.iter().position(|conf| conf[i] >= e)).flatten();
+                        let (pred, flops) = match left {
+                            Some(x) => (exit_pred[x][i], trace.flops_at_exit[x][i]),
+                            None if e < 1.0 => (final_pred[i], r.executed_flops),
+                            None => (final_pred[i], r.executed_flops - trace.head_flops[i]),
+                        };
+                        acc[k].0 += usize::from(pred == label as i64);
+                        acc[k].1 += flops as f64 / dense;
+                    }
+                }
+            }
+            for (k, &e) in grid.exit.iter().enumerate() {
+                points.push(OperatingPoint {
+                    channel_threshold: c,
+                    block_threshold: b,
+                    exit_threshold: e,
+                    validation_accuracy: acc[k].0 as f64 / n as f64,
+                    flop_fraction: acc[k].1 / n as f64,
+                });
+            }
+            done += 1;
+            progress(done, total);
+        }
+    }
+    points
+}
+
+fn argmax(logits: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(logits.argmax(1, false)).unwrap_or_default()
+}
+
+fn confidence(logits: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(logits.softmax(1, Kind::Float).amax(&[1i64][..], false)).unwrap_or_default()
+}
+
+/// The points no other point beats on both accuracy and FLOPs, ascending FLOPs.
+pub fn frontier(points: &[OperatingPoint]) -> Vec<OperatingPoint> {
+    let mut sorted = points.to_vec();
+    sorted.sort_by(|a, b| {
+        a.flop_fraction
+            .total_cmp(&b.flop_fraction)
+            .then(b.validation_accuracy.total_cmp(&a.validation_accuracy))
+    });
+    let mut out: Vec<OperatingPoint> = Vec::new();
+    for p in sorted {
+        if out.last().is_none_or(|best| p.validation_accuracy > best.validation_accuracy) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// For each budget, the most accurate point whose FLOP fraction is within it; budgets no
+/// point fits are left out (the table's range says what is calibrated).
+pub fn budget_table(frontier: &[OperatingPoint], budgets: &[f64]) -> Vec<BudgetEntry> {
+    budgets
+        .iter()
+        .filter_map(|&budget| {
+            frontier
+                .iter()
+                .filter(|p| p.flop_fraction <= budget)
+                .max_by(|a, b| a.validation_accuracy.total_cmp(&b.validation_accuracy))
+                .map(|p| BudgetEntry { budget, point: p.clone() })
+        })
+        .collect()
+}
+
+/// The budgets a table is built for: 0.10, 0.15, …, 1.00.
+pub fn default_budgets() -> Vec<f64> {
+    (2..=20).map(|i| i as f64 * 0.05).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(acc: f64, fraction: f64) -> OperatingPoint {
+        OperatingPoint {
+            channel_threshold: fraction as f32,
+            block_threshold: 0.0,
+            exit_threshold: 1.0,
+            validation_accuracy: acc,
+            flop_fraction: fraction,
+        }
+    }
+
+    #[test]
+    fn frontier_and_budgets_pick_the_best_point_within_each_budget() {
+        let points =
+            vec![point(0.90, 0.3), point(0.85, 0.35), point(0.93, 0.6), point(0.92, 0.5), point(0.94, 1.01)];
+        let f = frontier(&points);
+        assert_eq!(f.iter().map(|p| p.flop_fraction).collect::<Vec<_>>(), vec![0.3, 0.5, 0.6, 1.01]);
+        let table = budget_table(&f, &[0.25, 0.3, 0.55, 1.0]);
+        assert_eq!(table.len(), 3, "0.25 fits no point");
+        assert_eq!(table[1].point.flop_fraction, 0.5);
+        assert_eq!(table[2].point.validation_accuracy, 0.93);
+        let t = CalibrationTable {
+            model: "m".into(),
+            split: "validation".into(),
+            images: 10,
+            channel_mode: ChannelMode::Slice,
+            budgets: table,
+            frontier: f,
+        };
+        assert_eq!(t.lookup(0.57).unwrap().budget, 0.55);
+        assert_eq!(t.lookup(0.2), Err(BudgetError::OutOfRange { budget: 0.2, min: 0.3, max: 1.0 }));
+        assert!(t.lookup(1.5).is_err());
+        assert_eq!(t.policy_for(0.3).unwrap().budget, Some(0.3));
+    }
+}

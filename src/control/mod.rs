@@ -1,0 +1,3 @@
+//! Control: the gating policy's calibration (budget → thresholds).
+
+pub mod calibration;

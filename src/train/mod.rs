@@ -1,0 +1,350 @@
+//! `sluice train`: a gated CIFAR-style ResNet trained from scratch on Fashion-MNIST with tch
+//! autograd, so one model serves the whole budget range (docs/training.md has the recipe):
+//! slimmable widths by the sandwich rule with in-place distillation, block and prefix
+//! channel gates by straight-through estimation with a compute-rate term towards a target
+//! sampled per step, and exit heads by a weighted sum of their cross-entropies.
+
+pub mod augment;
+pub mod export;
+pub mod net;
+pub mod optim;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::fashion_mnist::{self, FashionMnist, Split};
+use crate::engine::gates::GateLayout;
+use crate::engine::{ArchSpec, GateConfig};
+
+use self::net::{PassMode, TrainableNet};
+use self::optim::{Sgd, cosine_lr};
+
+/// Everything that determines a training run; saved with every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub arch: String,
+    pub gates: GateConfig,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    /// Random crop padding (pixels).
+    pub pad: usize,
+    /// Weight of each exit's cross-entropy.
+    pub exit_weight: f64,
+    /// Weight of the squared gap between the gated pass's compute rate and its target.
+    pub rate_weight: f64,
+    /// Targets are drawn uniformly from [min_rate, 1].
+    pub min_rate: f64,
+    /// Use only the first N training images (CI's short run); 0 = all.
+    pub limit: usize,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The recipe of the shipped model (docs/training.md).
+    pub fn fashion_default() -> Self {
+        TrainConfig {
+            arch: "resnet20".into(),
+            gates: GateConfig {
+                channel: true,
+                block: crate::engine::BlockGates::Identity,
+                exits: vec![1, 2],
+                exit_conv: true,
+                ..GateConfig::default()
+            },
+            epochs: 30,
+            batch_size: 128,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            warmup_epochs: 1.0,
+            pad: 2,
+            exit_weight: 0.5,
+            rate_weight: 4.0,
+            min_rate: 0.2,
+            limit: 0,
+            seed: 1,
+        }
+    }
+}
+
+/// Progress of a run, saved beside the checkpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epoch: usize,
+    pub step: usize,
+    /// Seconds of training so far (resumes add to it).
+    pub seconds: f64,
+    pub history: Vec<EpochLog>,
+}
+
+/// One epoch's numbers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub validation_accuracy: f64,
+    pub gated_validation_accuracy: f64,
+    pub gated_validation_rate: f64,
+    pub seconds: f64,
+}
+
+/// A run's files.
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("checkpoint.json")
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    config: TrainConfig,
+    state: TrainState,
+}
+
+/// A training run in memory.
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub state: TrainState,
+    pub vs: VarStore,
+    pub net: TrainableNet,
+    sgd: Sgd,
+}
+
+impl Trainer {
+    /// A fresh run (weights initialised from the config's seed).
+    pub fn new(config: TrainConfig) -> anyhow::Result<Self> {
+        tch::manual_seed(config.seed as i64);
+        let spec = ArchSpec::named(&config.arch, 1, fashion_mnist::LABELS.len() as i64)?;
+        let layout = GateLayout::new(&spec, &config.gates)?;
+        let vs = VarStore::new(Device::Cpu);
+        let net = TrainableNet::new(&vs.root(), &spec, &layout, 28).map_err(anyhow::Error::msg)?;
+        let mut trainable: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        trainable.sort_by(|a, b| a.0.cmp(&b.0));
+        let sgd = Sgd::new(trainable, config.momentum, config.weight_decay);
+        Ok(Trainer { config, state: TrainState::default(), vs, net, sgd })
+    }
+
+    /// Resumes the run saved in `run`.
+    pub fn resume(run: &RunDir) -> anyhow::Result<Self> {
+        let meta: CheckpointMeta = serde_json::from_str(&std::fs::read_to_string(run.state())?)?;
+        let mut trainer = Trainer::new(meta.config)?;
+        let saved: HashMap<String, Tensor> =
+            Tensor::read_safetensors(run.checkpoint())?.into_iter().collect();
+        tch::no_grad(|| -> anyhow::Result<()> {
+            for (name, var) in trainer.vs.variables() {
+                let src = saved.get(&name).ok_or_else(|| anyhow::anyhow!("checkpoint lacks `{name}`"))?;
+                var.shallow_clone().copy_(src);
+            }
+            Ok(())
+        })?;
+        trainer.sgd.load_state(&saved).map_err(anyhow::Error::msg)?;
+        trainer.state = meta.state;
+        Ok(trainer)
+    }
+
+    /// Writes weights, optimizer state and progress (atomically: temp files, then rename).
+    pub fn save_checkpoint(&self, run: &RunDir) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&run.dir)?;
+        let mut tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        tensors.extend(self.sgd.state());
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let tmp = run.dir.join("checkpoint.safetensors.tmp");
+        Tensor::write_safetensors(&tensors, &tmp)?;
+        std::fs::rename(&tmp, run.checkpoint())?;
+        let meta = CheckpointMeta { config: self.config.clone(), state: self.state.clone() };
+        let tmp = run.dir.join("checkpoint.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&meta)?)?;
+        std::fs::rename(&tmp, run.state())?;
+        Ok(())
+    }
+
+    /// One optimisation step on a batch; returns (loss, correct predictions of the full pass).
+    /// The full network sees the whole batch; the narrowest and the random-width networks
+    /// each see a quarter of it and the gated network the other half (the sandwich rule at
+    /// about half its cost on 2 cores). The sub-networks learn from the full network's
+    /// predictions (in-place distillation).
+    pub fn step(&mut self, images: &Tensor, labels: &Tensor, rng: &mut StdRng, lr: f64) -> (f64, i64) {
+        let c = &self.config;
+        let n = labels.size()[0];
+        let full = self.net.forward(images, &PassMode::Widths(self.net.widest()), true);
+        let mut loss = full.logits.cross_entropy_for_logits(labels);
+        for exit in &full.exits {
+            loss = &loss + exit.cross_entropy_for_logits(labels) * c.exit_weight;
+        }
+        let soft = full.logits.detach().softmax(1, Kind::Float);
+        let distill = |logits: &Tensor, rows: (i64, i64)| {
+            let target = soft.narrow(0, rows.0, rows.1);
+            -(target * logits.log_softmax(1, Kind::Float)).sum(Kind::Float) / rows.1
+        };
+        let quarter = n / 4;
+        let parts = [(0, quarter), (quarter, quarter)];
+        let random: Vec<i64> =
+            self.net.layout.blocks.iter().map(|s| s.widths[rng.gen_range(0..s.widths.len())]).collect();
+        for ((start, len), widths) in parts.into_iter().zip([self.net.narrowest(), random]) {
+            if len == 0 {
+                continue;
+            }
+            let sub = self.net.forward(&images.narrow(0, start, len), &PassMode::Widths(widths), true);
+            loss = &loss + distill(&sub.logits, (start, len));
+        }
+        if self.config.gates.has_trunk() {
+            let (start, len) = (2 * quarter, n - 2 * quarter);
+            let gated = self.net.forward(&images.narrow(0, start, len), &PassMode::Gated, true);
+            loss = &loss + distill(&gated.logits, (start, len));
+            let half_labels = labels.narrow(0, start, len);
+            for exit in &gated.exits {
+                loss = &loss + exit.cross_entropy_for_logits(&half_labels) * c.exit_weight;
+            }
+            if let Some(rate) = &gated.rate {
+                let target = rng.gen_range(c.min_rate..=1.0);
+                let gap = rate.mean(Kind::Float) - target;
+                loss = &loss + &gap * &gap * c.rate_weight;
+            }
+        }
+        self.sgd.zero_grad();
+        loss.backward();
+        self.sgd.step(lr);
+        let correct = full.logits.argmax(1, false).eq_tensor(labels).sum(Kind::Int64).int64_value(&[]);
+        (loss.double_value(&[]), correct)
+    }
+
+    /// Trains until `config.epochs`, checkpointing after every epoch.
+    pub fn run(&mut self, data: &FashionMnist, run: &RunDir, quiet: bool) -> anyhow::Result<()> {
+        let train =
+            if self.config.limit > 0 { data.train.take(self.config.limit) } else { data.train.clone() };
+        let batches = train.len().div_ceil(self.config.batch_size);
+        let total = batches * self.config.epochs;
+        let warmup = (self.config.warmup_epochs * batches as f64) as usize;
+        while self.state.epoch < self.config.epochs {
+            let epoch = self.state.epoch;
+            let started = Instant::now();
+            let mut rng =
+                StdRng::seed_from_u64(self.config.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            order.shuffle(&mut rng);
+            let bar = progress_bar(batches as u64, epoch + 1, self.config.epochs, quiet);
+            let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0usize);
+            for chunk in order.chunks(self.config.batch_size) {
+                let (images, labels) = augmented_batch(&train, chunk, self.config.pad, &mut rng);
+                let lr = cosine_lr(self.config.lr, self.state.step, warmup, total);
+                let (loss, ok) = self.step(&images, &labels, &mut rng, lr);
+                loss_sum += loss * chunk.len() as f64;
+                correct += ok;
+                seen += chunk.len();
+                self.state.step += 1;
+                bar.set_message(format!(
+                    "loss {:.3} acc {:.3} lr {lr:.4}",
+                    loss_sum / seen as f64,
+                    correct as f64 / seen as f64
+                ));
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+            let (validation_accuracy, _) =
+                self.evaluate(&data.validation, &PassMode::Widths(self.net.widest()));
+            let (gated_accuracy, gated_rate) = if self.config.gates.has_trunk() {
+                self.evaluate(&data.validation, &PassMode::Gated)
+            } else {
+                (validation_accuracy, 1.0)
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            self.state.seconds += seconds;
+            self.state.epoch += 1;
+            let log = EpochLog {
+                epoch: self.state.epoch,
+                train_loss: loss_sum / seen as f64,
+                train_accuracy: correct as f64 / seen as f64,
+                validation_accuracy,
+                gated_validation_accuracy: gated_accuracy,
+                gated_validation_rate: gated_rate,
+                seconds,
+            };
+            tracing::info!(
+                epoch = log.epoch,
+                loss = format!("{:.4}", log.train_loss),
+                train_acc = format!("{:.4}", log.train_accuracy),
+                val_acc = format!("{:.4}", log.validation_accuracy),
+                gated_val_acc = format!("{:.4}", log.gated_validation_accuracy),
+                gated_rate = format!("{:.3}", log.gated_validation_rate),
+                seconds = format!("{seconds:.0}"),
+                "epoch done"
+            );
+            self.state.history.push(log);
+            self.save_checkpoint(run)?;
+        }
+        Ok(())
+    }
+
+    /// Accuracy (and mean compute rate of gated passes) on a split, in eval mode.
+    pub fn evaluate(&self, split: &Split, mode: &PassMode) -> (f64, f64) {
+        let _guard = tch::no_grad_guard();
+        let (mut correct, mut rate) = (0i64, 0.0);
+        for start in (0..split.len()).step_by(500) {
+            let range = start..(start + 500).min(split.len());
+            let out = self.net.forward(&split.images(range.clone()), mode, false);
+            correct += out
+                .logits
+                .argmax(1, false)
+                .eq_tensor(&split.label_tensor(range))
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            if let Some(r) = &out.rate {
+                rate += r.sum(Kind::Float).double_value(&[]);
+            }
+        }
+        let n = split.len().max(1) as f64;
+        (correct as f64 / n, if matches!(mode, PassMode::Gated) { rate / n } else { 1.0 })
+    }
+}
+
+fn augmented_batch(split: &Split, indices: &[usize], pad: usize, rng: &mut StdRng) -> (Tensor, Tensor) {
+    let px = split.rows * split.cols;
+    let images: Vec<&[u8]> = indices.iter().map(|&i| &split.pixels[i * px..(i + 1) * px]).collect();
+    let pixels = augment::pad_crop_flip(&images, split.rows, split.cols, pad, rng);
+    let shape = [indices.len() as i64, 1, split.rows as i64, split.cols as i64];
+    let images = fashion_mnist::normalize(&Tensor::from_slice(&pixels).view(shape));
+    let labels: Vec<i64> = indices.iter().map(|&i| split.labels[i] as i64).collect();
+    (images, Tensor::from_slice(&labels))
+}
+
+fn progress_bar(len: u64, epoch: usize, epochs: usize, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(&format!(
+        "epoch {epoch}/{epochs} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ETA {{eta}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+/// Whether `dir` holds a run that can be resumed.
+pub fn has_checkpoint(dir: &Path) -> bool {
+    RunDir { dir: dir.to_path_buf() }.state().is_file()
+}
