@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Sets up everything the Python-side tests need, idempotently and cached:
+#   - .venv/ with pinned tritonclient[all], numpy, pillow and requests (a stamp in
+#     .venv/.sluice-stamp skips pip while the pinned set is unchanged);
+#   - Triton's perf_analyzer 2.51.0 as .venv/bin/perf_analyzer: the binary comes from the
+#     tritonclient==2.51.0 manylinux wheel (the PyPI `perf-analyzer` package is an empty
+#     placeholder, and newer wheels need a newer glibc than Debian 12's), libcudart.so.12
+#     from the nvidia-cuda-runtime-cu12 wheel, libb64.so.0d from Debian's libb64-0d;
+#     the wheels are cached under .cache/test-env/wheels;
+#   - Debian's prometheus package, for `prometheus` and `promtool`.
+# A second run finishes in about a second and downloads nothing.
+#
+# Usage: deploy/setup-test-env.sh
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.venv"
+cache="$root/.cache/test-env"
+stamp="$venv/.sluice-stamp"
+# The pinned Python set; changing it makes the next run re-run pip.
+requirements=(
+  "tritonclient[all]==2.73.0"
+  "numpy==2.4.6"
+  "pillow==13.0.0"
+  "requests==2.34.2"
+)
+pa_version=2.51.0
+cudart_version=12.6.77 # the CUDA 12.6 runtime perf_analyzer 2.51.0 (Triton 24.10) was built against
+pa_home="$venv/opt/perf_analyzer-$pa_version"
+
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "setup-test-env: unknown option '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "setup-test-env: $*" >&2; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  log "installing Debian's $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null \
+    || { as_root apt-get update -q >/dev/null \
+         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
+}
+
+install_venv() {
+  local want
+  want=$(printf '%s\n' "${requirements[@]}" | sha256sum | cut -d' ' -f1)
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return; fi
+  if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    local python=${PYTHON:-python3}
+    if ! command -v "$python" >/dev/null; then apt_install python3 python3-venv; python=python3; fi
+    log "creating $venv"
+    rm -rf "$venv"
+    if ! "$python" -m venv "$venv" >/dev/null 2>&1; then
+      # Debian's python3 lacks ensurepip until python3-venv is installed.
+      rm -rf "$venv"
+      apt_install python3-venv
+      "$python" -m venv "$venv"
+    fi
+  fi
+  log "installing ${requirements[*]} into .venv"
+  rm -f "$stamp"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "${requirements[@]}"
+  echo "$want" > "$stamp"
+}
+
+install_perf_analyzer() {
+  if [ ! -f "$pa_home/.complete" ]; then
+    [ "$(uname -m)" = x86_64 ] || { log "perf_analyzer $pa_version is only shipped for x86_64"; exit 1; }
+    local wheels="$cache/wheels"
+    mkdir -p "$wheels"
+    if ! ls "$wheels"/tritonclient-"$pa_version"-*manylinux*_x86_64.whl >/dev/null 2>&1 \
+       || ! ls "$wheels"/nvidia_cuda_runtime_cu12-"$cudart_version"-*.whl >/dev/null 2>&1; then
+      log "downloading tritonclient==$pa_version and nvidia-cuda-runtime-cu12==$cudart_version wheels from PyPI (~15 MB)"
+      "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-input \
+        --no-deps --only-binary=:all: --dest "$wheels" \
+        "tritonclient==$pa_version" "nvidia-cuda-runtime-cu12==$cudart_version"
+    fi
+    log "unpacking perf_analyzer $pa_version into ${pa_home#"$root/"}"
+    local tmp="$pa_home.partial"
+    rm -rf "$tmp" && mkdir -p "$tmp/bin" "$tmp/lib"
+    # Only the two files needed: tritonclient 2.51.0 itself never enters the venv.
+    "$venv/bin/python" - "$tmp" "$wheels"/tritonclient-"$pa_version"-*manylinux*_x86_64.whl \
+      "$wheels"/nvidia_cuda_runtime_cu12-"$cudart_version"-*.whl <<'EOF'
+import os, shutil, sys, zipfile
+tmp, pa_wheel, cudart_wheel = sys.argv[1:4]
+def extract(wheel, suffix, dest):
+    with zipfile.ZipFile(wheel) as z:
+        names = [n for n in z.namelist() if n.endswith(suffix)]
+        if len(names) != 1:
+            sys.exit(f"setup-test-env: expected one {suffix} in {wheel}, found {names}")
+        with z.open(names[0]) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
+    os.chmod(dest, 0o755)
+extract(pa_wheel, "/data/bin/perf_analyzer", os.path.join(tmp, "bin", "perf_analyzer"))
+extract(cudart_wheel, "/lib/libcudart.so.12", os.path.join(tmp, "lib", "libcudart.so.12"))
+EOF
+    rm -rf "$pa_home" && mv "$tmp" "$pa_home"
+    touch "$pa_home/.complete"
+  fi
+
+  # The remaining system libraries (libb64.so.0d above all) come from Debian.
+  if LD_LIBRARY_PATH="$pa_home/lib" ldd "$pa_home/bin/perf_analyzer" | grep -q 'not found'; then
+    apt_install libb64-0d libssl3 zlib1g libstdc++6
+    if LD_LIBRARY_PATH="$pa_home/lib" ldd "$pa_home/bin/perf_analyzer" | grep 'not found' >&2; then
+      log "perf_analyzer still misses the libraries above"; exit 1
+    fi
+  fi
+
+  # The wrapper finds its files relative to itself, so it survives a moved checkout.
+  local wrapper="$venv/bin/perf_analyzer" text
+  text=$(cat <<EOF
+#!/bin/sh
+# Written by deploy/setup-test-env.sh: Triton perf_analyzer $pa_version with the CUDA runtime
+# (libcudart.so.12) from the nvidia-cuda-runtime-cu12 wheel beside it.
+home=\$(cd "\$(dirname "\$(readlink -f "\$0")")/../opt/perf_analyzer-$pa_version" && pwd)
+LD_LIBRARY_PATH="\$home/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
+exec "\$home/bin/perf_analyzer" "\$@"
+EOF
+)
+  if [ ! -x "$wrapper" ] || [ "$(cat "$wrapper")" != "$text" ]; then
+    printf '%s\n' "$text" > "$wrapper.tmp" && chmod 755 "$wrapper.tmp"
+    local got
+    got=$("$wrapper.tmp" --version 2>&1) || true
+    case "$got" in
+      *"Version $pa_version"*) mv "$wrapper.tmp" "$wrapper" ;;
+      *) rm -f "$wrapper.tmp"; log "perf_analyzer does not run: $got"; exit 1 ;;
+    esac
+  fi
+}
+
+install_prometheus() {
+  if command -v promtool >/dev/null && command -v prometheus >/dev/null; then return; fi
+  apt_install prometheus
+}
+
+install_venv
+log "python test env ready at .venv (${requirements[*]})"
+install_perf_analyzer
+log "perf_analyzer $pa_version ready at .venv/bin/perf_analyzer"
+install_prometheus
+log "prometheus and promtool ready ($(command -v promtool))"
