@@ -5,6 +5,7 @@ mod calibrate;
 pub mod eval;
 mod model_info;
 mod plot;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,8 @@ pub enum Command {
     /// Inspect models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Serve a model repository over HTTP and gRPC (KServe v2 / Triton compatible).
+    Serve(serve::ServeArgs),
     /// Sweep gate thresholds on the validation split; write the budget table.
     Calibrate(calibrate::CalibrateArgs),
     /// Test accuracy, FLOPs and batch-1 latency at every calibrated budget; write a report.
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Bench(command) => bench::run(&command),
         Command::Calibrate(args) => calibrate::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Eval(args) => eval::run(&args),
     }
 }

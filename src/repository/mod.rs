@@ -5,26 +5,61 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ArchSpec, EngineError, GateConfig, Layout, ModelSource};
+use crate::engine::{ArchSpec, EngineError, GateConfig, GatePolicy, Layout, ModelSource};
 
 /// File name of a model folder's configuration.
 pub const CONFIG_FILE: &str = "config.toml";
 
-/// A model folder's `config.toml`.
+/// A model folder's `config.toml` (docs/model-repository.md).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name clients use.
     pub name: String,
+    /// The one version served (Triton-style version label).
+    #[serde(default = "default_version")]
+    pub version: String,
     /// One of [`ArchSpec::KNOWN`].
     pub architecture: String,
     /// Weights file, relative to the folder.
     pub weights: PathBuf,
+    /// Calibration table (budget → thresholds), relative to the folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<PathBuf>,
+    /// Largest batch a request or a dynamic batch may hold.
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
     pub input: InputConfig,
     pub output: OutputConfig,
     /// Which gates the model has (none: a dense model).
     #[serde(default)]
     pub gates: GateConfig,
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    /// The policy the model starts with (dense unless set). A `budget` here is resolved
+    /// through the calibration table.
+    #[serde(default)]
+    pub policy: GatePolicy,
+}
+
+fn default_version() -> String {
+    "1".into()
+}
+
+fn default_max_batch_size() -> usize {
+    32
+}
+
+/// The element type clients send.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum InputDatatype {
+    /// A float tensor of `dims` per item, already normalised.
+    #[default]
+    #[serde(rename = "FP32")]
+    Fp32,
+    /// One encoded PNG or JPEG image per item, decoded and normalised server-side.
+    #[serde(rename = "BYTES")]
+    Bytes,
 }
 
 /// The model's input tensor.
@@ -32,8 +67,24 @@ pub struct ModelConfig {
 #[serde(deny_unknown_fields)]
 pub struct InputConfig {
     pub name: String,
-    /// Per-item shape `[channels, height, width]` (the batch dimension is implicit).
+    /// Per-item shape `[channels, height, width]` the network runs on (the batch dimension is
+    /// implicit). For image inputs this is the decoded, resized image.
     pub dims: [i64; 3],
+    #[serde(default)]
+    pub datatype: InputDatatype,
+    /// Pre-processing of image (`BYTES`) inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageConfig>,
+}
+
+/// How an encoded image becomes the network's input: decoded, converted to grayscale (1
+/// channel) or RGB (3), resized to `dims`, scaled to [0, 1], then `(x - mean) / std` per
+/// channel — as the model was trained.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
 }
 
 /// The model's output tensor.
@@ -43,6 +94,24 @@ pub struct OutputConfig {
     pub name: String,
     /// Class names; their count is the number of classes.
     pub labels: Vec<String>,
+}
+
+/// Dynamic batching and engine instances.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// How long the first request of a batch may wait for others.
+    pub max_queue_delay_us: u64,
+    /// Requests admitted but not yet answered; more are refused at once (429).
+    pub queue_capacity: usize,
+    /// Engine threads (model copies) for this model.
+    pub instances: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig { max_queue_delay_us: 500, queue_capacity: 256, instances: 1 }
+    }
 }
 
 /// A model folder, read and checked.
@@ -57,12 +126,37 @@ impl ModelDir {
     /// Reads `dir/config.toml` and checks it describes a model sluice can build.
     pub fn open(dir: &Path) -> Result<Self, EngineError> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| EngineError::InvalidConfig(format!("{}: {e}", path.display())))?;
-        let config: ModelConfig = toml::from_str(&text)
-            .map_err(|e| EngineError::InvalidConfig(format!("{}: {e}", path.display())))?;
+        let bad = |why: String| EngineError::InvalidConfig(format!("{}: {why}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let config: ModelConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let spec =
             ArchSpec::named(&config.architecture, config.input.dims[0], config.output.labels.len() as i64)?;
+        if config.max_batch_size == 0 || config.batching.queue_capacity == 0 || config.batching.instances == 0
+        {
+            return Err(bad(
+                "max_batch_size, batching.queue_capacity and batching.instances must be positive".into(),
+            ));
+        }
+        match (&config.input.datatype, &config.input.image) {
+            (InputDatatype::Bytes, None) => {
+                return Err(bad("a BYTES input needs [input.image] settings".into()));
+            }
+            (InputDatatype::Bytes, Some(img))
+                if img.mean.len() != config.input.dims[0] as usize || img.std.len() != img.mean.len() =>
+            {
+                return Err(bad(format!(
+                    "input.image mean and std need {} values (one per channel)",
+                    config.input.dims[0]
+                )));
+            }
+            _ => {}
+        }
+        if !(1..=3).contains(&config.input.dims[0]) || config.input.dims[0] == 2 {
+            return Err(bad("input.dims[0] (channels) must be 1 or 3".into()));
+        }
+        if config.name.is_empty() || config.name.contains('/') {
+            return Err(bad(format!("model name `{}` must be non-empty and contain no '/'", config.name)));
+        }
         Ok(ModelDir { dir: dir.to_path_buf(), config, spec })
     }
 
@@ -76,4 +170,35 @@ impl ModelDir {
             layout,
         }
     }
+
+    /// The calibration table's path: the configured one, or `calibration.json` if present.
+    pub fn calibration_path(&self) -> Option<PathBuf> {
+        match &self.config.calibration {
+            Some(p) => Some(self.dir.join(p)),
+            None => {
+                let p = self.dir.join(crate::control::calibration::CALIBRATION_FILE);
+                p.is_file().then_some(p)
+            }
+        }
+    }
+}
+
+/// Every model folder directly under `root` (folders without `config.toml` are ignored),
+/// sorted by name; fails on the first invalid one or on duplicate names.
+pub fn scan(root: &Path) -> Result<Vec<ModelDir>, EngineError> {
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| EngineError::InvalidConfig(format!("model repository {}: {e}", root.display())))?;
+    let mut dirs: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(CONFIG_FILE).is_file()).collect();
+    dirs.sort();
+    let models = dirs.iter().map(|d| ModelDir::open(d)).collect::<Result<Vec<_>, _>>()?;
+    for (i, m) in models.iter().enumerate() {
+        if models[..i].iter().any(|o| o.config.name == m.config.name) {
+            return Err(EngineError::InvalidConfig(format!(
+                "two model folders are named `{}`",
+                m.config.name
+            )));
+        }
+    }
+    Ok(models)
 }

@@ -1,5 +1,9 @@
-//! Scheduling: engine threads (and, with the serving layer, queues and batching).
+//! Scheduling: per-model queues with dynamic batching and admission control, and the
+//! engine threads that own the models.
 
+pub mod queue;
+pub mod scheduler;
 pub mod worker;
 
+pub use scheduler::{EngineAnswer, ScheduleError, SchedulerConfig, SchedulerHandle};
 pub use worker::{BatchOutput, EngineWorker, InputBatch, WorkerConfig, WorkerError};

@@ -32,14 +32,24 @@ pub fn export_model(trainer: &Trainer, train: &Split, dir: &Path, name: &str) ->
     weights::save(&vs, &dir.join("model.safetensors"))?;
     let config = ModelConfig {
         name: name.to_string(),
+        version: "1".into(),
         architecture: trainer.config.arch.clone(),
         weights: "model.safetensors".into(),
-        input: InputConfig { name: "input".into(), dims: [1, 28, 28] },
+        calibration: None,
+        max_batch_size: 32,
+        input: InputConfig {
+            name: "input".into(),
+            dims: [1, 28, 28],
+            datatype: Default::default(),
+            image: None,
+        },
         output: OutputConfig {
             name: "logits".into(),
             labels: LABELS.iter().map(|s| s.to_string()).collect(),
         },
         gates: trainer.config.gates.clone(),
+        batching: Default::default(),
+        policy: Default::default(),
     };
     std::fs::write(dir.join(CONFIG_FILE), toml::to_string_pretty(&config)?)?;
     Ok(())

@@ -1,0 +1,95 @@
+//! `sluice serve`: serve a model repository over HTTP and gRPC (Triton's flags and ports).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::engine::Layout;
+use crate::protocol::grpc::GrpcLimits;
+use crate::protocol::http::HttpLimits;
+use crate::server::{self, ServerConfig};
+use crate::serving::LoadOptions;
+
+/// Arguments of `sluice serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Folder with one sub-folder per model (config.toml, weights, calibration).
+    #[arg(long, env = "SLUICE_MODEL_REPOSITORY", default_value = "deploy/models")]
+    pub model_repository: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "SLUICE_ADDRESS", default_value = "0.0.0.0")]
+    pub address: IpAddr,
+    /// HTTP port (0: any free port; the chosen one is logged).
+    #[arg(long, env = "SLUICE_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+    /// gRPC port (0: any free port).
+    #[arg(long, env = "SLUICE_GRPC_PORT", default_value_t = 8001)]
+    pub grpc_port: u16,
+    /// Prometheus metrics port (0: any free port).
+    #[arg(long, env = "SLUICE_METRICS_PORT", default_value_t = 8002)]
+    pub metrics_port: u16,
+    /// Engine instances per model (overrides each config's batching.instances).
+    #[arg(long, env = "SLUICE_INSTANCES")]
+    pub instances: Option<usize>,
+    /// libtorch threads per engine instance (default: cores / all instances, at least 1).
+    #[arg(long, env = "SLUICE_ENGINE_THREADS")]
+    pub engine_threads: Option<usize>,
+    /// Activation and weight memory layout.
+    #[arg(long, env = "SLUICE_LAYOUT", value_enum, default_value = "channels-last")]
+    pub layout: Layout,
+    /// Largest HTTP request body in bytes.
+    #[arg(long, env = "SLUICE_HTTP_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+    pub http_max_body_bytes: usize,
+    /// Largest gRPC message in bytes (clients allow up to 2 GiB; tonic's default is 4 MiB).
+    #[arg(long, env = "SLUICE_GRPC_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
+    pub grpc_max_message_bytes: usize,
+    /// Seconds to let in-flight requests finish after SIGTERM.
+    #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+    /// The least compute budget a single request may ask for (a floor on per-request gating).
+    #[arg(long, env = "SLUICE_MIN_REQUEST_BUDGET")]
+    pub min_request_budget: Option<f64>,
+}
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let models = crate::repository::scan(&args.model_repository)?;
+    let instances: usize =
+        models.iter().map(|m| args.instances.unwrap_or(m.config.batching.instances).max(1)).sum();
+    let threads = args.engine_threads.unwrap_or((cores / instances.max(1)).max(1));
+    if threads * instances > cores {
+        tracing::warn!(
+            threads,
+            instances,
+            cores,
+            "engine instances × threads exceed the cores: expect contention"
+        );
+    }
+    let config = ServerConfig {
+        model_repository: args.model_repository.clone(),
+        address: args.address,
+        http_port: args.http_port,
+        grpc_port: args.grpc_port,
+        metrics_port: args.metrics_port,
+        load: LoadOptions {
+            intra_op_threads: threads,
+            instances: args.instances,
+            min_request_budget: args.min_request_budget,
+            layout: args.layout,
+        },
+        http: HttpLimits { max_body_bytes: args.http_max_body_bytes },
+        grpc: GrpcLimits { max_message_bytes: args.grpc_max_message_bytes },
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(server::run(config, server::shutdown_signal(), |a| {
+        // One machine-readable line on stdout: tests and scripts read the chosen ports here.
+        println!("sluice ready: http={} grpc={} metrics={}", a.http, a.grpc, a.metrics);
+        println!(
+            "try: curl -s -X POST http://{}/v2/models/<model>/infer -d @deploy/examples/request.json",
+            a.http
+        );
+    }))
+}
