@@ -4,6 +4,7 @@ mod bench;
 mod calibrate;
 pub mod eval;
 mod model_info;
+mod model_tools;
 mod plot;
 mod serve;
 mod train;
@@ -55,12 +56,18 @@ pub enum Command {
 pub enum ModelCommand {
     /// Print an architecture's or a model folder's layers, parameters and dense FLOPs.
     Info(InfoArgs),
+    /// Create a model folder with random weights (fixtures, benchmarks, a starting point).
+    Init(model_tools::InitArgs),
+    /// Run a model folder on a JSON tensor locally and print logits and compute reports.
+    Predict(model_tools::PredictArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(ModelCommand::Info(args)) => model_info::run(&args),
+        Command::Model(ModelCommand::Init(args)) => model_tools::init(&args),
+        Command::Model(ModelCommand::Predict(args)) => model_tools::predict(&args),
         Command::Train(args) => train::run(&args),
         Command::Bench(command) => bench::run(&command),
         Command::Calibrate(args) => calibrate::run(&args),

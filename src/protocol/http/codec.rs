@@ -158,7 +158,9 @@ fn parse_json(json: &[u8], mut binary: Bytes) -> Result<InferRequest, ApiError> 
             let binary = match params.get("binary_data") {
                 Some(ParamValue::Bool(b)) => Some(*b),
                 Some(other) => {
-                    return Err(bad(format!("output `{name}`: binary_data must be a boolean, got {other:?}")));
+                    return Err(bad(format!(
+                        "output `{name}`: binary_data must be a boolean, got {other:?}"
+                    )));
                 }
                 None => binary_output.then_some(true),
             };
