@@ -189,7 +189,9 @@ fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
     let (repo, _) = repo();
     let s = Server::start(repo.path(), &["--http-max-body-bytes", "100000"]);
     let x = input(1);
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, String)>, u16, &str)> = vec![
+    /// (what, body, extra headers, expected status, expected message part)
+    type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, String)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "wrong shape",
             json_infer("input", &[1, 1, 28, 27], &x[..756]),
