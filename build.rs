@@ -16,6 +16,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Malformed requests are the client's fault: INVALID_ARGUMENT rather than INTERNAL.
         .codec_path("crate::protocol::grpc::codec::ClientErrorCodec")
-        .compile_protos(&["proto/grpc_service.proto"], &["proto"])?;
+        .compile_protos(&["proto/grpc_service.proto", "proto/sluice_admin.proto"], &["proto"])?;
     Ok(())
 }

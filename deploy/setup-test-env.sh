@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the Python-side tests need, idempotently and cached:
-#   - .venv/ with pinned tritonclient[all], numpy, pillow and requests (a stamp in
-#     .venv/.sluice-stamp skips pip while the pinned set is unchanged);
+#   - .venv/ with pinned tritonclient[all], grpcio-tools (for tests/proto_compat), numpy,
+#     pillow and requests (a stamp in .venv/.sluice-stamp skips pip while the pinned set
+#     is unchanged);
 #   - Triton's perf_analyzer 2.51.0 as .venv/bin/perf_analyzer: the binary comes from the
 #     tritonclient==2.51.0 manylinux wheel (the PyPI `perf-analyzer` package is an empty
 #     placeholder, and newer wheels need a newer glibc than Debian 12's), libcudart.so.12
@@ -20,6 +21,9 @@ stamp="$venv/.sluice-stamp"
 # The pinned Python set; changing it makes the next run re-run pip.
 requirements=(
   "tritonclient[all]==2.73.0"
+  # The newest grpcio-tools that fits tritonclient 2.73.0's protobuf<7 (it wants
+  # protobuf>=6.33.5,<7 and grpcio>=1.81.1); 1.82.0 onwards require protobuf>=7.35.1.
+  "grpcio-tools==1.81.1"
   "numpy==2.4.6"
   "pillow==13.0.0"
   "requests==2.34.2"
@@ -30,7 +34,7 @@ pa_home="$venv/opt/perf_analyzer-$pa_version"
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "setup-test-env: unknown option '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done

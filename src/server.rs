@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::control::auth::{AdminAccess, AdminToken};
 use crate::protocol::grpc::{self, GrpcLimits};
 use crate::protocol::http::{self, HttpLimits};
 use crate::serving::{LoadOptions, ServingCore};
@@ -27,6 +28,10 @@ pub struct ServerConfig {
     pub http: HttpLimits,
     pub grpc: GrpcLimits,
     pub shutdown_timeout: Duration,
+    /// With a token the control API is on the HTTP and gRPC ports; without one, only on
+    /// the loopback admin listener at `admin_port`.
+    pub admin_token: Option<AdminToken>,
+    pub admin_port: u16,
 }
 
 /// The bound addresses (ports chosen by the OS when 0 was asked).
@@ -35,6 +40,8 @@ pub struct BoundAddresses {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    /// The loopback admin listener (only when no admin token is configured).
+    pub admin: Option<SocketAddr>,
 }
 
 /// Runs the server until `stop` resolves (normally a signal), then drains.
@@ -54,10 +61,22 @@ pub async fn run(
     let http_listener = bind(config.http_port, "HTTP").await?;
     let grpc_listener = bind(config.grpc_port, "gRPC").await?;
     let metrics_listener = bind(config.metrics_port, "metrics").await?;
+    let admin_listener = match &config.admin_token {
+        Some(_) => None,
+        None => {
+            let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), config.admin_port);
+            Some(TcpListener::bind(addr).await.with_context(|| format!("binding the admin port {addr}"))?)
+        }
+    };
     let addresses = BoundAddresses {
         http: http_listener.local_addr()?,
         grpc: grpc_listener.local_addr()?,
         metrics: metrics_listener.local_addr()?,
+        admin: admin_listener.as_ref().map(|l| l.local_addr()).transpose()?,
+    };
+    let public_admin = match &config.admin_token {
+        Some(t) => AdminAccess::Token(t.clone()),
+        None => AdminAccess::LoopbackOnly,
     };
     let (stopping_tx, stopping) = watch::channel(false);
     let signal = |mut rx: watch::Receiver<bool>| async move {
@@ -65,17 +84,29 @@ pub async fn run(
     };
     let http_task = tokio::spawn(http::serve(
         http_listener,
-        http::router(core.clone(), config.http),
+        http::router(core.clone(), config.http, public_admin.clone()),
         signal(stopping.clone()),
     ));
-    let grpc_task =
-        tokio::spawn(grpc::serve(grpc_listener, core.clone(), config.grpc, signal(stopping.clone())));
+    let grpc_task = tokio::spawn(grpc::serve(
+        grpc_listener,
+        core.clone(),
+        config.grpc,
+        public_admin,
+        signal(stopping.clone()),
+    ));
+    let admin_task = admin_listener.map(|l| {
+        // Loopback only, no token: the control API over HTTP and gRPC on one port.
+        let grpc_admin = tonic::service::Routes::new(grpc::admin::service(core.clone(), AdminAccess::Open))
+            .into_axum_router();
+        let app = http::admin_router(core.clone(), config.http).merge(grpc_admin);
+        tokio::spawn(http::serve(l, app, signal(stopping.clone())))
+    });
     let metrics_task = tokio::spawn(http::serve(
         metrics_listener,
         crate::observability::metrics_router(core.metrics.clone()),
         signal(stopping.clone()),
     ));
-    info!(http = %addresses.http, grpc = %addresses.grpc, metrics = %addresses.metrics, "sluice listening");
+    info!(http = %addresses.http, grpc = %addresses.grpc, metrics = %addresses.metrics, admin = ?addresses.admin, "sluice listening");
     on_ready(addresses);
 
     stop.await;
@@ -86,6 +117,9 @@ pub async fn run(
         let _ = http_task.await;
         let _ = grpc_task.await;
         let _ = metrics_task.await;
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
     })
     .await;
     if drained.is_err() {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod calibrate;
+mod ctl;
 pub mod eval;
 mod model_info;
 mod model_tools;
@@ -38,6 +39,9 @@ pub enum Command {
     /// Inspect models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Control a running server (its gating policies).
+    #[command(subcommand)]
+    Ctl(ctl::CtlCommand),
     /// Serve a model repository over HTTP and gRPC (KServe v2 / Triton compatible).
     Serve(serve::ServeArgs),
     /// Sweep gate thresholds on the validation split; write the budget table.
@@ -72,6 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(&command),
         Command::Calibrate(args) => calibrate::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Ctl(command) => ctl::run(&command),
         Command::Eval(args) => eval::run(&args),
     }
 }

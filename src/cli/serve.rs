@@ -4,7 +4,10 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
+
+use crate::control::auth::AdminToken;
 
 use crate::engine::Layout;
 use crate::protocol::grpc::GrpcLimits;
@@ -51,6 +54,32 @@ pub struct ServeArgs {
     /// The least compute budget a single request may ask for (a floor on per-request gating).
     #[arg(long, env = "SLUICE_MIN_REQUEST_BUDGET")]
     pub min_request_budget: Option<f64>,
+    /// Don't keep policy changes in policy.json beside each model (a restart then starts
+    /// from config.toml's policy).
+    #[arg(long, env = "SLUICE_NO_PERSIST_POLICY")]
+    pub no_persist_policy: bool,
+    /// Bearer token of the control API; with one, the API is served on the HTTP and gRPC
+    /// ports. Without one, only on the loopback admin listener.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "admin_token_file")]
+    pub admin_token: Option<String>,
+    /// A file holding the bearer token of the control API.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Port of the loopback admin listener (HTTP and gRPC control API; used when no token
+    /// is configured; 0: any free port).
+    #[arg(long, env = "SLUICE_ADMIN_PORT", default_value_t = 8003)]
+    pub admin_port: u16,
+}
+
+fn admin_token(args: &ServeArgs) -> anyhow::Result<Option<AdminToken>> {
+    let text = match (&args.admin_token, &args.admin_token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("--admin-token-file {}", path.display()))?
+        }
+        (None, None) => return Ok(None),
+    };
+    AdminToken::new(&text).map(Some).ok_or_else(|| anyhow::anyhow!("the admin token is empty"))
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
@@ -78,7 +107,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             instances: args.instances,
             min_request_budget: args.min_request_budget,
             layout: args.layout,
+            persist_policy: !args.no_persist_policy,
         },
+        admin_token: admin_token(args)?,
+        admin_port: args.admin_port,
         http: HttpLimits { max_body_bytes: args.http_max_body_bytes },
         grpc: GrpcLimits { max_message_bytes: args.grpc_max_message_bytes },
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
@@ -86,7 +118,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(server::run(config, server::shutdown_signal(), |a| {
         // One machine-readable line on stdout: tests and scripts read the chosen ports here.
-        println!("sluice ready: http={} grpc={} metrics={}", a.http, a.grpc, a.metrics);
+        let admin = a.admin.map_or("none".to_string(), |x| x.to_string());
+        println!("sluice ready: http={} grpc={} metrics={} admin={admin}", a.http, a.grpc, a.metrics);
         println!(
             "try: curl -s -X POST http://{}/v2/models/<model>/infer -d @deploy/examples/request.json",
             a.http

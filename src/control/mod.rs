@@ -1,6 +1,7 @@
 //! Control: the live gating policy of each model and its calibration (budget → thresholds).
 
+pub mod auth;
 pub mod calibration;
 pub mod policy;
 
-pub use policy::{PolicyError, PolicyRequest, PolicyStore};
+pub use policy::{ChangeKind, PolicyChange, PolicyError, PolicyRequest, PolicyStore};

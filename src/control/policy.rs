@@ -2,9 +2,13 @@
 //! (`arc-swap`). Each batch takes one snapshot, so no request ever sees half a policy; a
 //! request may ask for its own budget or thresholds, capped by the operator's floor.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::calibration::{BudgetError, CalibrationTable};
 use crate::engine::{ChannelMode, GatePolicy};
@@ -36,9 +40,83 @@ impl From<BudgetError> for PolicyError {
     }
 }
 
+/// A change to the live policy (HTTP `PUT`/`PATCH` body, gRPC `PolicyChange`). A budget
+/// and thresholds are mutually exclusive.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyChange {
+    pub budget: Option<f64>,
+    pub channel_threshold: Option<f32>,
+    pub block_threshold: Option<f32>,
+    pub exit_threshold: Option<f32>,
+    pub channel_mode: Option<ChannelMode>,
+    /// Replaces the per-gate overrides when present.
+    pub overrides: Option<BTreeMap<String, f32>>,
+    #[serde(default)]
+    pub clear_overrides: bool,
+    /// Who asks (recorded in the change log).
+    pub actor: Option<String>,
+}
+
+/// Whether a change replaces the policy or patches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Unset fields take their defaults (dense, exits off).
+    Replace,
+    /// Unset fields keep their current values.
+    Patch,
+}
+
+impl PolicyChange {
+    /// The policy this change makes from `current` (not yet validated).
+    pub fn apply(&self, current: &GatePolicy, kind: ChangeKind) -> Result<GatePolicy, PolicyError> {
+        let thresholds = self.channel_threshold.is_some()
+            || self.block_threshold.is_some()
+            || self.exit_threshold.is_some();
+        if self.budget.is_some() && thresholds {
+            return Err(PolicyError(
+                "budget: cannot be combined with thresholds (a budget sets them)".into(),
+            ));
+        }
+        let mut p = match kind {
+            ChangeKind::Replace => GatePolicy::dense(),
+            ChangeKind::Patch => current.clone(),
+        };
+        if let Some(b) = self.budget {
+            p.budget = Some(b);
+        } else if thresholds {
+            p.budget = None;
+        }
+        if let Some(t) = self.channel_threshold {
+            p.channel_threshold = t;
+        }
+        if let Some(t) = self.block_threshold {
+            p.block_threshold = t;
+        }
+        if let Some(t) = self.exit_threshold {
+            p.exit_threshold = t;
+        }
+        if let Some(m) = self.channel_mode {
+            p.channel_mode = m;
+        }
+        if self.clear_overrides {
+            p.overrides.clear();
+        }
+        if let Some(o) = &self.overrides {
+            p.overrides = o.clone();
+        }
+        p.version = current.version;
+        Ok(p)
+    }
+}
+
 /// The live policy of a model, its calibration table and its limits.
 pub struct PolicyStore {
     current: ArcSwap<GatePolicy>,
+    /// Every change is published here too (gRPC watch streams).
+    changes: watch::Sender<Arc<GatePolicy>>,
+    /// Where changes are persisted (`policy.json` beside the model), if anywhere.
+    persist: Option<PathBuf>,
     calibration: Option<CalibrationTable>,
     gate_ids: Vec<String>,
     /// Requests may not ask for less compute than this budget (operator-set floor).
@@ -57,14 +135,63 @@ impl PolicyStore {
     ) -> Result<Self, PolicyError> {
         let store = PolicyStore {
             current: ArcSwap::from_pointee(GatePolicy::dense()),
+            changes: watch::Sender::new(Arc::new(GatePolicy::dense())),
+            persist: None,
             calibration,
             gate_ids,
             min_request_budget,
             writer: Mutex::new(()),
         };
         let resolved = store.resolve_budget(initial)?;
-        store.current.store(Arc::new(GatePolicy { version: resolved.version.max(1), ..resolved }));
+        let first = Arc::new(GatePolicy { version: resolved.version.max(1), ..resolved });
+        store.current.store(first.clone());
+        store.changes.send_replace(first);
         Ok(store)
+    }
+
+    /// Persists every later change to `path` (JSON), so a restart keeps it.
+    pub fn persist_to(mut self, path: PathBuf) -> Self {
+        self.persist = Some(path);
+        self
+    }
+
+    /// A receiver that sees every new version.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<GatePolicy>> {
+        self.changes.subscribe()
+    }
+
+    /// Applies `change`: one atomic, versioned swap that batches pick up from the next one.
+    /// Logs old → new and who, persists, notifies watchers.
+    pub fn change(
+        &self,
+        change: &PolicyChange,
+        kind: ChangeKind,
+        who: &str,
+    ) -> Result<Arc<GatePolicy>, PolicyError> {
+        let _turn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        let proposed = change.apply(&old, kind)?;
+        let resolved = self.resolve_budget(proposed)?;
+        let new = Arc::new(GatePolicy { version: old.version + 1, ..resolved });
+        if let Some(path) = &self.persist {
+            let text = serde_json::to_string_pretty(&*new)
+                .map_err(|e| PolicyError(format!("cannot persist: {e}")))?;
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, text + "\n")
+                .and_then(|_| std::fs::rename(&tmp, path))
+                .map_err(|e| PolicyError(format!("cannot persist the policy to {}: {e}", path.display())))?;
+        }
+        self.current.store(new.clone());
+        self.changes.send_replace(new.clone());
+        tracing::info!(
+            who,
+            old_version = old.version,
+            new_version = new.version,
+            old = %serde_json::to_string(&*old).unwrap_or_default(),
+            new = %serde_json::to_string(&*new).unwrap_or_default(),
+            "gating policy changed"
+        );
+        Ok(new)
     }
 
     /// The live policy (one atomic load).
@@ -91,16 +218,6 @@ impl PolicyStore {
         }
         policy.validate(&self.gate_ids).map_err(|e| PolicyError(e.to_string()))?;
         Ok(policy)
-    }
-
-    /// Installs `policy` as the next version; returns (old, new).
-    pub fn replace(&self, policy: GatePolicy) -> Result<(Arc<GatePolicy>, Arc<GatePolicy>), PolicyError> {
-        let _turn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let old = self.current.load_full();
-        let resolved = self.resolve_budget(policy)?;
-        let new = Arc::new(GatePolicy { version: old.version + 1, ..resolved });
-        self.current.store(new.clone());
-        Ok((old, new))
     }
 
     /// The policy one request runs under: the live one, or the live one adjusted by the
@@ -153,11 +270,55 @@ impl PolicyStore {
     }
 }
 
-/// Whether a mode string names a channel mode.
-pub fn parse_mode(s: &str) -> Option<ChannelMode> {
+/// Parses a channel mode name.
+pub fn parse_mode(s: &str) -> Result<ChannelMode, PolicyError> {
     match s {
-        "slice" => Some(ChannelMode::Slice),
-        "select" => Some(ChannelMode::Select),
-        _ => None,
+        "slice" => Ok(ChannelMode::Slice),
+        "select" => Ok(ChannelMode::Select),
+        other => Err(PolicyError(format!("channel_mode: `{other}` is not slice or select"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> PolicyStore {
+        PolicyStore::new(GatePolicy::dense(), None, vec!["layer1.1.block".into()], None).unwrap()
+    }
+
+    #[test]
+    fn changes_are_versioned_swaps_that_validate_fields() {
+        let s = store();
+        let mut rx = s.subscribe();
+        assert_eq!(s.snapshot().version, 1);
+        let change = PolicyChange { block_threshold: Some(0.4), ..Default::default() };
+        let v2 = s.change(&change, ChangeKind::Patch, "test").unwrap();
+        assert_eq!((v2.version, v2.block_threshold), (2, 0.4));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().version, 2);
+        let v3 = s
+            .change(
+                &PolicyChange { exit_threshold: Some(0.9), ..Default::default() },
+                ChangeKind::Replace,
+                "t",
+            )
+            .unwrap();
+        assert_eq!((v3.block_threshold, v3.exit_threshold), (0.0, 0.9), "replace resets unset fields");
+        let unknown = PolicyChange {
+            overrides: Some([("layer9.0.block".to_string(), 0.5)].into()),
+            ..Default::default()
+        };
+        assert!(
+            s.change(&unknown, ChangeKind::Patch, "t")
+                .unwrap_err()
+                .0
+                .contains("unknown gate `layer9.0.block`")
+        );
+        let range = PolicyChange { channel_threshold: Some(1.5), ..Default::default() };
+        assert!(s.change(&range, ChangeKind::Patch, "t").unwrap_err().0.contains("channel_threshold: 1.5"));
+        let budget = PolicyChange { budget: Some(0.5), ..Default::default() };
+        assert!(s.change(&budget, ChangeKind::Patch, "t").unwrap_err().0.contains("no calibration table"));
+        assert_eq!(s.snapshot().version, 3, "refused changes leave the policy alone");
     }
 }

@@ -14,7 +14,9 @@ use crate::engine::GatePolicy;
 pub struct Pending<T> {
     /// Batch rows it contributes.
     pub items: usize,
-    pub policy: Arc<GatePolicy>,
+    /// Its own policy (per-request gating), or `None` for the live policy, which the batch
+    /// snapshots when it starts.
+    pub policy: Option<Arc<GatePolicy>>,
     pub enqueued: Instant,
     pub payload: T,
 }
@@ -62,7 +64,11 @@ impl<T> BatchQueue<T> {
     pub fn pop_batch(&mut self, now: Instant, flush: bool) -> Option<Vec<Pending<T>>> {
         let head = self.waiting.front()?;
         let policy = head.policy.clone();
-        let same = |p: &Pending<T>| Arc::ptr_eq(&p.policy, &policy) || *p.policy == *policy;
+        let same = |p: &Pending<T>| match (&p.policy, &policy) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
+            _ => false,
+        };
         let ready: usize = self.waiting.iter().filter(|p| same(p)).map(|p| p.items).sum();
         let due = flush || ready >= self.max_batch || now >= head.enqueued + self.max_delay;
         if !due {
@@ -89,7 +95,7 @@ mod tests {
     use super::*;
 
     fn pending(items: usize, policy: &Arc<GatePolicy>, at: Instant, id: u32) -> Pending<u32> {
-        Pending { items, policy: policy.clone(), enqueued: at, payload: id }
+        Pending { items, policy: Some(policy.clone()), enqueued: at, payload: id }
     }
 
     #[test]
@@ -121,10 +127,18 @@ mod tests {
         q.push(pending(1, &dense, t0, 1));
         q.push(pending(1, &other, t0, 2));
         q.push(pending(1, &same_as_dense, t0, 3));
+        q.push(Pending { items: 1, policy: None, enqueued: t0, payload: 4 });
+        q.push(Pending { items: 1, policy: None, enqueued: t0, payload: 5 });
         let first = q.pop_batch(t0, false).unwrap();
         assert_eq!(first.iter().map(|p| p.payload).collect::<Vec<_>>(), vec![1, 3]);
         let second = q.pop_batch(t0, false).unwrap();
         assert_eq!(second.iter().map(|p| p.payload).collect::<Vec<_>>(), vec![2]);
+        let live = q.pop_batch(t0, false).unwrap();
+        assert_eq!(
+            live.iter().map(|p| p.payload).collect::<Vec<_>>(),
+            vec![4, 5],
+            "live-policy requests batch together"
+        );
         assert!(q.is_empty());
     }
 

@@ -66,13 +66,14 @@ pub struct SchedulerHandle {
 }
 
 impl SchedulerHandle {
-    /// Queues `items` rows under `policy` and waits for the answer. Fails at once when the
-    /// queue is full. Dropping the future abandons the request: it is not batched.
+    /// Queues `items` rows under `policy` (`None`: the live policy, snapshotted when its
+    /// batch starts) and waits for the answer. Fails at once when the queue is full.
+    /// Dropping the future abandons the request: it is not batched.
     pub async fn infer(
         &self,
         values: Vec<f32>,
         items: usize,
-        policy: Arc<GatePolicy>,
+        policy: Option<Arc<GatePolicy>>,
     ) -> Result<EngineAnswer, ScheduleError> {
         let permit = self.admission.clone().try_acquire_owned().map_err(|e| match e {
             tokio::sync::TryAcquireError::NoPermits => ScheduleError::QueueFull(self.model.to_string()),
@@ -91,11 +92,15 @@ impl SchedulerHandle {
     }
 }
 
+/// Where a batch gets the live policy when it starts.
+pub type LivePolicy = Arc<dyn Fn() -> Arc<GatePolicy> + Send + Sync>;
+
 /// Starts the batcher for `workers`; returns the handle and the batcher's task.
 pub fn start(
     model: &str,
     config: SchedulerConfig,
     workers: Vec<EngineWorker>,
+    live: LivePolicy,
     metrics: ModelMetrics,
 ) -> (SchedulerHandle, tokio::task::JoinHandle<()>) {
     let (jobs, inbox) = mpsc::channel(config.queue_capacity.max(1));
@@ -105,60 +110,75 @@ pub fn start(
         admission: Arc::new(Semaphore::new(config.queue_capacity)),
         capacity: config.queue_capacity,
     };
-    let task = tokio::spawn(batcher(
-        model.to_string(),
-        config,
-        Arc::new(workers),
-        inbox,
-        metrics,
-        handle.clone().admission,
-    ));
-    (handle, task)
-}
-
-async fn batcher(
-    model: String,
-    config: SchedulerConfig,
-    workers: Arc<Vec<EngineWorker>>,
-    mut inbox: mpsc::Receiver<Pending<Job>>,
-    metrics: ModelMetrics,
-    admission: Arc<Semaphore>,
-) {
-    let mut queue = BatchQueue::new(config.max_batch_size, config.max_queue_delay);
-    let (free_tx, mut free) = mpsc::channel(workers.len().max(1));
+    let (free_tx, free) = mpsc::channel(workers.len().max(1));
     for i in 0..workers.len() {
         let _ = free_tx.try_send(i);
     }
-    let mut open = true;
-    loop {
-        let Some(worker) = free.recv().await else { return };
-        // Wait until a batch is due; requests keep arriving meanwhile.
-        let batch = loop {
-            while let Ok(p) = inbox.try_recv() {
-                queue.push(p);
-            }
-            let dropped = queue.drop_abandoned(|job| job.reply.is_closed());
-            if dropped > 0 {
-                debug!(dropped, "requests abandoned by their clients before batching");
-            }
-            metrics.queue_depth.set(queue.len() as i64);
-            metrics.inflight.set((config.queue_capacity - admission.available_permits()) as i64);
-            if let Some(batch) = queue.pop_batch(Instant::now(), !open) {
-                break batch;
-            }
-            if !open {
-                return; // closed and drained
-            }
-            let deadline = queue.deadline();
-            tokio::select! {
-                next = inbox.recv() => match next {
-                    Some(p) => queue.push(p),
-                    None => open = false,
-                },
-                _ = sleep_until(deadline), if deadline.is_some() => {}
-            }
-        };
-        dispatch(&model, &config, &workers, worker, batch, free_tx.clone(), &metrics);
+    let batcher = Batcher {
+        model: model.to_string(),
+        config,
+        workers: Arc::new(workers),
+        live,
+        metrics,
+        admission: handle.admission.clone(),
+        free_tx,
+    };
+    let task = tokio::spawn(batcher.run(inbox, free));
+    (handle, task)
+}
+
+/// The batcher task's state.
+struct Batcher {
+    model: String,
+    config: SchedulerConfig,
+    workers: Arc<Vec<EngineWorker>>,
+    live: LivePolicy,
+    metrics: ModelMetrics,
+    admission: Arc<Semaphore>,
+    /// Engine instances report back here when they finish a batch.
+    free_tx: mpsc::Sender<usize>,
+}
+
+impl Batcher {
+    /// Forms batches while an engine instance is free, until the request channel closes and
+    /// the queue is drained.
+    async fn run(self, mut inbox: mpsc::Receiver<Pending<Job>>, mut free: mpsc::Receiver<usize>) {
+        let mut queue = BatchQueue::new(self.config.max_batch_size, self.config.max_queue_delay);
+        let mut open = true;
+        loop {
+            let Some(worker) = free.recv().await else { return };
+            // Wait until a batch is due; requests keep arriving meanwhile.
+            let batch = loop {
+                while let Ok(p) = inbox.try_recv() {
+                    queue.push(p);
+                }
+                let dropped = queue.drop_abandoned(|job| job.reply.is_closed());
+                if dropped > 0 {
+                    debug!(dropped, "requests abandoned by their clients before batching");
+                }
+                self.metrics.queue_depth.set(queue.len() as i64);
+                self.metrics
+                    .inflight
+                    .set((self.config.queue_capacity - self.admission.available_permits()) as i64);
+                if let Some(batch) = queue.pop_batch(Instant::now(), !open) {
+                    break batch;
+                }
+                if !open {
+                    return; // closed and drained
+                }
+                let deadline = queue.deadline();
+                tokio::select! {
+                    next = inbox.recv() => match next {
+                        Some(p) => queue.push(p),
+                        None => open = false,
+                    },
+                    _ = sleep_until(deadline), if deadline.is_some() => {}
+                }
+            };
+            // One snapshot per batch: the policy is whole, and changes apply from the next batch.
+            let policy = batch[0].policy.clone().unwrap_or_else(|| (self.live)());
+            self.dispatch(worker, batch, policy);
+        }
     }
 }
 
@@ -168,63 +188,59 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-fn dispatch(
-    model: &str,
-    config: &SchedulerConfig,
-    workers: &Arc<Vec<EngineWorker>>,
-    worker: usize,
-    batch: Vec<Pending<Job>>,
-    free: mpsc::Sender<usize>,
-    metrics: &ModelMetrics,
-) {
-    let started = Instant::now();
-    let items: usize = batch.iter().map(|p| p.items).sum();
-    let policy = batch[0].policy.clone();
-    let mut values = Vec::with_capacity(items * config.item_shape.iter().product::<i64>() as usize);
-    let mut parts = Vec::with_capacity(batch.len());
-    for p in batch {
-        let queue_time = started - p.enqueued;
-        metrics.queue_duration.observe(queue_time.as_secs_f64());
-        let Job { values: v, reply, span, _permit } = p.payload;
-        values.extend(v);
-        parts.push((p.items, reply, span, queue_time, _permit));
-    }
-    let [c, h, w] = config.item_shape;
-    let input = InputBatch { values, shape: vec![items as i64, c, h, w] };
-    let span = tracing::info_span!("batch", model, batch_size = items, policy_version = policy.version);
-    let submitted = workers[worker].try_submit(input, policy);
-    let metrics = metrics.clone();
-    let model = model.to_string();
-    tokio::spawn(
-        async move {
-            let result = match submitted {
-                Ok(answer) => answer.await.unwrap_or(Err(WorkerError::Stopped)),
-                Err(e) => Err(e),
-            };
-            let _ = free.send(worker).await;
-            let compute_time = started.elapsed();
-            match result {
-                Ok(out) => {
-                    metrics.compute_duration.observe(compute_time.as_secs_f64());
-                    metrics.record_batch(&out.reports);
-                    reply_all(parts, out, compute_time, items);
-                }
-                Err(e) => {
-                    warn!(model, error = %e, "batch failed");
-                    for (_, reply, _, _, _) in parts {
-                        let err = match &e {
-                            WorkerError::Engine(inner) => {
-                                ScheduleError::Engine(EngineError::InvalidConfig(inner.to_string()))
-                            }
-                            _ => ScheduleError::Stopped(model.clone()),
-                        };
-                        let _ = reply.send(Err(err));
+impl Batcher {
+    /// Sends a batch to engine instance `worker` and answers its requests when it is done.
+    fn dispatch(&self, worker: usize, batch: Vec<Pending<Job>>, policy: Arc<GatePolicy>) {
+        let (model, config, workers, metrics) = (&self.model, &self.config, &self.workers, &self.metrics);
+        let free = self.free_tx.clone();
+        let started = Instant::now();
+        let items: usize = batch.iter().map(|p| p.items).sum();
+        let mut values = Vec::with_capacity(items * config.item_shape.iter().product::<i64>() as usize);
+        let mut parts = Vec::with_capacity(batch.len());
+        for p in batch {
+            let queue_time = started - p.enqueued;
+            metrics.queue_duration.observe(queue_time.as_secs_f64());
+            let Job { values: v, reply, span, _permit } = p.payload;
+            values.extend(v);
+            parts.push((p.items, reply, span, queue_time, _permit));
+        }
+        let [c, h, w] = config.item_shape;
+        let input = InputBatch { values, shape: vec![items as i64, c, h, w] };
+        let span = tracing::info_span!("batch", model, batch_size = items, policy_version = policy.version);
+        let submitted = workers[worker].try_submit(input, policy);
+        let metrics = metrics.clone();
+        let model = model.to_string();
+        tokio::spawn(
+            async move {
+                let result = match submitted {
+                    Ok(answer) => answer.await.unwrap_or(Err(WorkerError::Stopped)),
+                    Err(e) => Err(e),
+                };
+                let _ = free.send(worker).await;
+                let compute_time = started.elapsed();
+                match result {
+                    Ok(out) => {
+                        metrics.compute_duration.observe(compute_time.as_secs_f64());
+                        metrics.record_batch(&out.reports);
+                        reply_all(parts, out, compute_time, items);
+                    }
+                    Err(e) => {
+                        warn!(model, error = %e, "batch failed");
+                        for (_, reply, _, _, _) in parts {
+                            let err = match &e {
+                                WorkerError::Engine(inner) => {
+                                    ScheduleError::Engine(EngineError::InvalidConfig(inner.to_string()))
+                                }
+                                _ => ScheduleError::Stopped(model.clone()),
+                            };
+                            let _ = reply.send(Err(err));
+                        }
                     }
                 }
             }
-        }
-        .instrument(span),
-    );
+            .instrument(span),
+        );
+    }
 }
 
 type Part =

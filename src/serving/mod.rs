@@ -127,9 +127,17 @@ impl ServingCore {
         let started = Instant::now();
         let prepared = prepare(&req, &model.interface)?;
         let input_time = started.elapsed();
-        let policy =
-            model.policy.for_request(&prepared.policy).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let overridden = !prepared.policy.is_empty();
+        let policy = if overridden {
+            Some(
+                model
+                    .policy
+                    .for_request(&prepared.policy)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            )
+        } else {
+            None // the live policy, snapshotted when the batch starts
+        };
         let answer = match model.scheduler.infer(prepared.values, prepared.items, policy).await {
             Ok(a) => a,
             Err(e) => {

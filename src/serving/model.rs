@@ -6,10 +6,15 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::stats::InferStats;
-use crate::control::PolicyStore;
+use std::sync::Arc;
+
 use crate::control::calibration::CalibrationTable;
+use crate::control::{ChangeKind, PolicyChange, PolicyError, PolicyStore};
 use crate::engine::gates::GateLayout;
-use crate::engine::{Layout, ModelSource};
+use crate::engine::{GatePolicy, Layout, ModelSource};
+
+/// Where a model's live policy is persisted across restarts.
+pub const POLICY_FILE: &str = "policy.json";
 use crate::observability::{BlockGates, Metrics, ModelMetrics};
 use crate::protocol::prepare::ModelInterface;
 use crate::repository::ModelDir;
@@ -26,6 +31,8 @@ pub struct LoadOptions {
     /// The least compute budget a request may ask for.
     pub min_request_budget: Option<f64>,
     pub layout: Layout,
+    /// Keep policy changes in `policy.json` beside the model and start from it.
+    pub persist_policy: bool,
 }
 
 impl Default for LoadOptions {
@@ -35,6 +42,7 @@ impl Default for LoadOptions {
             instances: None,
             min_request_budget: None,
             layout: Layout::default(),
+            persist_policy: true,
         }
     }
 }
@@ -44,7 +52,7 @@ pub struct ModelRuntime {
     pub dir: ModelDir,
     pub interface: ModelInterface,
     pub scheduler: SchedulerHandle,
-    pub policy: PolicyStore,
+    pub policy: Arc<PolicyStore>,
     pub metrics: ModelMetrics,
     pub stats: InferStats,
     pub load_seconds: f64,
@@ -67,9 +75,21 @@ impl ModelRuntime {
             ),
             None => None,
         };
-        let policy =
-            PolicyStore::new(config.policy.clone(), calibration, gate_ids, options.min_request_budget)
-                .map_err(|e| anyhow::anyhow!("model `{name}`: policy: {e}"))?;
+        let persisted = dir.dir.join(POLICY_FILE);
+        let initial = if options.persist_policy && persisted.is_file() {
+            let text = std::fs::read_to_string(&persisted)?;
+            let p: GatePolicy =
+                serde_json::from_str(&text).with_context(|| format!("{}", persisted.display()))?;
+            tracing::info!(model = %name, version = p.version, "starting from the persisted policy");
+            p
+        } else {
+            config.policy.clone()
+        };
+        let mut policy = PolicyStore::new(initial, calibration, gate_ids, options.min_request_budget)
+            .map_err(|e| anyhow::anyhow!("model `{name}`: policy: {e}"))?;
+        if options.persist_policy {
+            policy = policy.persist_to(persisted);
+        }
         let instances = options.instances.unwrap_or(config.batching.instances).max(1);
         let source = ModelSource { layout: options.layout, ..dir.source(options.layout) };
         let workers =
@@ -94,7 +114,13 @@ impl ModelRuntime {
             queue_capacity: config.batching.queue_capacity,
             item_shape: config.input.dims,
         };
-        let (scheduler, batcher) = scheduler::start(&name, scheduler_config, workers, model_metrics.clone());
+        let policy = Arc::new(policy);
+        let live: scheduler::LivePolicy = {
+            let policy = policy.clone();
+            Arc::new(move || policy.snapshot())
+        };
+        let (scheduler, batcher) =
+            scheduler::start(&name, scheduler_config, workers, live, model_metrics.clone());
         let load_seconds = started.elapsed().as_secs_f64();
         model_metrics.load_seconds.set(load_seconds);
         Ok(ModelRuntime {
@@ -125,9 +151,16 @@ impl ModelRuntime {
         }
     }
 
-    /// Publishes a new live policy's gauges (after a change).
-    pub fn policy_changed(&self) {
-        self.metrics.set_policy(&self.policy.snapshot());
+    /// Changes the live policy (see [`PolicyStore::change`]) and publishes its gauges.
+    pub fn change_policy(
+        &self,
+        change: &PolicyChange,
+        kind: ChangeKind,
+        who: &str,
+    ) -> Result<Arc<GatePolicy>, PolicyError> {
+        let new = self.policy.change(change, kind, who)?;
+        self.metrics.set_policy(&new);
+        Ok(new)
     }
 }
 

@@ -63,6 +63,8 @@ pub struct Server {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    /// The loopback admin listener (absent when an admin token is configured).
+    pub admin: Option<SocketAddr>,
     pub stderr_path: PathBuf,
 }
 
@@ -73,7 +75,8 @@ impl Server {
         let stderr_path = repo.join("server.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["serve", "--model-repository", repo.to_str().unwrap(), "--address", "127.0.0.1"])
-            .args(["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--engine-threads", "1"])
+            .args(["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "0"])
+            .args(["--engine-threads", "1"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -97,7 +100,16 @@ impl Server {
             let part = ready.split_whitespace().find(|p| p.starts_with(key)).unwrap();
             part[key.len()..].parse().unwrap()
         };
-        Server { child, http: addr("http="), grpc: addr("grpc="), metrics: addr("metrics="), stderr_path }
+        let admin =
+            ready.split_whitespace().find_map(|p| p.strip_prefix("admin=")).and_then(|a| a.parse().ok());
+        Server {
+            child,
+            http: addr("http="),
+            grpc: addr("grpc="),
+            metrics: addr("metrics="),
+            admin,
+            stderr_path,
+        }
     }
 
     /// Sends SIGTERM.

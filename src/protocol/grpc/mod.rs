@@ -2,6 +2,7 @@
 //! KServe/Triton (proto/grpc_service.proto), plus the standard `grpc.health.v1` service.
 //! Replies always carry `raw_output_contents` (tritonclient reads only those).
 
+pub mod admin;
 pub mod codec;
 mod convert;
 mod service;
@@ -10,6 +11,12 @@ mod service;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("inference");
+}
+
+/// Code generated from proto/sluice_admin.proto.
+#[allow(clippy::all, missing_docs)]
+pub mod admin_pb {
+    tonic::include_proto!("sluice.admin.v1");
 }
 
 use std::future::Future;
@@ -21,6 +28,7 @@ use tonic_health::ServingStatus;
 
 pub use service::InferenceService;
 
+use crate::control::auth::AdminAccess;
 use crate::serving::ServingCore;
 
 /// Message size limits of the gRPC front door.
@@ -29,17 +37,19 @@ pub struct GrpcLimits {
     pub max_message_bytes: usize,
 }
 
-/// Serves the inference and health services on `listener` until `shutdown` resolves,
-/// then lets in-flight calls finish.
+/// Serves the inference, health and (guarded by `admin`) control services on `listener`
+/// until `shutdown` resolves, then lets in-flight calls finish.
 pub async fn serve(
     listener: TcpListener,
     core: Arc<ServingCore>,
     limits: GrpcLimits,
+    admin: AdminAccess,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_service_status("", ServingStatus::Serving).await;
     health_reporter.set_service_status("inference.GRPCInferenceService", ServingStatus::Serving).await;
+    let control = admin::service(core.clone(), admin);
     let inference =
         pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(InferenceService::new(core))
             .max_decoding_message_size(limits.max_message_bytes)
@@ -52,6 +62,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(inference)
+        .add_service(control)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -2,6 +2,7 @@
 //! data, classification, statistics and model-configuration extensions. It decodes and
 //! encodes; the serving core does the rest.
 
+pub mod admin;
 pub mod codec;
 mod routes;
 
@@ -12,8 +13,9 @@ use axum::Router;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
-pub use routes::{EXTENSIONS, HttpLimits, router};
+pub use routes::{EXTENSIONS, HttpLimits, admin_router, router};
 
+use crate::control::auth::AdminAccess;
 use crate::serving::ServingCore;
 
 /// Serves `router` on `listener` (TCP_NODELAY on every accepted socket) until `shutdown`
@@ -28,7 +30,9 @@ pub async fn serve(
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// The shared state of the HTTP handlers.
@@ -36,4 +40,6 @@ pub async fn serve(
 pub struct HttpState {
     pub core: Arc<ServingCore>,
     pub limits: HttpLimits,
+    /// Who may call the control API on this listener.
+    pub admin: AdminAccess,
 }

@@ -13,8 +13,9 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use tracing::instrument;
 
-use super::HttpState;
 use super::codec::{HEADER_LENGTH, decode_request, encode_response};
+use super::{HttpState, admin};
+use crate::control::auth::AdminAccess;
 use crate::protocol::ApiError;
 use crate::serving::{ModelRuntime, Protocol, ServingCore};
 
@@ -36,8 +37,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Every route of the v2 protocol.
-pub fn router(core: Arc<ServingCore>, limits: HttpLimits) -> Router {
+/// The control API alone (the loopback admin listener), without a fallback route so the
+/// gRPC admin service can be merged onto the same port.
+pub fn admin_router(core: Arc<ServingCore>, limits: HttpLimits) -> Router {
+    Router::new()
+        .route(
+            "/v2/models/{model}/gating",
+            get(admin::get_gating).put(admin::put_gating).patch(admin::patch_gating),
+        )
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(HttpState { core, limits, admin: AdminAccess::Open })
+}
+
+/// Every route of the v2 protocol, and the control API guarded by `admin`.
+pub fn router(core: Arc<ServingCore>, limits: HttpLimits, admin: AdminAccess) -> Router {
     let model_routes = Router::new()
         .route("/", get(model_metadata))
         .route("/ready", get(model_ready))
@@ -49,13 +62,17 @@ pub fn router(core: Arc<ServingCore>, limits: HttpLimits) -> Router {
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2/models/stats", get(all_stats))
+        .route(
+            "/v2/models/{model}/gating",
+            get(admin::get_gating).put(admin::put_gating).patch(admin::patch_gating),
+        )
         .nest("/v2/models/{model}", model_routes.clone())
         .nest("/v2/models/{model}/versions/{version}", model_routes)
         .fallback(|| async {
             ApiError::NotFound("no such route (see the KServe v2 protocol: /v2/...)".into())
         })
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .with_state(HttpState { core, limits })
+        .with_state(HttpState { core, limits, admin })
 }
 
 /// `{model}` or `{model}/versions/{version}` path parameters.

@@ -1,0 +1,149 @@
+//! `sluice ctl gating get|set`: a client of a running server's control API (HTTP).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use crate::control::PolicyChange;
+use crate::engine::ChannelMode;
+
+/// `sluice ctl ...`
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Read or change a model's live gating policy.
+    #[command(subcommand)]
+    Gating(GatingCommand),
+}
+
+/// `sluice ctl gating ...`
+#[derive(Debug, Subcommand)]
+pub enum GatingCommand {
+    /// Print the live policy, the calibration table and the gate ids.
+    Get(Target),
+    /// Change the live policy (patch by default; --replace resets unset fields).
+    Set(SetArgs),
+}
+
+/// Which server and model.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The model.
+    #[arg(long, env = "SLUICE_CTL_MODEL")]
+    pub model: String,
+    /// The control API: the loopback admin listener, or the HTTP port when a token is set.
+    #[arg(long, env = "SLUICE_CTL_URL", default_value = "http://127.0.0.1:8003")]
+    pub url: String,
+    /// Bearer token (when the server has one).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// A file holding the bearer token.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Arguments of `sluice ctl gating set`.
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Compute budget (fraction of dense FLOPs), resolved through the calibration table.
+    #[arg(long, env = "SLUICE_CTL_BUDGET")]
+    pub budget: Option<f64>,
+    #[arg(long, env = "SLUICE_CTL_CHANNEL_THRESHOLD")]
+    pub channel_threshold: Option<f32>,
+    #[arg(long, env = "SLUICE_CTL_BLOCK_THRESHOLD")]
+    pub block_threshold: Option<f32>,
+    #[arg(long, env = "SLUICE_CTL_EXIT_THRESHOLD")]
+    pub exit_threshold: Option<f32>,
+    #[arg(long, env = "SLUICE_CTL_MODE", value_enum)]
+    pub mode: Option<ChannelMode>,
+    /// Per-gate threshold, `gate=value` (repeatable); replaces the current overrides.
+    #[arg(long = "override", env = "SLUICE_CTL_OVERRIDES", value_delimiter = ',')]
+    pub overrides: Vec<String>,
+    #[arg(long, env = "SLUICE_CTL_CLEAR_OVERRIDES")]
+    pub clear_overrides: bool,
+    /// Replace the policy (unset fields take their defaults) instead of patching it.
+    #[arg(long, env = "SLUICE_CTL_REPLACE")]
+    pub replace: bool,
+    /// Who is changing it (recorded in the server's change log).
+    #[arg(long, env = "SLUICE_CTL_ACTOR")]
+    pub actor: Option<String>,
+}
+
+pub fn run(command: &CtlCommand) -> anyhow::Result<()> {
+    let CtlCommand::Gating(g) = command;
+    let (target, method, body) = match g {
+        GatingCommand::Get(t) => (t, "GET", None),
+        GatingCommand::Set(s) => {
+            let overrides = if s.overrides.is_empty() {
+                None
+            } else {
+                let mut map = BTreeMap::new();
+                for o in &s.overrides {
+                    let (gate, value) = o
+                        .split_once('=')
+                        .with_context(|| format!("--override `{o}`: expected gate=value"))?;
+                    let value: f32 = value
+                        .parse()
+                        .with_context(|| format!("--override `{o}`: `{value}` is not a number"))?;
+                    map.insert(gate.to_string(), value);
+                }
+                Some(map)
+            };
+            let change = PolicyChange {
+                budget: s.budget,
+                channel_threshold: s.channel_threshold,
+                block_threshold: s.block_threshold,
+                exit_threshold: s.exit_threshold,
+                channel_mode: s.mode,
+                overrides,
+                clear_overrides: s.clear_overrides,
+                actor: s.actor.clone().or_else(|| std::env::var("USER").ok()),
+            };
+            (&s.target, if s.replace { "PUT" } else { "PATCH" }, Some(serde_json::to_string(&change)?))
+        }
+    };
+    let token = match (&target.token, &target.token_file) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(f)) => {
+            Some(std::fs::read_to_string(f).with_context(|| f.display().to_string())?.trim().to_string())
+        }
+        (None, None) => None,
+    };
+    let url = format!("{}/v2/models/{}/gating", target.url.trim_end_matches('/'), target.model);
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut response = match (method, body) {
+        ("GET", _) => {
+            let mut req = agent.get(&url);
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }
+        (m, Some(body)) => {
+            let mut req = if m == "PUT" { agent.put(&url) } else { agent.patch(&url) };
+            req = req.header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.send(body.as_str())
+        }
+        _ => bail!("nothing to send"),
+    }
+    .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(String::from))
+            .unwrap_or(text);
+        bail!("{status}: {message}");
+    }
+    let value: serde_json::Value = serde_json::from_str(&text)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! The control API over gRPC: `sluice.admin.v1.GatingAdmin` (get, replace, patch, and a
+//! server-streaming watch of policy changes), guarded by the listener's [`AdminAccess`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use super::admin_pb::gating_admin_server::{GatingAdmin, GatingAdminServer};
+use super::admin_pb::{self as pb};
+use crate::control::auth::{AdminAccess, Denied};
+use crate::control::policy::parse_mode;
+use crate::control::{ChangeKind, PolicyChange};
+use crate::engine::{ChannelMode, GatePolicy};
+use crate::observability::Metrics;
+use crate::protocol::ApiError;
+use crate::serving::{ModelRuntime, ServingCore};
+
+/// The service implementation.
+pub struct GatingAdminService {
+    core: Arc<ServingCore>,
+}
+
+/// The service wrapped in the access check of its listener.
+pub type GuardedAdmin = InterceptedService<GatingAdminServer<GatingAdminService>, AdminGuard>;
+
+/// Builds the guarded service.
+pub fn service(core: Arc<ServingCore>, access: AdminAccess) -> GuardedAdmin {
+    let guard = AdminGuard { access, metrics: core.metrics.clone() };
+    InterceptedService::new(GatingAdminServer::new(GatingAdminService { core }), guard)
+}
+
+/// Checks `authorization` metadata against the listener's access rule.
+#[derive(Clone)]
+pub struct AdminGuard {
+    access: AdminAccess,
+    metrics: Arc<Metrics>,
+}
+
+impl tonic::service::Interceptor for AdminGuard {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let auth = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        match self.access.check(auth) {
+            Ok(()) => Ok(req),
+            Err(denied) => {
+                self.metrics.admin_rejected(denied.reason());
+                tracing::warn!(reason = denied.reason(), peer = ?req.remote_addr(), "control API call refused");
+                Err(match denied {
+                    Denied::MissingToken => Status::unauthenticated(denied.message()),
+                    _ => Status::permission_denied(denied.message()),
+                })
+            }
+        }
+    }
+}
+
+fn mode_name(m: ChannelMode) -> String {
+    match m {
+        ChannelMode::Slice => "slice".into(),
+        ChannelMode::Select => "select".into(),
+    }
+}
+
+fn policy(p: &GatePolicy) -> pb::Policy {
+    pb::Policy {
+        version: p.version,
+        budget: p.budget,
+        channel_threshold: p.channel_threshold,
+        block_threshold: p.block_threshold,
+        exit_threshold: p.exit_threshold,
+        channel_mode: mode_name(p.channel_mode),
+        overrides: p.overrides.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+    }
+}
+
+fn state(m: &ModelRuntime, p: &GatePolicy) -> pb::GatingState {
+    let calibration = m
+        .policy
+        .calibration()
+        .map(|t| {
+            t.budgets
+                .iter()
+                .map(|e| pb::CalibrationPoint {
+                    budget: e.budget,
+                    channel_threshold: e.point.channel_threshold,
+                    block_threshold: e.point.block_threshold,
+                    exit_threshold: e.point.exit_threshold,
+                    validation_accuracy: e.point.validation_accuracy,
+                    flop_fraction: e.point.flop_fraction,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pb::GatingState {
+        model: m.interface.name.clone(),
+        policy: Some(policy(p)),
+        calibration,
+        gates: m.policy.gate_ids().to_vec(),
+    }
+}
+
+fn change(c: Option<pb::PolicyChange>, actor: &str) -> Result<PolicyChange, Status> {
+    let c = c.unwrap_or_default();
+    let channel_mode = match &c.channel_mode {
+        Some(m) => Some(parse_mode(m).map_err(|e| Status::invalid_argument(e.0))?),
+        None => None,
+    };
+    Ok(PolicyChange {
+        budget: c.budget,
+        channel_threshold: c.channel_threshold,
+        block_threshold: c.block_threshold,
+        exit_threshold: c.exit_threshold,
+        channel_mode,
+        overrides: (!c.overrides.is_empty()).then(|| c.overrides.into_iter().collect()),
+        clear_overrides: c.clear_overrides,
+        actor: (!actor.is_empty()).then(|| actor.to_string()),
+    })
+}
+
+impl GatingAdminService {
+    fn model(&self, name: &str) -> Result<&Arc<ModelRuntime>, Status> {
+        Ok(self.core.model(name, None)?)
+    }
+
+    fn apply(
+        &self,
+        r: Request<pb::ChangeGatingRequest>,
+        kind: ChangeKind,
+    ) -> Result<Response<pb::GatingState>, Status> {
+        let peer = r.remote_addr();
+        let r = r.into_inner();
+        let m = self.model(&r.model)?;
+        let change = change(r.change, &r.actor)?;
+        let who = format!(
+            "{} via grpc from {}",
+            change.actor.as_deref().unwrap_or("anonymous"),
+            peer.map_or("?".into(), |p| p.to_string())
+        );
+        let new = m
+            .change_policy(&change, kind, &who)
+            .map_err(|e| Status::from(ApiError::BadRequest(e.to_string())))?;
+        Ok(Response::new(state(m, &new)))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::GatingState, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GatingAdmin for GatingAdminService {
+    async fn get_gating(
+        &self,
+        r: Request<pb::GetGatingRequest>,
+    ) -> Result<Response<pb::GatingState>, Status> {
+        let m = self.model(&r.into_inner().model)?;
+        Ok(Response::new(state(m, &m.policy.snapshot())))
+    }
+
+    async fn set_gating(
+        &self,
+        r: Request<pb::ChangeGatingRequest>,
+    ) -> Result<Response<pb::GatingState>, Status> {
+        self.apply(r, ChangeKind::Replace)
+    }
+
+    async fn patch_gating(
+        &self,
+        r: Request<pb::ChangeGatingRequest>,
+    ) -> Result<Response<pb::GatingState>, Status> {
+        self.apply(r, ChangeKind::Patch)
+    }
+
+    type WatchGatingStream = WatchStream;
+
+    async fn watch_gating(&self, r: Request<pb::GetGatingRequest>) -> Result<Response<WatchStream>, Status> {
+        let m = self.model(&r.into_inner().model)?.clone();
+        let mut rx = m.policy.subscribe();
+        rx.mark_changed(); // the first message is the current state
+        let stream = futures_util::stream::unfold((rx, m), |(mut rx, m)| async move {
+            rx.changed().await.ok()?;
+            let p = rx.borrow_and_update().clone();
+            let item = Ok(state(&m, &p));
+            Some((item, (rx, m)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
