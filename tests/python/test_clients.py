@@ -38,12 +38,13 @@ class Server:
         self.log = open(os.path.join(repo, "server.log"), "w")
         self.proc = subprocess.Popen(
             [SLUICE, "serve", "--model-repository", repo, "--address", "127.0.0.1",
-             "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+             "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "0"],
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         for line in self.proc.stdout:
             if line.startswith("sluice ready:"):
                 parts = dict(p.split("=", 1) for p in line.split()[2:])
                 self.http, self.grpc, self.metrics = parts["http"], parts["grpc"], parts["metrics"]
+                self.admin = parts.get("admin")
                 return
         raise RuntimeError("sluice serve exited before it was ready")
 
