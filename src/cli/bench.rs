@@ -9,6 +9,78 @@ use crate::bench::engine::{self, BenchPlan, GateKind};
 pub enum BenchCommand {
     /// Time gated vs dense engines at measured FLOP fractions (random gate weights).
     Engine(EngineArgs),
+    /// Time a model folder's forward pass alone (engine only, no server) on one input.
+    Forward(ForwardArgs),
+}
+
+/// Arguments of `sluice bench forward`.
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// The model folder.
+    pub model: std::path::PathBuf,
+    /// A JSON tensor `{"shape": [N, C, H, W], "data": [...]}`; default: zeros of batch 1.
+    #[arg(long, env = "SLUICE_BENCH_INPUT")]
+    pub input: Option<std::path::PathBuf>,
+    #[arg(long, env = "SLUICE_BENCH_ITERATIONS", default_value_t = 500)]
+    pub iterations: usize,
+    /// Run at this calibrated budget instead of the model's configured policy.
+    #[arg(long, env = "SLUICE_BENCH_BUDGET")]
+    pub budget: Option<f64>,
+    #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
+    pub threads: usize,
+}
+
+fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
+    use crate::bench::timing::median;
+    tch::set_num_threads(args.threads.max(1) as i32);
+    let _guard = tch::no_grad_guard();
+    let dir = crate::repository::ModelDir::open(&args.model)?;
+    let model = crate::engine::Model::build(&dir.source(Default::default()))?;
+    let x = match &args.input {
+        Some(path) => {
+            #[derive(serde::Deserialize)]
+            struct TensorFile {
+                shape: Vec<i64>,
+                data: Vec<f32>,
+            }
+            let f: TensorFile = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+            tch::Tensor::from_slice(&f.data).view(f.shape.as_slice())
+        }
+        None => {
+            let [c, h, w] = dir.config.input.dims;
+            tch::Tensor::zeros([1, c, h, w], tch::kind::FLOAT_CPU)
+        }
+    };
+    let mut policy = dir.config.policy.clone();
+    if let Some(b) = args.budget.or(policy.budget) {
+        let path = dir.calibration_path().ok_or_else(|| anyhow::anyhow!("no calibration table"))?;
+        policy = crate::control::calibration::CalibrationTable::load(&path)?.policy_for(b)?;
+    }
+    for _ in 0..20 {
+        let _ = model.forward(&x, &policy)?;
+    }
+    let mut times = Vec::with_capacity(args.iterations);
+    let mut flops = 0;
+    for _ in 0..args.iterations {
+        let start = std::time::Instant::now();
+        let (_, reports) = model.forward(&x, &policy)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        flops = reports.iter().map(|r| r.executed_flops).sum::<u64>();
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": dir.config.name,
+            "median_ms": median(&times),
+            "p90_ms": sorted[(sorted.len() * 9) / 10],
+            "iterations": args.iterations,
+            "executed_flops": flops,
+            "threads": args.threads,
+        })
+    );
+    Ok(())
 }
 
 /// Arguments of `sluice bench engine`.
@@ -38,7 +110,10 @@ pub struct EngineArgs {
 }
 
 pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Engine(args) = command;
+    let args = match command {
+        BenchCommand::Engine(args) => args,
+        BenchCommand::Forward(args) => return forward(args),
+    };
     tch::set_num_threads(args.threads.max(1) as i32);
     let mut plan = BenchPlan::standard(args.rounds);
     plan.targets = args.targets.clone();

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Server benchmark (a documented command, not a CI test): perf_analyzer at concurrency 1, 2,
+# 4 and 8 over HTTP (binary tensors) and gRPC against the shipped model at batch 1, and the
+# server overhead = p50 latency at concurrency 1 minus the engine-only forward time of the
+# same input, measured in the same run. Usage: benches/server.sh [model-repository] [model]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=${1:-deploy/models}
+model=${2:-fashion-resnet20}
+sluice=target/release/sluice
+perf=.venv/bin/perf_analyzer
+work=$(mktemp -d)
+trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
+
+# One real Fashion-MNIST test image (normalised) as perf_analyzer's input and the engine's.
+.venv/bin/python - "$work" <<'PY'
+import gzip, json, sys, numpy as np
+raw = gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").read()
+img = np.frombuffer(raw, np.uint8, offset=16)[:784].astype(np.float32) / 255.0
+x = ((img - 0.2860) / 0.3530).round(6).tolist()
+json.dump({"data": [{"input": {"content": x, "shape": [1, 28, 28]}}]}, open(f"{sys.argv[1]}/pa.json", "w"))
+json.dump({"shape": [1, 1, 28, 28], "data": x}, open(f"{sys.argv[1]}/tensor.json", "w"))
+PY
+
+engine() { "$sluice" bench forward "$repo/$model" --input "$work/tensor.json" --iterations 1000 | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["median_ms"])'; }
+
+"$sluice" serve --model-repository "$repo" --address 127.0.0.1 --http-port 0 --grpc-port 0 \
+  --metrics-port 0 --admin-port 0 >"$work/serve.out" 2>"$work/serve.err" &
+server=$!
+until grep -q "sluice ready" "$work/serve.out"; do
+  kill -0 $server 2>/dev/null || { cat "$work/serve.err"; exit 1; }
+  sleep 0.2
+done
+http=$(grep -o 'http=[^ ]*' "$work/serve.out" | cut -d= -f2)
+grpc=$(grep -o 'grpc=[^ ]*' "$work/serve.out" | cut -d= -f2)
+
+engine_before=$(engine)
+for proto in http grpc; do
+  url=$http; [ $proto = grpc ] && url=$grpc
+  "$perf" -m "$model" -u "$url" -i $proto --input-data "$work/pa.json" --concurrency-range 1:8 \
+    --measurement-interval 4000 --percentile 50 -f "$work/$proto.csv" >"$work/$proto.log" 2>&1 \
+    || { cat "$work/$proto.log"; exit 1; }
+done
+engine_after=$(engine)
+
+.venv/bin/python - "$work" "$engine_before" "$engine_after" <<'PY'
+import csv, sys
+work, before, after = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+engine = (before + after) / 2
+print(f"engine-only forward, batch 1: {engine:.3f} ms (before {before:.3f}, after {after:.3f})\n")
+print("| protocol | concurrency | throughput infer/s | p50 ms | p99 ms |")
+print("|---|---|---|---|---|")
+for proto in ("http", "grpc"):
+    rows = [r for r in csv.DictReader(open(f"{work}/{proto}.csv")) if int(r["Concurrency"]) in (1, 2, 4, 8)]
+    for r in rows:
+        print(f"| {proto} | {r['Concurrency']} | {float(r['Inferences/Second']):.1f} | "
+              f"{int(r['p50 latency'])/1000:.3f} | {int(r['p99 latency'])/1000:.3f} |")
+    c1 = rows[0]
+    c8 = [r for r in rows if r["Concurrency"] == "8"][0]
+    print(f"| {proto} | server overhead at c=1: {int(c1['p50 latency'])/1000 - engine:.3f} ms | "
+          f"c8/c1 throughput {float(c8['Inferences/Second'])/float(c1['Inferences/Second']):.2f}x | | |")
+PY
