@@ -194,40 +194,30 @@ fn grpc_admin_sets_patches_and_streams_changes() {
         assert!(bad.message().contains("exit_threshold: -1"), "{}", bad.message());
     });
     // The CLI is a client of the same API.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "ctl",
-            "gating",
-            "set",
-            "--model",
-            "gated",
-            "--url",
-            &format!("http://{admin}"),
-            "--budget",
-            "0.3",
-        ])
-        .output()
-        .unwrap();
+    let ctl = |budget: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "ctl",
+                "gating",
+                "set",
+                "--model",
+                "gated",
+                "--url",
+                &format!("http://{admin}"),
+                "--budget",
+                budget,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = ctl("0.3");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let state: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (state["policy"]["version"].as_i64(), state["policy"]["budget"].as_f64()),
         (Some(4), Some(0.3))
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "ctl",
-            "gating",
-            "set",
-            "--model",
-            "gated",
-            "--url",
-            &format!("http://{admin}"),
-            "--budget",
-            "7",
-        ])
-        .output()
-        .unwrap();
+    let out = ctl("7");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("budget"));
 }

@@ -382,3 +382,31 @@ fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(status.success(), "exit status {status:?}");
     assert!(s.log().contains("all requests finished"));
 }
+
+#[test]
+fn each_request_is_traced_from_protocol_through_queue_to_engine() {
+    let (repo, _) = repo();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    child.env("SLUICE_LOG", "sluice=debug");
+    let s = Server::start_with(repo.path(), &["--log-format", "json"], child);
+    let (status, _) = post(&s, "gated", &[], &json_infer("input", &[2, 1, 28, 28], &input(2)));
+    assert_eq!(status, 200);
+    let log = s.log();
+    let event: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "batch computed")
+        .unwrap_or_else(|| panic!("no engine event in the log:\n{log}"));
+    let spans: Vec<&str> =
+        event["spans"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let at = |name: &str| {
+        spans.iter().position(|s| *s == name).unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
+    };
+    assert!(at("infer") < at("batch") && at("batch") < at("engine"), "{spans:?}");
+    let batch = &event["spans"][at("batch")];
+    assert_eq!(
+        (batch["model"].as_str(), batch["batch_size"].as_u64(), batch["policy_version"].as_u64()),
+        (Some("gated"), Some(2), Some(1))
+    );
+    assert!(event["fields"]["executed_flops"].as_u64().unwrap() > 0);
+}

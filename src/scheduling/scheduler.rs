@@ -206,8 +206,16 @@ impl Batcher {
         }
         let [c, h, w] = config.item_shape;
         let input = InputBatch { values, shape: vec![items as i64, c, h, w] };
-        let span = tracing::info_span!("batch", model, batch_size = items, policy_version = policy.version);
-        let submitted = workers[worker].try_submit(input, policy);
+        // The batch's span is a child of its first request's span and follows from the
+        // others', so each request's trace runs protocol → queue → engine.
+        let span = parts.first().map_or_else(Span::none, |first| {
+            tracing::info_span!(parent: &first.2, "batch", model, batch_size = items, policy_version = policy.version)
+        });
+        for part in parts.iter().skip(1) {
+            span.follows_from(&part.2);
+        }
+        // The engine thread enters the span of the job, which is this batch's.
+        let submitted = span.in_scope(|| workers[worker].try_submit(input, policy));
         let metrics = metrics.clone();
         let model = model.to_string();
         tokio::spawn(

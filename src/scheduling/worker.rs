@@ -154,8 +154,15 @@ fn serve(model: &Model, inbox: Receiver<Job>) {
         if job.reply.is_closed() {
             continue; // nobody waits for this answer any more
         }
-        let _entered = job.span.enter();
+        let _batch = job.span.enter();
+        let engine = tracing::info_span!("engine", executed_flops = tracing::field::Empty).entered();
         let result = run(model, &job.input, &job.policy).map_err(WorkerError::from);
+        if let Ok(out) = &result {
+            let executed: u64 = out.reports.iter().map(|r| r.executed_flops).sum();
+            engine.record("executed_flops", executed);
+            tracing::debug!(executed_flops = executed, batch = out.batch, "batch computed");
+        }
+        drop(engine);
         let _ = job.reply.send(result);
     }
 }

@@ -103,7 +103,7 @@ impl ServingCore {
     }
 
     /// Runs one inference request end to end and records its outcome.
-    #[instrument(skip_all, fields(model = %req.model, protocol = ?protocol, flops_executed))]
+    #[instrument(skip_all, fields(model = %req.model, protocol = ?protocol, batch_size, policy_version, flops_executed))]
     pub async fn infer(&self, req: InferRequest, protocol: Protocol) -> Result<InferResponse, ApiError> {
         let started = Instant::now();
         let model = self.model(&req.model, req.version.as_deref())?;
@@ -153,7 +153,10 @@ impl ServingCore {
         let response = outputs::response(&req, model, &prepared.outputs, &answer, overridden);
         model.stats.success(prepared.items, &answer, input_time, output_started.elapsed());
         let executed: u64 = answer.reports.iter().map(|r| r.executed_flops).sum();
-        tracing::Span::current().record("flops_executed", executed);
+        let span = tracing::Span::current();
+        span.record("flops_executed", executed);
+        span.record("batch_size", answer.batch_size);
+        span.record("policy_version", answer.policy_version);
         Ok(response)
     }
 }

@@ -305,9 +305,14 @@ fn copy_all(src: &[Tensor], dst: &[Tensor]) {
 
 /// Batch-norm with the batch's statistics only (running statistics untouched).
 pub fn bn_batch(bn: &BatchNormParams, x: &Tensor) -> Tensor {
+    batch_statistics_norm(x, &bn.weight, &bn.bias)
+}
+
+/// `(x - batch mean) / batch std · weight + bias`, per channel; no running statistics.
+fn batch_statistics_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
     x.batch_norm(
-        Some(&bn.weight),
-        Some(&bn.bias),
+        Some(weight),
+        Some(bias),
         None::<&Tensor>,
         None::<&Tensor>,
         true,
@@ -338,16 +343,7 @@ fn narrow_bn(bn: &BatchNormParams, x: &Tensor, k: i64, train: bool, update_stats
     }
     let (w, b) = (bn.weight.narrow(0, 0, k), bn.bias.narrow(0, 0, k));
     if train {
-        x.batch_norm(
-            Some(&w),
-            Some(&b),
-            None::<&Tensor>,
-            None::<&Tensor>,
-            true,
-            0.1,
-            crate::engine::params::BN_EPS,
-            false,
-        )
+        batch_statistics_norm(x, &w, &b)
     } else {
         let (m, v) = (bn.running_mean.narrow(0, 0, k), bn.running_var.narrow(0, 0, k));
         x.batch_norm(Some(&w), Some(&b), Some(&m), Some(&v), false, 0.1, crate::engine::params::BN_EPS, false)

@@ -72,8 +72,13 @@ impl Server {
     /// Starts `sluice serve` on `repo` with ports chosen by the OS; returns once it printed
     /// its ready line (models loaded, listeners bound).
     pub fn start(repo: &Path, extra: &[&str]) -> Server {
+        Server::start_with(repo, extra, Command::new(env!("CARGO_BIN_EXE_sluice")))
+    }
+
+    /// Like [`Server::start`], with a prepared command (environment variables, say).
+    pub fn start_with(repo: &Path, extra: &[&str], mut command: Command) -> Server {
         let stderr_path = repo.join("server.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let mut child = command
             .args(["serve", "--model-repository", repo.to_str().unwrap(), "--address", "127.0.0.1"])
             .args(["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "0"])
             .args(["--engine-threads", "1"])

@@ -209,24 +209,29 @@ def server_errors(s):
     return total
 
 
+def run_tests(tests, *args):
+    """Runs each test with `args`, prints a line per test and the summary; returns failures."""
+    passed = failed = 0
+    for t in tests:
+        try:
+            t(*args)
+            passed += 1
+            print(f"test {t.__name__} ... ok", flush=True)
+        except Exception:
+            failed += 1
+            print(f"test {t.__name__} ... FAILED", flush=True)
+            traceback.print_exc()
+    print(f"{passed} passed, {failed} failed")
+    return failed
+
+
 def main():
     repo = make_repo()
     server = Server(repo)
-    tests = [v for k, v in globals().items() if k.startswith("test_")]
-    passed = failed = 0
     try:
-        for t in tests:
-            try:
-                t(server, repo)
-                passed += 1
-                print(f"test {t.__name__} ... ok", flush=True)
-            except Exception:
-                failed += 1
-                print(f"test {t.__name__} ... FAILED", flush=True)
-                traceback.print_exc()
+        failed = run_tests([v for k, v in globals().items() if k.startswith("test_")], server, repo)
     finally:
         server.stop()
-    print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
 

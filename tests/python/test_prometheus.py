@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.parse
 import urllib.request
 
@@ -23,7 +22,7 @@ import numpy as np
 import tritonclient.http as th
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_clients import SLUICE, Server, sh  # noqa: E402
+from test_clients import Server, run_tests, sh  # noqa: E402
 
 MODEL = "gated"
 
@@ -182,21 +181,11 @@ def main():
     write_calibration(os.path.join(repo, MODEL))
     server = Server(repo)
     prom = Prometheus(server.metrics, repo)
-    passed = failed = 0
     try:
-        for name, t in [(k, v) for k, v in globals().items() if k.startswith("test_")]:
-            try:
-                t(server, prom)
-                passed += 1
-                print(f"test {name} ... ok", flush=True)
-            except Exception:
-                failed += 1
-                print(f"test {name} ... FAILED", flush=True)
-                traceback.print_exc()
+        failed = run_tests([v for k, v in globals().items() if k.startswith("test_")], server, prom)
     finally:
         prom.stop()
         server.stop()
-    print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
 
