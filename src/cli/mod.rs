@@ -22,16 +22,14 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
     pub log_format: LogFormat,
+    /// Export tracing spans over OTLP/gRPC to this collector (builds with `--features otlp`).
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// How logs are written.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::observability::logging::LogFormat;
 
 /// sluice's subcommands.
 #[derive(Debug, Subcommand)]
