@@ -107,9 +107,24 @@ pub fn dense_layers(spec: &ArchSpec, h: i64, w: i64) -> Vec<LayerCost> {
     layers
 }
 
-/// Dense FLOPs of `spec` for one input of size `h × w`.
+/// FLOPs of the stem convolution for an input of `h × w`.
+pub fn stem_flops(spec: &ArchSpec, h: i64, w: i64) -> u64 {
+    let s = spec.stem_conv();
+    conv_flops(s.in_ch, s.out_ch, s.kernel, s.out_hw(h), s.out_hw(w))
+}
+
+/// Dense FLOPs of `spec` for one input of size `h × w` (no allocation: it runs per batch).
 pub fn dense_flops(spec: &ArchSpec, h: i64, w: i64) -> u64 {
-    dense_layers(spec, h, w).iter().map(|l| l.flops).sum()
+    let (mut h2, mut w2) = (spec.after_stem_hw(h), spec.after_stem_hw(w));
+    let mut total = stem_flops(spec, h, w) + linear_flops(spec.feature_width(), spec.num_classes);
+    for block in spec.block_specs() {
+        let widths = [block.inner_width(); 2];
+        total +=
+            residual_flops(&block, h2, w2, &widths[..block.convs.len() - 1]) + shortcut_flops(&block, h2, w2);
+        let s = block.stride();
+        (h2, w2) = ((h2 - 1) / s + 1, (w2 - 1) / s + 1);
+    }
+    total
 }
 
 #[cfg(test)]
@@ -158,6 +173,17 @@ mod tests {
             }
             let stem = dense_layers(&spec, hw, hw)[0].flops;
             assert_eq!(stem + blocks + linear_flops(spec.feature_width(), 10), dense_flops(&spec, hw, hw));
+        }
+    }
+
+    #[test]
+    fn dense_flops_equal_the_sum_over_layers() {
+        for arch in ["resnet20", "resnet18", "resnet50"] {
+            let spec = ArchSpec::named(arch, 3, 10).unwrap();
+            for (h, w) in [(28, 28), (64, 48), (224, 224)] {
+                let layers: u64 = dense_layers(&spec, h, w).iter().map(|l| l.flops).sum();
+                assert_eq!(dense_flops(&spec, h, w), layers, "{arch} {h}x{w}");
+            }
         }
     }
 

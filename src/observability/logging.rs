@@ -42,7 +42,8 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Lo
         if let Some(endpoint) = otlp_endpoint {
             use opentelemetry::trace::TracerProvider as _;
             use opentelemetry_otlp::WithExportConfig;
-            let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()?;
+            let exporter =
+                opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()?;
             let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
                 .with_resource(opentelemetry_sdk::Resource::builder().with_service_name("sluice").build())

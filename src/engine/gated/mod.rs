@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use self::block::GatedBlock;
 use self::plan::{Exec, Thresholds, decide, exec_widths};
 use super::arch::ArchSpec;
-use super::flops::{conv_flops, dense_flops, linear_flops, residual_flops, shortcut_flops};
+use super::flops::{conv_flops, linear_flops, residual_flops, shortcut_flops, stem_flops};
 use super::folded::{FoldedConv, FoldedLinear, Layout, global_pool, stem_forward};
 use super::gates::{GateLayout, GateParams};
 use super::params::ResNetParams;
@@ -200,8 +200,8 @@ impl GatedResNet {
         let stem = stem_forward(&self.stem, self.spec.stem, &self.layout.apply(input));
         let (sh, sw) = (stem.size()[2], stem.size()[3]);
 
-        let dense = dense_flops(&self.spec, h, w);
-        let stem_flops = dense_flops(&self.spec, h, w) - self.body_dense_flops(sh, sw) - self.head_flops();
+        let stem_flops = stem_flops(&self.spec, h, w);
+        let dense = stem_flops + self.body_dense_flops(sh, sw) + self.head_flops();
         let trunk_flops = self.trunk.as_ref().map_or(0, FoldedTrunk::flops);
         let mut reports: Vec<ComputeReport> = (0..n)
             .map(|_| ComputeReport {
@@ -316,12 +316,15 @@ impl GatedResNet {
         (logits, reports)
     }
 
+    /// Dense FLOPs of the residual blocks for a stem output of `h × w` (from the blocks'
+    /// own specs: no allocation per batch).
     fn body_dense_flops(&self, h: i64, w: i64) -> u64 {
         let (mut h, mut w) = (h, w);
         let mut total = 0;
         for block in &self.blocks {
-            let widths = vec![block.spec.inner_width(); block.spec.convs.len() - 1];
-            total += residual_flops(&block.spec, h, w, &widths) + shortcut_flops(&block.spec, h, w);
+            let full = [block.spec.inner_width(); 2];
+            let widths = &full[..block.spec.convs.len() - 1];
+            total += residual_flops(&block.spec, h, w, widths) + shortcut_flops(&block.spec, h, w);
             let s = block.spec.stride();
             (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
         }

@@ -31,6 +31,16 @@ pub struct Thresholds {
 
 impl Thresholds {
     pub fn resolve(policy: &GatePolicy, spec: &ArchSpec, layout: &GateLayout) -> Self {
+        if policy.overrides.is_empty() {
+            // The common case, once per batch: no gate ids to look up.
+            let n = layout.blocks.len();
+            return Thresholds {
+                channel: vec![policy.channel_threshold; n],
+                block: vec![policy.block_threshold; n],
+                exit: vec![policy.exit_threshold; layout.exits.len()],
+                mode: policy.channel_mode,
+            };
+        }
         let blocks = spec.block_specs();
         Thresholds {
             channel: blocks
