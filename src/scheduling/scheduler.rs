@@ -12,6 +12,8 @@ use tracing::{Instrument, Span, debug, warn};
 use super::queue::{BatchQueue, Pending};
 use super::worker::{BatchOutput, EngineWorker, InputBatch, WorkerError};
 use crate::engine::{ComputeReport, EngineError, GatePolicy};
+use prometheus::IntGauge;
+
 use crate::observability::ModelMetrics;
 
 /// Batching settings of one model.
@@ -53,7 +55,32 @@ struct Job {
     values: Vec<f32>,
     reply: oneshot::Sender<Result<EngineAnswer, ScheduleError>>,
     span: Span,
+    admitted: Admitted,
+    /// Counted in the queue-depth gauge until its batch starts (or it is dropped).
+    queued: GaugeGuard,
+}
+
+/// A gauge incremented for as long as this value lives.
+struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// An admitted request: its queue permit and its place in the in-flight gauge, both held
+/// until it is answered (or abandoned).
+struct Admitted {
     _permit: OwnedSemaphorePermit,
+    _inflight: GaugeGuard,
 }
 
 /// The cheap-to-clone handle front doors use.
@@ -63,6 +90,8 @@ pub struct SchedulerHandle {
     jobs: mpsc::Sender<Pending<Job>>,
     admission: Arc<Semaphore>,
     capacity: usize,
+    inflight: IntGauge,
+    queue_depth: IntGauge,
 }
 
 impl SchedulerHandle {
@@ -80,7 +109,14 @@ impl SchedulerHandle {
             tokio::sync::TryAcquireError::Closed => ScheduleError::Stopped(self.model.to_string()),
         })?;
         let (reply, answer) = oneshot::channel();
-        let job = Job { values, reply, span: Span::current(), _permit: permit };
+        let admitted = Admitted { _permit: permit, _inflight: GaugeGuard::new(&self.inflight) };
+        let job = Job {
+            values,
+            reply,
+            span: Span::current(),
+            admitted,
+            queued: GaugeGuard::new(&self.queue_depth),
+        };
         let pending = Pending { items, policy, enqueued: Instant::now(), payload: job };
         self.jobs.try_send(pending).map_err(|_| ScheduleError::Stopped(self.model.to_string()))?;
         answer.await.map_err(|_| ScheduleError::Stopped(self.model.to_string()))?
@@ -109,20 +145,15 @@ pub fn start(
         jobs,
         admission: Arc::new(Semaphore::new(config.queue_capacity)),
         capacity: config.queue_capacity,
+        inflight: metrics.inflight.clone(),
+        queue_depth: metrics.queue_depth.clone(),
     };
     let (free_tx, free) = mpsc::channel(workers.len().max(1));
     for i in 0..workers.len() {
         let _ = free_tx.try_send(i);
     }
-    let batcher = Batcher {
-        model: model.to_string(),
-        config,
-        workers: Arc::new(workers),
-        live,
-        metrics,
-        admission: handle.admission.clone(),
-        free_tx,
-    };
+    let batcher =
+        Batcher { model: model.to_string(), config, workers: Arc::new(workers), live, metrics, free_tx };
     let task = tokio::spawn(batcher.run(inbox, free));
     (handle, task)
 }
@@ -134,7 +165,6 @@ struct Batcher {
     workers: Arc<Vec<EngineWorker>>,
     live: LivePolicy,
     metrics: ModelMetrics,
-    admission: Arc<Semaphore>,
     /// Engine instances report back here when they finish a batch.
     free_tx: mpsc::Sender<usize>,
 }
@@ -156,10 +186,6 @@ impl Batcher {
                 if dropped > 0 {
                     debug!(dropped, "requests abandoned by their clients before batching");
                 }
-                self.metrics.queue_depth.set(queue.len() as i64);
-                self.metrics
-                    .inflight
-                    .set((self.config.queue_capacity - self.admission.available_permits()) as i64);
                 if let Some(batch) = queue.pop_batch(Instant::now(), !open) {
                     break batch;
                 }
@@ -200,9 +226,10 @@ impl Batcher {
         for p in batch {
             let queue_time = started - p.enqueued;
             metrics.queue_duration.observe(queue_time.as_secs_f64());
-            let Job { values: v, reply, span, _permit } = p.payload;
+            let Job { values: v, reply, span, admitted, queued } = p.payload;
+            drop(queued);
             values.extend(v);
-            parts.push((p.items, reply, span, queue_time, _permit));
+            parts.push((p.items, reply, span, queue_time, admitted));
         }
         let [c, h, w] = config.item_shape;
         let input = InputBatch { values, shape: vec![items as i64, c, h, w] };
@@ -251,12 +278,11 @@ impl Batcher {
     }
 }
 
-type Part =
-    (usize, oneshot::Sender<Result<EngineAnswer, ScheduleError>>, Span, Duration, OwnedSemaphorePermit);
+type Part = (usize, oneshot::Sender<Result<EngineAnswer, ScheduleError>>, Span, Duration, Admitted);
 
 fn reply_all(parts: Vec<Part>, out: BatchOutput, compute_time: Duration, batch_size: usize) {
     let mut row = 0;
-    for (items, reply, _span, queue_time, _permit) in parts {
+    for (items, reply, _span, queue_time, _admitted) in parts {
         let answer = EngineAnswer {
             logits: out.logits[row * out.classes..(row + items) * out.classes].to_vec(),
             classes: out.classes,
