@@ -116,13 +116,20 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let example =
+        models.iter().find(|m| m.config.input.dims == [1, 28, 28] && m.config.input.image.is_none());
+    let example = example.map(|m| m.config.name.clone());
+    let first = models.first().map(|m| m.config.name.clone()).unwrap_or_default();
     runtime.block_on(server::run(config, server::shutdown_signal(), |a| {
         // One machine-readable line on stdout: tests and scripts read the chosen ports here.
         let admin = a.admin.map_or("none".to_string(), |x| x.to_string());
         println!("sluice ready: http={} grpc={} metrics={} admin={admin}", a.http, a.grpc, a.metrics);
-        println!(
-            "try: curl -s -X POST http://{}/v2/models/<model>/infer -d @deploy/examples/request.json",
-            a.http
-        );
+        println!("try: curl -s http://{}/v2/models/{first}", a.http);
+        if let Some(name) = example {
+            println!(
+                "     curl -s -X POST http://{}/v2/models/{name}/infer -d @deploy/examples/request.json",
+                a.http
+            );
+        }
     }))
 }

@@ -158,7 +158,6 @@ fn stats_json(m: &ModelRuntime) -> Value {
         json!({ "count": count, "ns": ns })
     };
     let zero = json!({ "count": 0, "ns": 0 });
-    let _ = &zero;
     json!({
         "name": m.interface.name,
         "version": m.interface.version,
