@@ -88,7 +88,7 @@ fn exported_models_serve_the_trained_network() {
         tch::with_grad(|| trainer.step(&x, &y, &mut rng, 0.05));
     }
     let dir = tempfile::tempdir().unwrap();
-    export_model(&trainer, &data.train.take(1024), dir.path(), "tiny").unwrap();
+    export_model(&trainer, &data.train.take(1024), dir.path(), "tiny", false).unwrap();
     let model = Model::build(&ModelDir::open(dir.path()).unwrap().source(Default::default())).unwrap();
     let x = data.test.images(0..32);
 

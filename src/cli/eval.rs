@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::bench::timing::median;
-use crate::control::calibration::{CALIBRATION_FILE, CalibrationTable};
+use crate::control::calibration::CalibrationTable;
 use crate::data::FashionMnist;
 use crate::engine::{BatchTotals, GatePolicy, Model};
 use crate::repository::ModelDir;
@@ -23,9 +23,12 @@ pub struct EvalArgs {
     /// One JSON object per budget instead of a table.
     #[arg(long, env = "SLUICE_EVAL_JSON")]
     pub json: bool,
-    /// Evaluate only the first N test images (0: all 10000).
+    /// Evaluate only the first N images (0: all).
     #[arg(long, env = "SLUICE_EVAL_LIMIT", default_value_t = 0)]
     pub limit: usize,
+    /// Which split: the test set (reports) or the held-out validation split (model selection).
+    #[arg(long, env = "SLUICE_EVAL_SPLIT", value_enum, default_value = "test")]
+    pub split: EvalSplit,
     /// Test images timed one at a time for the batch-1 latency (0: skip latency).
     #[arg(long, env = "SLUICE_EVAL_LATENCY_IMAGES", default_value_t = 300)]
     pub latency_images: usize,
@@ -36,6 +39,13 @@ pub struct EvalArgs {
     pub threads: usize,
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = crate::data::fashion_mnist::DEFAULT_DIR)]
     pub data_dir: PathBuf,
+}
+
+/// The images `sluice eval` measures.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum EvalSplit {
+    Test,
+    Validation,
 }
 
 /// One evaluated operating point.
@@ -60,16 +70,28 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let _guard = tch::no_grad_guard();
     let dir = ModelDir::open(&args.model)?;
     let model = Model::build(&dir.source(Default::default()))?;
-    let table = CalibrationTable::load(&args.model.join(CALIBRATION_FILE)).with_context(|| {
-        format!("{} has no calibration table: run `sluice calibrate` first", args.model.display())
-    })?;
-    let mut test = FashionMnist::load_test(&args.data_dir)?;
+    let table = match dir.calibration_path() {
+        Some(path) => Some(CalibrationTable::load(&path).with_context(|| path.display().to_string())?),
+        None => {
+            tracing::warn!(
+                "no calibration table (run `sluice calibrate`): evaluating the dense network only"
+            );
+            None
+        }
+    };
+    let mut test = match args.split {
+        EvalSplit::Test => FashionMnist::load_test(&args.data_dir)?,
+        EvalSplit::Validation => FashionMnist::load(&args.data_dir)?.validation,
+    };
     if args.limit > 0 {
         test = test.take(args.limit);
     }
     let mut policies: Vec<(Option<f64>, GatePolicy)> = vec![(None, GatePolicy::dense())];
-    for e in &table.budgets {
-        policies.push((Some(e.budget), table.policy_for(e.budget)?));
+    for e in table.iter().flat_map(|t| &t.budgets) {
+        policies.push((
+            Some(e.budget),
+            table.as_ref().map(|t| t.policy_for(e.budget)).transpose()?.unwrap_or_default(),
+        ));
     }
     let latencies = batch1_latencies(&model, &test, &policies, args.latency_images);
     let mut rows = Vec::new();

@@ -49,6 +49,10 @@ pub struct TrainArgs {
     /// No progress bar (logs only).
     #[arg(long, env = "SLUICE_QUIET")]
     pub quiet: bool,
+    /// Keep training's running batch-norm statistics instead of re-measuring them on clean
+    /// training images at export.
+    #[arg(long, env = "SLUICE_TRAIN_NO_PRECISE_BN")]
+    pub no_precise_bn: bool,
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
@@ -80,7 +84,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     trainer.run(&data, &run, args.quiet)?;
     tracing::info!(minutes = format!("{:.1}", trainer.state.seconds / 60.0), "training finished");
     if let Some(dir) = &args.export {
-        export_model(&trainer, &data.train, dir, &args.name)?;
+        export_model(&trainer, &data.train, dir, &args.name, !args.no_precise_bn)?;
         tracing::info!(dir = %dir.display(), "model exported");
     }
     Ok(())

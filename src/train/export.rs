@@ -11,17 +11,28 @@ use super::net::TrainableNet;
 use crate::data::Split;
 use crate::data::fashion_mnist::LABELS;
 use crate::engine::model::{NetworkParams, load_params};
-use crate::engine::params::BN_EPS;
+use crate::engine::params::{BN_EPS, BatchNormParams, ResNetParams};
 use crate::engine::{ModelSource, weights};
 use crate::repository::{CONFIG_FILE, InputConfig, ModelConfig, OutputConfig};
 
 /// Images used to measure each width's batch-norm statistics.
 const CALIBRATION_IMAGES: usize = 4096;
 
-/// Writes `dir/model.safetensors` and `dir/config.toml` for the trained network.
-pub fn export_model(trainer: &Trainer, train: &Split, dir: &Path, name: &str) -> anyhow::Result<()> {
+/// Writes `dir/model.safetensors` and `dir/config.toml` for the trained network. With
+/// `precise_bn`, the full-width batch-norm statistics are first re-measured on clean training
+/// images (training kept momentum averages over augmented batches of a moving network).
+pub fn export_model(
+    trainer: &Trainer,
+    train: &Split,
+    dir: &Path,
+    name: &str,
+    precise_bn: bool,
+) -> anyhow::Result<()> {
     let _guard = tch::no_grad_guard();
     std::fs::create_dir_all(dir)?;
+    if precise_bn {
+        measure_full_width_stats(&trainer.net.backbone, train);
+    }
     let source = ModelSource {
         gates: trainer.config.gates.clone(),
         ..ModelSource::random(trainer.net.spec.clone(), 0)
@@ -53,6 +64,89 @@ pub fn export_model(trainer: &Trainer, train: &Split, dir: &Path, name: &str) ->
     };
     std::fs::write(dir.join(CONFIG_FILE), toml::to_string_pretty(&config)?)?;
     Ok(())
+}
+
+/// Re-measures every batch-norm's running statistics of the full-width network as exact
+/// averages over clean training images ("precise BN"), in place.
+pub fn measure_full_width_stats(b: &ResNetParams, train: &Split) {
+    let n = CALIBRATION_IMAGES.min(train.len());
+    let mut sums: Vec<(Tensor, Tensor)> = Vec::new();
+    let mut batches = 0.0;
+    for start in (0..n).step_by(512) {
+        let stats = full_width_pass(b, &train.images(start..(start + 512).min(n)));
+        if sums.is_empty() {
+            sums = stats;
+        } else {
+            for ((m, v), (bm, bv)) in sums.iter_mut().zip(stats) {
+                *m = &*m + bm;
+                *v = &*v + bv;
+            }
+        }
+        batches += 1.0;
+    }
+    for (bn, (m, v)) in bns(b).into_iter().zip(&sums) {
+        bn.running_mean.shallow_clone().copy_(&(m / batches));
+        bn.running_var.shallow_clone().copy_(&(v / batches));
+    }
+}
+
+/// Every batch-norm of the backbone in forward order: stem, then per block conv1's, conv2's
+/// (conv3's) and the projection's.
+fn bns(b: &ResNetParams) -> Vec<&BatchNormParams> {
+    let mut out = vec![&b.stem.bn];
+    for block in &b.blocks {
+        out.extend(block.layers.iter().map(|l| &l.bn));
+        if let Some(ds) = &block.downsample {
+            out.push(&ds.bn);
+        }
+    }
+    out
+}
+
+/// Normalises `x` with its own batch statistics; returns it and (mean, unbiased variance).
+fn batch_normalize(bn: &BatchNormParams, x: &Tensor) -> (Tensor, (Tensor, Tensor)) {
+    let mean = x.mean_dim(&[0i64, 2, 3][..], false, Kind::Float);
+    let var = x.var_dim(&[0i64, 2, 3][..], true, false);
+    let y = x.batch_norm(
+        Some(&bn.weight),
+        Some(&bn.bias),
+        None::<&Tensor>,
+        None::<&Tensor>,
+        true,
+        0.1,
+        BN_EPS,
+        false,
+    );
+    (y, (mean, var))
+}
+
+/// A full-width pass normalising with batch statistics; returns them in [`bns`] order.
+fn full_width_pass(b: &ResNetParams, x: &Tensor) -> Vec<(Tensor, Tensor)> {
+    let mut stats = Vec::new();
+    let (h, s) = batch_normalize(&b.stem.bn, &b.stem.conv.forward(x));
+    stats.push(s);
+    let mut h = h.relu();
+    if b.spec.stem == crate::engine::StemKind::Imagenet {
+        h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+    }
+    for block in &b.blocks {
+        let mut r = h.shallow_clone();
+        for (i, layer) in block.layers.iter().enumerate() {
+            let (y, s) = batch_normalize(&layer.bn, &layer.conv.forward(&r));
+            stats.push(s);
+            r = if i + 1 < block.layers.len() { y.relu() } else { y };
+        }
+        let shortcut = match &block.downsample {
+            Some(ds) => {
+                let (y, s) = batch_normalize(&ds.bn, &ds.conv.forward(&h));
+                stats.push(s);
+                y
+            }
+            None => h.shallow_clone(),
+        };
+        h = (r + shortcut).relu();
+    }
+    stats
 }
 
 /// For every allowed width below full, the statistics of the batch-norm after the
