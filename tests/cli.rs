@@ -32,3 +32,63 @@ fn model_info_rejects_bad_arguments_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("1x3xbig"));
 }
+
+/// `sluice calibrate` then `sluice eval` on a copy of the shipped model, on a few hundred
+/// images: the table keeps every budget, the eval prints one JSON row per budget and writes
+/// its report.
+#[test]
+fn calibrate_then_eval_write_a_table_and_a_report() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/models/fashion-resnet20");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.toml", "model.safetensors"] {
+        std::fs::copy(shipped.join(file), dir.path().join(file)).unwrap();
+    }
+    let model = dir.path().to_str().unwrap();
+    let out = sluice(&["calibrate", model, "--limit", "300", "--steps", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("calibration.json")).unwrap()).unwrap();
+    assert_eq!(table["images"], 300);
+    let budgets = table["budgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 19);
+    for entry in budgets {
+        let (budget, fraction) =
+            (entry["budget"].as_f64().unwrap(), entry["flop_fraction"].as_f64().unwrap());
+        assert!(fraction <= budget, "{entry}");
+    }
+
+    let report = dir.path().join("report");
+    let out = sluice(&[
+        "eval",
+        model,
+        "--limit",
+        "300",
+        "--latency-images",
+        "10",
+        "--json",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1 + budgets.len(), "the dense row and one per budget");
+    assert!(rows[0]["budget"].is_null());
+    // Every gate open: dense FLOPs plus the gate heads' own (well under 1%).
+    let dense_fraction = rows[0]["flop_fraction"].as_f64().unwrap();
+    assert!((1.0..1.01).contains(&dense_fraction), "{dense_fraction}");
+    for row in &rows {
+        let accuracy = row["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&accuracy), "{row}");
+        assert!(row["latency_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["flop_fraction"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let csv = std::fs::read_to_string(report.join("report.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + rows.len());
+    assert!(std::fs::read_to_string(report.join("report.svg")).unwrap().contains("<svg"));
+    assert!(std::fs::read_to_string(report.join("report.md")).unwrap().contains("| dense |"));
+}

@@ -13,8 +13,8 @@ use sluice::repository::ModelDir;
 
 /// Accuracy floors on the first 1000 test images (MODEL_CARD.md: the full-test-set numbers,
 /// and these images' own numbers minus half a point of slack).
-const DENSE_FLOOR: f64 = 0.0;
-const BUDGET_FLOORS: [(f64, f64); 2] = [(0.5, 0.0), (0.3, 0.0)];
+const DENSE_FLOOR: f64 = 0.943; // measured 0.948
+const BUDGET_FLOORS: [(f64, f64); 2] = [(0.5, 0.945), (0.3, 0.938)]; // measured 0.950, 0.943
 
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/models/fashion-resnet20")

@@ -48,6 +48,15 @@ pub enum EvalSplit {
     Validation,
 }
 
+impl EvalSplit {
+    fn describe(self) -> &'static str {
+        match self {
+            EvalSplit::Test => "test set",
+            EvalSplit::Validation => "validation split",
+        }
+    }
+}
+
 /// One evaluated operating point.
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalRow {
@@ -55,10 +64,10 @@ pub struct EvalRow {
     pub budget: Option<f64>,
     pub accuracy: f64,
     pub flop_fraction: f64,
-    /// Median batch-1 latency.
-    pub latency_ms: f64,
+    /// Median batch-1 latency; `null` when not measured (`--latency-images 0`).
+    pub latency_ms: Option<f64>,
     /// Median over images of latency / dense latency of the same image (same run).
-    pub latency_ratio: f64,
+    pub latency_ratio: Option<f64>,
     pub channel_threshold: f32,
     pub block_threshold: f32,
     pub exit_threshold: f32,
@@ -97,7 +106,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (k, (budget, policy)) in policies.iter().enumerate() {
         let (accuracy, flop_fraction) = accuracy_and_flops(&model, &test, policy);
-        let (latency_ms, latency_ratio) = latencies.get(k).copied().unwrap_or((0.0, 0.0));
+        let (latency_ms, latency_ratio) = latencies.get(k).copied().unzip();
         let row = EvalRow {
             budget: *budget,
             accuracy,
@@ -114,11 +123,12 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
+    let title = format!("Model `{}` on the Fashion-MNIST {}", dir.config.name, args.split.describe());
     if !args.json {
-        println!("{}", markdown(&dir.config.name, &rows));
+        println!("{}", markdown(&title, &rows));
     }
     if let Some(out) = &args.report {
-        write_report(out, &dir.config.name, &rows)?;
+        write_report(out, &dir.config.name, &title, &rows)?;
     }
     Ok(())
 }
@@ -180,21 +190,26 @@ fn label(budget: Option<f64>) -> String {
     budget.map_or("dense".into(), |b| format!("{b:.2}"))
 }
 
-fn markdown(model: &str, rows: &[EvalRow]) -> String {
+/// A measured value with `digits` decimals, or `blank` when it was not measured.
+fn measured(v: Option<f64>, digits: usize, blank: &str) -> String {
+    v.map_or(blank.into(), |v| format!("{v:.digits$}"))
+}
+
+fn markdown(title: &str, rows: &[EvalRow]) -> String {
     let mut s = format!(
-        "Model `{model}` on the Fashion-MNIST test set ({} images).\n\n\
+        "{title} ({} images).\n\n\
          | budget | accuracy | FLOP fraction | batch-1 latency ms | latency / dense | channel t | block t | exit t |\n\
          |---|---|---|---|---|---|---|---|\n",
         rows.first().map_or(0, |r| r.images)
     );
     for r in rows {
         s += &format!(
-            "| {} | {:.2}% | {:.3} | {:.3} | {:.2} | {:.4} | {:.4} | {:.4} |\n",
+            "| {} | {:.2}% | {:.3} | {} | {} | {:.4} | {:.4} | {:.4} |\n",
             label(r.budget),
             100.0 * r.accuracy,
             r.flop_fraction,
-            r.latency_ms,
-            r.latency_ratio,
+            measured(r.latency_ms, 3, "–"),
+            measured(r.latency_ratio, 2, "–"),
             r.channel_threshold,
             r.block_threshold,
             r.exit_threshold
@@ -203,19 +218,19 @@ fn markdown(model: &str, rows: &[EvalRow]) -> String {
     s
 }
 
-fn write_report(dir: &Path, model: &str, rows: &[EvalRow]) -> anyhow::Result<()> {
+fn write_report(dir: &Path, model: &str, title: &str, rows: &[EvalRow]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut csv = String::from(
         "budget,accuracy,flop_fraction,latency_ms,latency_ratio,channel_threshold,block_threshold,exit_threshold,images\n",
     );
     for r in rows {
         csv += &format!(
-            "{},{:.6},{:.6},{:.6},{:.6},{},{},{},{}\n",
+            "{},{:.6},{:.6},{},{},{},{},{},{}\n",
             label(r.budget),
             r.accuracy,
             r.flop_fraction,
-            r.latency_ms,
-            r.latency_ratio,
+            measured(r.latency_ms, 6, ""),
+            measured(r.latency_ratio, 6, ""),
             r.channel_threshold,
             r.block_threshold,
             r.exit_threshold,
@@ -223,7 +238,7 @@ fn write_report(dir: &Path, model: &str, rows: &[EvalRow]) -> anyhow::Result<()>
         );
     }
     std::fs::write(dir.join("report.csv"), csv)?;
-    std::fs::write(dir.join("report.md"), markdown(model, rows))?;
+    std::fs::write(dir.join("report.md"), markdown(title, rows))?;
     super::plot::accuracy_vs_flops(&dir.join("report.svg"), model, rows)?;
     Ok(())
 }

@@ -14,7 +14,9 @@ pub fn accuracy_vs_flops(path: &Path, model: &str, rows: &[EvalRow]) -> anyhow::
     points.sort_by(|a, b| a.flop_fraction.total_cmp(&b.flop_fraction));
     let acc_min = points.iter().map(|r| r.accuracy * 100.0).fold(f64::INFINITY, f64::min).floor() - 1.0;
     let acc_max = points.iter().map(|r| r.accuracy * 100.0).fold(f64::NEG_INFINITY, f64::max).ceil() + 0.5;
-    let lat_max = points.iter().map(|r| r.latency_ms).fold(0.0, f64::max) * 1.15 + 1e-3;
+    let timed: Vec<(f64, f64)> =
+        points.iter().filter_map(|r| r.latency_ms.map(|ms| (r.flop_fraction, ms))).collect();
+    let lat_max = timed.iter().map(|&(_, ms)| ms).fold(0.0, f64::max) * 1.15 + 1e-3;
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("{model}: accuracy and latency vs executed FLOPs"), ("sans-serif", 22))
         .margin(16)
@@ -38,15 +40,10 @@ pub fn accuracy_vs_flops(path: &Path, model: &str, rows: &[EvalRow]) -> anyhow::
         points.iter().map(|r| Circle::new((r.flop_fraction, r.accuracy * 100.0), 4, blue.filled())),
     )?;
     chart
-        .draw_secondary_series(LineSeries::new(
-            points.iter().map(|r| (r.flop_fraction, r.latency_ms)),
-            orange.stroke_width(2),
-        ))?
+        .draw_secondary_series(LineSeries::new(timed.iter().copied(), orange.stroke_width(2)))?
         .label("batch-1 latency")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange));
-    chart.draw_secondary_series(
-        points.iter().map(|r| Circle::new((r.flop_fraction, r.latency_ms), 4, orange.filled())),
-    )?;
+    chart.draw_secondary_series(timed.iter().map(|&p| Circle::new(p, 4, orange.filled())))?;
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))

@@ -256,7 +256,7 @@ pub fn budget_table(frontier: &[OperatingPoint], budgets: &[f64]) -> Vec<BudgetE
 
 /// The budgets a table is built for: 0.10, 0.15, …, 1.00.
 pub fn default_budgets() -> Vec<f64> {
-    (2..=20).map(|i| i as f64 * 0.05).collect()
+    (2..=20).map(|i| f64::from(i) / 20.0).collect()
 }
 
 #[cfg(test)]
