@@ -309,6 +309,7 @@ fn bottleneck_select_mode_counts_both_inner_widths() {
     for (block, decision) in model.spec.block_specs().iter().zip(&r.blocks) {
         let BlockDecision::Run { widths } = decision else { panic!("no block gates here") };
         assert_eq!(widths.len(), 2);
+        assert!(widths.iter().all(|w| w % 8 == 0), "select keeps multiples of 8: {widths:?}");
         let full = vec![block.inner_width(); 2];
         expected = expected - residual_flops(block, h, w, &full) + residual_flops(block, h, w, widths);
         let s = block.stride();

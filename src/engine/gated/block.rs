@@ -12,15 +12,49 @@ use crate::engine::folded::{FoldedConv, Layout, fold_bn, residual};
 use crate::engine::gates::{BlockGateParams, BlockGateSlots};
 use crate::engine::params::{BN_EPS, BlockParams};
 
-/// Weights for the select path: the full-width folded first conv (its rows are gathered)
-/// and, for the later convs, raw weights plus a folded batch-norm per stats width.
+/// Weights for the select path. conv1 gathers rows of the full-width folded conv1; each
+/// later conv keeps its weight folded with the full width's batch-norm statistics in NCHW
+/// (OIHW) order, where gathering output rows or input columns copies contiguous runs, and
+/// per width variant the correction that turns it into that variant's folding.
 #[derive(Debug)]
 struct SelectWeights {
-    /// Raw (unfolded) weights of conv2[, conv3], in the engine layout.
-    raw: Vec<Tensor>,
-    /// For conv2[, conv3]: per width variant, (scale, bias) of its batch-norm.
-    bn: Vec<Vec<(Tensor, Tensor)>>,
+    convs: Vec<SelectConv>,
     calls: AtomicU64,
+}
+
+#[derive(Debug)]
+struct SelectConv {
+    /// Folded with the full width's statistics; contiguous OIHW.
+    weight: Tensor,
+    /// Per width variant: `(bias, factor)` with `conv(h, weight, bias) * factor` equal to
+    /// the convolution folded with the variant's statistics; no factor where they agree.
+    variants: Vec<(Tensor, Option<Tensor>)>,
+}
+
+impl SelectConv {
+    /// `stats[v]` are variant `v`'s `(mean, var)`; the last variant is the full width.
+    fn new(
+        conv: &crate::engine::params::ConvParams,
+        bn: &crate::engine::params::BatchNormParams,
+        stats: &[(&Tensor, &Tensor)],
+    ) -> Self {
+        let (_, full_var) = stats[stats.len() - 1];
+        let (weight, _) = fold_bn(conv, bn, Some(stats[stats.len() - 1]));
+        let variants = stats
+            .iter()
+            .map(|&(mean, var)| {
+                let (_, bias) = fold_bn(conv, bn, Some((mean, var)));
+                // scale_v / scale_full, from the variances alone (independent of gamma).
+                let factor = ((full_var + BN_EPS) / (var + BN_EPS)).sqrt();
+                if factor.eq(1.0).all().int64_value(&[]) != 0 {
+                    (bias, None)
+                } else {
+                    (bias / &factor, Some(factor.view([1, -1, 1, 1])))
+                }
+            })
+            .collect();
+        SelectConv { weight: weight.contiguous(), variants }
+    }
 }
 
 /// A residual block with its gate slots and width variants.
@@ -66,20 +100,14 @@ impl GatedBlock {
             })
             .collect();
         let select = slots.channel.as_ref().map(|_| SelectWeights {
-            raw: params.layers[1..].iter().map(|l| layout.apply(&l.conv.weight.detach())).collect(),
-            bn: params.layers[1..]
+            convs: params.layers[1..]
                 .iter()
                 .enumerate()
                 .map(|(j, layer)| {
-                    (0..slots.widths.len())
-                        .map(|v| {
-                            let (mean, var) =
-                                stats(v, j + 1).unwrap_or((&layer.bn.running_mean, &layer.bn.running_var));
-                            let scale = &layer.bn.weight.detach() / (var + BN_EPS).sqrt();
-                            let bias = &layer.bn.bias.detach() - mean * &scale;
-                            (scale.view([-1, 1, 1, 1]), bias)
-                        })
-                        .collect()
+                    let running = (&layer.bn.running_mean, &layer.bn.running_var);
+                    let per_variant: Vec<_> =
+                        (0..slots.widths.len()).map(|v| stats(v, j + 1).unwrap_or(running)).collect();
+                    SelectConv::new(&layer.conv, &layer.bn, &per_variant)
                 })
                 .collect(),
             calls: AtomicU64::new(0),
@@ -129,19 +157,29 @@ impl GatedBlock {
         let first = &full[0];
         let w1 = layout.gather(&first.weight, 0, &idx[0]);
         let mut h = conv(x, &w1, &first.bias.index_select(0, &idx[0]), &first.shape).relu_();
-        let last = select.raw.len() - 1;
-        for (j, raw) in select.raw.iter().enumerate() {
+        let last = select.convs.len() - 1;
+        for (j, sc) in select.convs.iter().enumerate() {
             let shape = &full[j + 1].shape;
+            let (bias, factor) = &sc.variants[stats[j]];
             // Inputs: the previous conv's kept set; outputs: this conv's kept set (all, last).
-            let mut w = layout.gather(raw, 1, &idx[j]);
-            let (scale, bias) = &select.bn[j][stats[j]];
-            let (scale, bias) = if j == last {
-                (scale.shallow_clone(), bias.shallow_clone())
+            let (w, bias, factor) = if j == last {
+                (
+                    sc.weight.index_select(1, &idx[j]),
+                    bias.shallow_clone(),
+                    factor.as_ref().map(Tensor::shallow_clone),
+                )
             } else {
-                w = layout.gather(&w, 0, &idx[j + 1]);
-                (scale.index_select(0, &idx[j + 1]), bias.index_select(0, &idx[j + 1]))
+                let out = &idx[j + 1];
+                (
+                    sc.weight.index_select(0, out).index_select(1, &idx[j]),
+                    bias.index_select(0, out),
+                    factor.as_ref().map(|f| f.index_select(1, out)),
+                )
             };
-            h = conv(&h, &(w * scale), &bias, shape);
+            h = conv(&h, &w, &bias, shape);
+            if let Some(f) = factor {
+                h = h.g_mul_(&f);
+            }
             if j != last {
                 h = h.relu_();
             }
@@ -195,5 +233,57 @@ impl GatedBlock {
             layout.add_rows_(&out, rows, r);
         }
         out.relu_()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+    use crate::engine::arch::ArchSpec;
+    use crate::engine::gates::GateConfig;
+    use crate::engine::model::{ModelSource, load_params};
+
+    /// `select` on a leading set of an allowed width computes what the pre-sliced variant of
+    /// that width computes, including its own batch-norm statistics.
+    #[test]
+    fn select_on_a_prefix_equals_the_sliced_variant() {
+        let _g = tch::no_grad_guard();
+        for (arch, channels, hw) in [("resnet20", 1, 8), ("resnet50", 3, 32)] {
+            let spec = ArchSpec::named(arch, channels, 10).unwrap();
+            let source = ModelSource {
+                gates: GateConfig { channel: true, ..GateConfig::default() },
+                ..ModelSource::random(spec, 3)
+            };
+            let (_vs, params) = load_params(&source).unwrap();
+            let (bp, gp, slots) =
+                (&params.backbone.blocks[1], &params.gates.blocks[1], &params.gates.layout.blocks[1]);
+            // Per-width statistics unlike the full width's, as training leaves them.
+            for stats in gp.slim_stats.iter().flatten() {
+                let n = stats.running_mean.size()[0];
+                stats
+                    .running_mean
+                    .shallow_clone()
+                    .copy_(&(Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.3));
+                stats
+                    .running_var
+                    .shallow_clone()
+                    .copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
+            }
+            for layout in [Layout::ChannelsLast, Layout::Nchw] {
+                let block = GatedBlock::build(bp, gp, slots, layout);
+                let cin = bp.layers[0].conv.shape.in_ch;
+                let x = layout.apply(&Tensor::randn([2, cin, hw, hw], (Kind::Float, Device::Cpu)));
+                for (v, &width) in slots.widths.iter().enumerate().take(slots.widths.len() - 1) {
+                    let groups = bp.layers.len() - 1;
+                    let sets = vec![(0..width).collect::<Vec<i64>>(); groups];
+                    let select = block.run(&x, &[&Exec::Select { sets, stats: vec![v; groups] }; 2], layout);
+                    let slice = block.run(&x, &[&Exec::Slice(v); 2], layout);
+                    let diff = (&select - &slice).abs().max().double_value(&[]);
+                    assert!(diff < 1e-4, "{arch} {layout:?} width {width}: {diff}");
+                }
+            }
+        }
     }
 }

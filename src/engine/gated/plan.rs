@@ -61,6 +61,9 @@ impl Thresholds {
     }
 }
 
+/// `select` mode keeps channel counts in multiples of this (SIMD-friendly convolutions).
+const SELECT_GRANULE: usize = 8;
+
 /// Decides one block for one input from its row of gate scores (sigmoid outputs).
 pub fn decide(
     slots: &BlockGateSlots,
@@ -119,16 +122,16 @@ pub fn decide(
     }
 }
 
-/// Channels whose saliency passes `t`, but at least the `min` most salient; sorted.
+/// The channels whose saliency passes `t`, their count rounded up to a multiple of 8 (and to
+/// at least `min`) by adding the most salient of the others; sorted. Every passing channel
+/// is more salient than every other, so this is the top-k set for the rounded k.
 fn kept_set(saliency: &[f32], t: f32, min: usize) -> Vec<i64> {
-    let mut kept: Vec<i64> =
-        (0..saliency.len()).filter(|&c| passes(saliency[c], t)).map(|c| c as i64).collect();
-    if kept.len() < min {
-        let mut order: Vec<usize> = (0..saliency.len()).collect();
-        order.sort_by(|&a, &b| saliency[b].total_cmp(&saliency[a]).then(a.cmp(&b)));
-        kept = order[..min.min(order.len())].iter().map(|&c| c as i64).collect();
-        kept.sort_unstable();
-    }
+    let passing = saliency.iter().filter(|&&s| passes(s, t)).count();
+    let k = passing.next_multiple_of(SELECT_GRANULE).max(min).min(saliency.len());
+    let mut order: Vec<usize> = (0..saliency.len()).collect();
+    order.sort_by(|&a, &b| saliency[b].total_cmp(&saliency[a]).then(a.cmp(&b)));
+    let mut kept: Vec<i64> = order[..k].iter().map(|&c| c as i64).collect();
+    kept.sort_unstable();
     kept
 }
 
