@@ -33,6 +33,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=40)
+    p.add_argument("--only", default="", help="only cases whose name starts with this, e.g. resnet50")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -42,6 +43,8 @@ def main():
         ("resnet20", lambda: CifarResNet(20, 1, 10), 32, 1, 28),
     ]
     for name, make, batch, ch, hw in cases:
+        if not name.startswith(a.only):
+            continue
         x = torch.randn(batch, ch, hw, hw)
         xcl = x.contiguous(memory_format=torch.channels_last)
         nchw = make().eval()

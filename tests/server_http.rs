@@ -323,15 +323,19 @@ fn a_full_queue_answers_429_at_once_and_nothing_fails() {
     assert_eq!(post(&s, "tight", &[], &json_infer("input", &[1, 1, 28, 28], &input(1))).0, 200);
 }
 
+/// Sets `[batching] max_queue_delay_us` in a model's config.
+fn set_queue_delay(path: &std::path::Path, us: i64) {
+    let mut config: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+    let batching = config.entry("batching").or_insert_with(|| toml::Table::new().into());
+    batching.as_table_mut().unwrap().insert("max_queue_delay_us".into(), us.into());
+    std::fs::write(path, toml::to_string(&config).unwrap()).unwrap();
+}
+
 #[test]
 fn concurrent_requests_are_batched_together() {
     let repo = tempfile::tempdir().unwrap();
     add_model(repo.path(), "batched", &["--seed", "1"], "");
-    let path = repo.path().join("batched/config.toml");
-    let config = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("max_queue_delay_us = 500", "max_queue_delay_us = 300000");
-    std::fs::write(&path, config).unwrap();
+    set_queue_delay(&repo.path().join("batched/config.toml"), 300000);
     let s = Server::start(repo.path(), &[]);
     let body = json_infer("input", &[1, 1, 28, 28], &input(1));
     std::thread::scope(|scope| {
@@ -358,11 +362,7 @@ fn concurrent_requests_are_batched_together() {
 fn sigterm_drains_in_flight_requests_then_exits() {
     let repo = tempfile::tempdir().unwrap();
     add_model(repo.path(), "slow", &["--seed", "1"], "");
-    let path = repo.path().join("slow/config.toml");
-    let config = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("max_queue_delay_us = 500", "max_queue_delay_us = 1500000");
-    std::fs::write(&path, config).unwrap();
+    set_queue_delay(&repo.path().join("slow/config.toml"), 1500000);
     let mut s = Server::start(repo.path(), &[]);
     let (http, metrics) = (s.http, s.metrics);
     let client = std::thread::spawn(move || {

@@ -11,7 +11,9 @@ use super::timing::interleaved;
 use crate::engine::folded::{FoldedResNet, Layout};
 use crate::engine::gates::{BlockGates, GateConfig};
 use crate::engine::model::load_params;
-use crate::engine::{ArchSpec, BatchTotals, ChannelMode, ComputeReport, GatePolicy, Model, ModelSource};
+use crate::engine::{
+    ArchSpec, BatchTotals, BlockDecision, ChannelMode, ComputeReport, GatePolicy, Model, ModelSource,
+};
 
 /// The gate kinds a row exercises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -38,7 +40,9 @@ pub struct Row {
     pub dense_ms: f64,
     pub speedup: f64,
     pub efficiency: f64,
-    /// Distinct per-input decision patterns in the batch (1 = uniform).
+    /// Mean fraction of the inner channels kept, over inputs and the blocks they ran.
+    pub kept_fraction: f64,
+    /// Distinct per-input decision patterns in the batch, by widths (1 = uniform).
     pub distinct_plans: usize,
     pub threads: i32,
 }
@@ -129,6 +133,21 @@ pub fn varied_inputs(n: i64, c: i64, hw: i64, seed: i64) -> Tensor {
     Tensor::randn([n, c, hw, hw], (Kind::Float, Device::Cpu)) * (&spread + 0.5) + (spread - 0.5)
 }
 
+fn kept_fraction(spec: &ArchSpec, reports: &[ComputeReport]) -> f64 {
+    let blocks = spec.block_specs();
+    let kept: Vec<f64> = reports
+        .iter()
+        .flat_map(|r| r.blocks.iter().zip(&blocks))
+        .filter_map(|(d, b)| match d {
+            BlockDecision::Run { widths } => {
+                Some(widths.iter().sum::<i64>() as f64 / (widths.len() as i64 * b.inner_width()) as f64)
+            }
+            _ => None,
+        })
+        .collect();
+    kept.iter().sum::<f64>() / kept.len().max(1) as f64
+}
+
 fn distinct_plans(reports: &[ComputeReport]) -> usize {
     let mut plans: Vec<String> = reports.iter().map(|r| format!("{:?}{:?}", r.blocks, r.exit)).collect();
     plans.sort();
@@ -181,6 +200,7 @@ pub fn run(plan: &BenchPlan, mut each: impl FnMut(&Row)) -> anyhow::Result<Vec<R
                     dense_ms: t.median_ms[0],
                     speedup: t.speedup[1],
                     efficiency: t.speedup[1] * flop_fraction,
+                    kept_fraction: kept_fraction(&spec, &reports),
                     distinct_plans: distinct_plans(&reports),
                     threads,
                 };
@@ -194,8 +214,8 @@ pub fn run(plan: &BenchPlan, mut each: impl FnMut(&Row)) -> anyhow::Result<Vec<R
 
 /// The markdown table header and one row.
 pub fn markdown_header() -> String {
-    "| model | batch | gate | target | FLOP fraction | latency ms | dense ms | speedup | efficiency | plans |\n\
-     |---|---|---|---|---|---|---|---|---|---|"
+    "| model | batch | gate | target | FLOP fraction | channels kept | latency ms | dense ms | speedup | efficiency | plans |\n\
+     |---|---|---|---|---|---|---|---|---|---|---|"
         .to_string()
 }
 
@@ -203,12 +223,13 @@ pub fn markdown_row(r: &Row) -> String {
     let gate =
         serde_json::to_value(r.gate).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     format!(
-        "| {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2}x | {:.2} | {} |",
+        "| {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2}x | {:.2} | {} |",
         r.model,
         r.batch,
         gate,
         r.target,
         r.flop_fraction,
+        r.kept_fraction,
         r.latency_ms,
         r.dense_ms,
         r.speedup,

@@ -36,7 +36,9 @@ pub struct ServeArgs {
     /// Engine instances per model (overrides each config's batching.instances).
     #[arg(long, env = "SLUICE_INSTANCES")]
     pub instances: Option<usize>,
-    /// libtorch threads per engine instance (default: cores / all instances, at least 1).
+    /// libtorch threads per engine instance, for models whose config sets no
+    /// `batching.threads` (default: cores / the most instances any model has, at least 1;
+    /// models that are busy at the same time share the cores).
     #[arg(long, env = "SLUICE_ENGINE_THREADS")]
     pub engine_threads: Option<usize>,
     /// Activation and weight memory layout.
@@ -85,15 +87,21 @@ fn admin_token(args: &ServeArgs) -> anyhow::Result<Option<AdminToken>> {
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let models = crate::repository::scan(&args.model_repository)?;
-    let instances: usize =
-        models.iter().map(|m| args.instances.unwrap_or(m.config.batching.instances).max(1)).sum();
-    let threads = args.engine_threads.unwrap_or((cores / instances.max(1)).max(1));
+    // One model's instances run side by side under load, so they split the cores; different
+    // models take turns (a repository is rarely busy everywhere at once), so each model's
+    // engines may use every core.
+    let instances: usize = models
+        .iter()
+        .map(|m| args.instances.unwrap_or(m.config.batching.instances).max(1))
+        .max()
+        .unwrap_or(1);
+    let threads = args.engine_threads.unwrap_or((cores / instances).max(1));
     if threads * instances > cores {
         tracing::warn!(
             threads,
             instances,
             cores,
-            "engine instances × threads exceed the cores: expect contention"
+            "a model's engine instances × threads exceed the cores: expect contention"
         );
     }
     let config = ServerConfig {

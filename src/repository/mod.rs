@@ -100,17 +100,22 @@ pub struct OutputConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchingConfig {
-    /// How long the first request of a batch may wait for others.
+    /// How long the first request of a batch may wait for others. 0 (Triton's default):
+    /// a free engine takes whatever is queued at once; under load requests queue while the
+    /// engine computes, so batches still form, and a lone request never waits.
     pub max_queue_delay_us: u64,
     /// Requests admitted but not yet answered; more are refused at once (429).
     pub queue_capacity: usize,
     /// Engine threads (model copies) for this model.
     pub instances: usize,
+    /// libtorch threads per engine instance of this model (default: the server's
+    /// `--engine-threads`).
+    pub threads: Option<usize>,
 }
 
 impl Default for BatchingConfig {
     fn default() -> Self {
-        BatchingConfig { max_queue_delay_us: 500, queue_capacity: 256, instances: 1 }
+        BatchingConfig { max_queue_delay_us: 0, queue_capacity: 256, instances: 1, threads: None }
     }
 }
 

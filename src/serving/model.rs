@@ -92,8 +92,8 @@ impl ModelRuntime {
         }
         let instances = options.instances.unwrap_or(config.batching.instances).max(1);
         let source = ModelSource { layout: options.layout, ..dir.source(options.layout) };
-        let workers =
-            spawn_workers(&name, source, instances, options.intra_op_threads, config.max_batch_size).await?;
+        let threads = config.batching.threads.unwrap_or(options.intra_op_threads).max(1);
+        let workers = spawn_workers(&name, source, instances, threads, config.max_batch_size).await?;
         let blocks: Vec<BlockGates> = dir
             .spec
             .block_specs()
