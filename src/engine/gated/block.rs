@@ -10,7 +10,7 @@ use super::plan::Exec;
 use crate::engine::arch::{BlockSpec, ConvShape};
 use crate::engine::folded::{FoldedConv, Layout, fold_bn, residual};
 use crate::engine::gates::{BlockGateParams, BlockGateSlots};
-use crate::engine::params::{BN_EPS, BlockParams};
+use crate::engine::params::{BN_EPS, BatchNormParams, BlockParams, ConvParams};
 
 /// Weights for the select path. conv1 gathers rows of the full-width folded conv1; each
 /// later conv keeps its weight folded with the full width's batch-norm statistics in NCHW
@@ -33,11 +33,7 @@ struct SelectConv {
 
 impl SelectConv {
     /// `stats[v]` are variant `v`'s `(mean, var)`; the last variant is the full width.
-    fn new(
-        conv: &crate::engine::params::ConvParams,
-        bn: &crate::engine::params::BatchNormParams,
-        stats: &[(&Tensor, &Tensor)],
-    ) -> Self {
+    fn new(conv: &ConvParams, bn: &BatchNormParams, stats: &[(&Tensor, &Tensor)]) -> Self {
         let (_, full_var) = stats[stats.len() - 1];
         let (weight, _) = fold_bn(conv, bn, Some(stats[stats.len() - 1]));
         let variants = stats
