@@ -96,11 +96,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         test = test.take(args.limit);
     }
     let mut policies: Vec<(Option<f64>, GatePolicy)> = vec![(None, GatePolicy::dense())];
-    for e in table.iter().flat_map(|t| &t.budgets) {
-        policies.push((
-            Some(e.budget),
-            table.as_ref().map(|t| t.policy_for(e.budget)).transpose()?.unwrap_or_default(),
-        ));
+    if let Some(t) = &table {
+        for e in &t.budgets {
+            policies.push((Some(e.budget), t.policy_for(e.budget)?));
+        }
     }
     let latencies = batch1_latencies(&model, &test, &policies, args.latency_images);
     let mut rows = Vec::new();
