@@ -186,7 +186,8 @@ def perf(s, protocol, csv_path):
     assert "error" not in text.lower(), text
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["Concurrency"]) for r in rows] == [1, 2, 3, 4], rows
+    # perf_analyzer orders the CSV by throughput, not by concurrency: every level, once.
+    assert sorted(int(r["Concurrency"]) for r in rows) == [1, 2, 3, 4], rows
     assert all(float(r["Inferences/Second"]) > 0 for r in rows)
 
 
