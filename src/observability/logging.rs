@@ -31,7 +31,10 @@ impl Drop for LoggingGuard {
 /// `otlp` feature (it is an error to ask for it otherwise).
 pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<LoggingGuard> {
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: redirected logs stay plain text for grep and collectors.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),

@@ -47,6 +47,11 @@ impl<T> BatchQueue<T> {
         self.waiting.is_empty()
     }
 
+    /// Removes every waiting request.
+    pub fn clear(&mut self) {
+        self.waiting.clear();
+    }
+
     /// When the oldest request's wait runs out.
     pub fn deadline(&self) -> Option<Instant> {
         self.waiting.front().map(|p| p.enqueued + self.max_delay)

@@ -1,19 +1,24 @@
-//! The per-model scheduler: admission control (an owned semaphore permit per request, so
-//! a full queue answers at once), a batcher task that forms dynamic batches with
-//! [`BatchQueue`] while an engine instance is free, and completion tasks that split each
-//! batch's output back to its requests.
+//! The per-model scheduler. Admitted requests wait in one [`BatchQueue`] behind a mutex;
+//! each engine instance is a thread that, whenever it is free, takes the next due batch from
+//! that queue itself, runs it and answers every request of the batch directly. A request so
+//! crosses two threads in all (front door → engine → front door) with no batcher task in
+//! between, a busy engine starts its next batch without waiting to be handed one, and the
+//! queue delay is a condition-variable timeout (a futex wait) rather than a tokio timer
+//! (1 ms ticks). Admission control is an owned semaphore permit per request, so a full
+//! queue answers at once.
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tracing::{Instrument, Span, debug, warn};
+use prometheus::IntGauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tracing::{Span, debug, error, warn};
 
 use super::queue::{BatchQueue, Pending};
-use super::worker::{BatchOutput, EngineWorker, InputBatch, WorkerError};
-use crate::engine::{ComputeReport, EngineError, GatePolicy};
-use prometheus::IntGauge;
-
+use super::worker::{self, BatchOutput, InputBatch, WorkerConfig, WorkerError};
+use crate::engine::{ComputeReport, GatePolicy, Model, ModelSource};
 use crate::observability::ModelMetrics;
 
 /// Batching settings of one model.
@@ -34,8 +39,8 @@ pub enum ScheduleError {
     QueueFull(String),
     #[error("model `{0}` is shutting down")]
     Stopped(String),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
+    #[error("model `{model}`: the batch failed: {why}")]
+    Failed { model: String, why: String },
 }
 
 /// The engine's answer for one request.
@@ -47,13 +52,16 @@ pub struct EngineAnswer {
     pub reports: Vec<ComputeReport>,
     pub policy_version: u64,
     pub queue_time: Duration,
+    /// Engine time of the batch the request ran in.
     pub compute_time: Duration,
     pub batch_size: usize,
 }
 
+type Reply = oneshot::Sender<Result<EngineAnswer, ScheduleError>>;
+
 struct Job {
     values: Vec<f32>,
-    reply: oneshot::Sender<Result<EngineAnswer, ScheduleError>>,
+    reply: Reply,
     span: Span,
     admitted: Admitted,
     /// Counted in the queue-depth gauge until its batch starts (or it is dropped).
@@ -83,11 +91,30 @@ struct Admitted {
     _inflight: GaugeGuard,
 }
 
+/// Where a batch gets the live policy when it starts.
+pub type LivePolicy = Arc<dyn Fn() -> Arc<GatePolicy> + Send + Sync>;
+
+/// What the front doors and the engine threads share.
+struct Shared {
+    model: String,
+    config: SchedulerConfig,
+    state: Mutex<State>,
+    /// Signalled when a request arrives, when a taken batch leaves due work behind, and on
+    /// close.
+    wake: Condvar,
+    live: LivePolicy,
+    metrics: ModelMetrics,
+}
+
+struct State {
+    queue: BatchQueue<Job>,
+    open: bool,
+}
+
 /// The cheap-to-clone handle front doors use.
 #[derive(Clone)]
 pub struct SchedulerHandle {
-    model: Arc<str>,
-    jobs: mpsc::Sender<Pending<Job>>,
+    shared: Arc<Shared>,
     admission: Arc<Semaphore>,
     capacity: usize,
     inflight: IntGauge,
@@ -104,9 +131,10 @@ impl SchedulerHandle {
         items: usize,
         policy: Option<Arc<GatePolicy>>,
     ) -> Result<EngineAnswer, ScheduleError> {
+        let stopped = || ScheduleError::Stopped(self.shared.model.clone());
         let permit = self.admission.clone().try_acquire_owned().map_err(|e| match e {
-            tokio::sync::TryAcquireError::NoPermits => ScheduleError::QueueFull(self.model.to_string()),
-            tokio::sync::TryAcquireError::Closed => ScheduleError::Stopped(self.model.to_string()),
+            tokio::sync::TryAcquireError::NoPermits => ScheduleError::QueueFull(self.shared.model.clone()),
+            tokio::sync::TryAcquireError::Closed => stopped(),
         })?;
         let (reply, answer) = oneshot::channel();
         let admitted = Admitted { _permit: permit, _inflight: GaugeGuard::new(&self.inflight) };
@@ -117,9 +145,8 @@ impl SchedulerHandle {
             admitted,
             queued: GaugeGuard::new(&self.queue_depth),
         };
-        let pending = Pending { items, policy, enqueued: Instant::now(), payload: job };
-        self.jobs.try_send(pending).map_err(|_| ScheduleError::Stopped(self.model.to_string()))?;
-        answer.await.map_err(|_| ScheduleError::Stopped(self.model.to_string()))?
+        self.shared.enqueue(Pending { items, policy, enqueued: Instant::now(), payload: job })?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Requests admitted and not yet answered.
@@ -128,161 +155,196 @@ impl SchedulerHandle {
     }
 }
 
-/// Where a batch gets the live policy when it starts.
-pub type LivePolicy = Arc<dyn Fn() -> Arc<GatePolicy> + Send + Sync>;
+/// A model's engine threads. Dropping it closes the queue (requests still waiting are
+/// answered "shutting down"), lets running batches finish and joins the threads.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    engines: Vec<JoinHandle<()>>,
+}
 
-/// Starts the batcher for `workers`; returns the handle and the batcher's task.
+/// Starts one engine thread per entry of `engines` on `source` (each builds and warms up
+/// its own model; this blocks until all are ready) and returns them with the handle
+/// front doors use.
 pub fn start(
     model: &str,
     config: SchedulerConfig,
-    workers: Vec<EngineWorker>,
+    source: &ModelSource,
+    engines: &[WorkerConfig],
     live: LivePolicy,
     metrics: ModelMetrics,
-) -> (SchedulerHandle, tokio::task::JoinHandle<()>) {
-    let (jobs, inbox) = mpsc::channel(config.queue_capacity.max(1));
-    let handle = SchedulerHandle {
-        model: model.into(),
-        jobs,
-        admission: Arc::new(Semaphore::new(config.queue_capacity)),
-        capacity: config.queue_capacity,
-        inflight: metrics.inflight.clone(),
-        queue_depth: metrics.queue_depth.clone(),
-    };
-    let (free_tx, free) = mpsc::channel(workers.len().max(1));
-    for i in 0..workers.len() {
-        let _ = free_tx.try_send(i);
+) -> Result<(Scheduler, SchedulerHandle), WorkerError> {
+    let (inflight, queue_depth) = (metrics.inflight.clone(), metrics.queue_depth.clone());
+    let capacity = config.queue_capacity;
+    let shared = Arc::new(Shared {
+        model: model.to_string(),
+        state: Mutex::new(State {
+            queue: BatchQueue::new(config.max_batch_size, config.max_queue_delay),
+            open: true,
+        }),
+        wake: Condvar::new(),
+        config,
+        live,
+        metrics,
+    });
+    // On an error, dropping the partly started scheduler stops the engines already running.
+    let mut scheduler = Scheduler { shared: shared.clone(), engines: Vec::with_capacity(engines.len()) };
+    for engine in engines {
+        let shared = shared.clone();
+        scheduler
+            .engines
+            .push(worker::start_engine(source.clone(), engine, move |model| shared.serve(model))?);
     }
-    let batcher =
-        Batcher { model: model.to_string(), config, workers: Arc::new(workers), live, metrics, free_tx };
-    let task = tokio::spawn(batcher.run(inbox, free));
-    (handle, task)
+    let handle = SchedulerHandle {
+        shared,
+        admission: Arc::new(Semaphore::new(capacity)),
+        capacity,
+        inflight,
+        queue_depth,
+    };
+    Ok((scheduler, handle))
 }
 
-/// The batcher task's state.
-struct Batcher {
-    model: String,
-    config: SchedulerConfig,
-    workers: Arc<Vec<EngineWorker>>,
-    live: LivePolicy,
-    metrics: ModelMetrics,
-    /// Engine instances report back here when they finish a batch.
-    free_tx: mpsc::Sender<usize>,
-}
-
-impl Batcher {
-    /// Forms batches while an engine instance is free, until the request channel closes and
-    /// the queue is drained.
-    async fn run(self, mut inbox: mpsc::Receiver<Pending<Job>>, mut free: mpsc::Receiver<usize>) {
-        let mut queue = BatchQueue::new(self.config.max_batch_size, self.config.max_queue_delay);
-        let mut open = true;
-        loop {
-            let Some(worker) = free.recv().await else { return };
-            // Wait until a batch is due; requests keep arriving meanwhile.
-            let batch = loop {
-                while let Ok(p) = inbox.try_recv() {
-                    queue.push(p);
-                }
-                let dropped = queue.drop_abandoned(|job| job.reply.is_closed());
-                if dropped > 0 {
-                    debug!(dropped, "requests abandoned by their clients before batching");
-                }
-                if let Some(batch) = queue.pop_batch(Instant::now(), !open) {
-                    break batch;
-                }
-                if !open {
-                    return; // closed and drained
-                }
-                let deadline = queue.deadline();
-                tokio::select! {
-                    next = inbox.recv() => match next {
-                        Some(p) => queue.push(p),
-                        None => open = false,
-                    },
-                    _ = sleep_until(deadline), if deadline.is_some() => {}
-                }
-            };
-            // One snapshot per batch: the policy is whole, and changes apply from the next batch.
-            let policy = batch[0].policy.clone().unwrap_or_else(|| (self.live)());
-            self.dispatch(worker, batch, policy);
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        {
+            let mut state = self.shared.lock();
+            state.open = false;
+            state.queue.clear();
+        }
+        self.shared.wake.notify_all();
+        for engine in self.engines.drain(..) {
+            if engine.join().is_err() {
+                warn!(model = %self.shared.model, "engine thread panicked");
+            }
         }
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    if let Some(d) = deadline {
-        tokio::time::sleep_until(d.into()).await;
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The lock is never held across engine work, so a poisoned state is still whole.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
 
-impl Batcher {
-    /// Sends a batch to engine instance `worker` and answers its requests when it is done.
-    fn dispatch(&self, worker: usize, batch: Vec<Pending<Job>>, policy: Arc<GatePolicy>) {
-        let (model, config, workers, metrics) = (&self.model, &self.config, &self.workers, &self.metrics);
-        let free = self.free_tx.clone();
+    fn enqueue(&self, pending: Pending<Job>) -> Result<(), ScheduleError> {
+        {
+            let mut state = self.lock();
+            if !state.open {
+                return Err(ScheduleError::Stopped(self.model.clone()));
+            }
+            state.queue.push(pending);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// An engine thread's loop: run batches until the scheduler closes.
+    fn serve(&self, model: &Model) {
+        while let Some(batch) = self.next_batch() {
+            self.run_batch(model, batch);
+        }
+    }
+
+    /// Blocks until a batch is due (or the scheduler closes: `None`).
+    fn next_batch(&self) -> Option<Vec<Pending<Job>>> {
+        let mut state = self.lock();
+        loop {
+            let dropped = state.queue.drop_abandoned(|job| job.reply.is_closed());
+            if dropped > 0 {
+                debug!(model = %self.model, dropped, "requests abandoned by their clients before batching");
+            }
+            if !state.open {
+                return None;
+            }
+            let now = Instant::now();
+            if let Some(batch) = state.queue.pop_batch(now, false) {
+                let more = !state.queue.is_empty();
+                drop(state);
+                if more {
+                    self.wake.notify_one(); // for another free engine
+                }
+                return Some(batch);
+            }
+            state = match state.queue.deadline() {
+                Some(due) => {
+                    let wait = due.saturating_duration_since(now);
+                    self.wake.wait_timeout(state, wait).unwrap_or_else(PoisonError::into_inner).0
+                }
+                None => self.wake.wait(state).unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+    }
+
+    /// Runs one batch on this engine thread and answers its requests.
+    fn run_batch(&self, model: &Model, batch: Vec<Pending<Job>>) {
         let started = Instant::now();
+        // One snapshot per batch: the policy is whole, and changes apply from the next batch.
+        let policy = batch[0].policy.clone().unwrap_or_else(|| (self.live)());
         let items: usize = batch.iter().map(|p| p.items).sum();
-        let mut values = Vec::with_capacity(items * config.item_shape.iter().product::<i64>() as usize);
-        let mut parts = Vec::with_capacity(batch.len());
+        let [c, h, w] = self.config.item_shape;
+        let mut values = Vec::with_capacity(items * (c * h * w) as usize);
+        let mut waiting = Vec::with_capacity(batch.len());
         for p in batch {
-            let queue_time = started - p.enqueued;
-            metrics.queue_duration.observe(queue_time.as_secs_f64());
+            let queue_time = started.saturating_duration_since(p.enqueued);
+            self.metrics.queue_duration.observe(queue_time.as_secs_f64());
             let Job { values: v, reply, span, admitted, queued } = p.payload;
             drop(queued);
-            values.extend(v);
-            parts.push((p.items, reply, span, queue_time, admitted));
+            values.extend_from_slice(&v);
+            waiting.push(Waiting { items: p.items, reply, span, queue_time, admitted });
         }
-        let [c, h, w] = config.item_shape;
-        let input = InputBatch { values, shape: vec![items as i64, c, h, w] };
         // The batch's span is a child of its first request's span and follows from the
         // others', so each request's trace runs protocol → queue → engine.
-        let span = parts.first().map_or_else(Span::none, |first| {
-            tracing::info_span!(parent: &first.2, "batch", model, batch_size = items, policy_version = policy.version)
-        });
-        for part in parts.iter().skip(1) {
-            span.follows_from(&part.2);
-        }
-        // The engine thread enters the span of the job, which is this batch's.
-        let submitted = span.in_scope(|| workers[worker].try_submit(input, policy));
-        let metrics = metrics.clone();
-        let model = model.to_string();
-        tokio::spawn(
-            async move {
-                let result = match submitted {
-                    Ok(answer) => answer.await.unwrap_or(Err(WorkerError::Stopped)),
-                    Err(e) => Err(e),
-                };
-                let _ = free.send(worker).await;
-                let compute_time = started.elapsed();
-                match result {
-                    Ok(out) => {
-                        metrics.compute_duration.observe(compute_time.as_secs_f64());
-                        metrics.record_batch(&out.reports);
-                        reply_all(parts, out, compute_time, items);
-                    }
-                    Err(e) => {
-                        warn!(model, error = %e, "batch failed");
-                        for (_, reply, _, _, _) in parts {
-                            let err = match &e {
-                                WorkerError::Engine(inner) => {
-                                    ScheduleError::Engine(EngineError::InvalidConfig(inner.to_string()))
-                                }
-                                _ => ScheduleError::Stopped(model.clone()),
-                            };
-                            let _ = reply.send(Err(err));
-                        }
-                    }
-                }
-            }
-            .instrument(span),
+        let span = tracing::info_span!(
+            parent: &waiting[0].span, "batch", model = %self.model, batch_size = items, policy_version = policy.version
         );
+        for w in waiting.iter().skip(1) {
+            span.follows_from(&w.span);
+        }
+        let _batch = span.enter();
+        let engine = tracing::info_span!("engine", executed_flops = tracing::field::Empty).entered();
+        let input = InputBatch { values, shape: vec![items as i64, c, h, w] };
+        // A panic in the engine fails this batch, not the thread: the weights are read-only.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| worker::run(model, &input, &policy)));
+        let compute_time = started.elapsed();
+        match result {
+            Ok(Ok(out)) => {
+                let executed: u64 = out.reports.iter().map(|r| r.executed_flops).sum();
+                engine.record("executed_flops", executed);
+                debug!(executed_flops = executed, batch = out.batch, "batch computed");
+                drop(engine);
+                self.metrics.compute_duration.observe(compute_time.as_secs_f64());
+                self.metrics.record_batch(&out.reports);
+                reply_all(waiting, &out, compute_time, items);
+            }
+            Ok(Err(e)) => {
+                warn!(model = %self.model, error = %e, "batch failed");
+                fail_all(waiting, &self.model, &e.to_string());
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown panic");
+                error!(model = %self.model, panic = what, "the engine panicked; batch failed");
+                fail_all(waiting, &self.model, &format!("the engine panicked: {what}"));
+            }
+        }
     }
 }
 
-type Part = (usize, oneshot::Sender<Result<EngineAnswer, ScheduleError>>, Span, Duration, Admitted);
+/// A request of a running batch.
+struct Waiting {
+    items: usize,
+    reply: Reply,
+    span: Span,
+    queue_time: Duration,
+    admitted: Admitted,
+}
 
-fn reply_all(parts: Vec<Part>, out: BatchOutput, compute_time: Duration, batch_size: usize) {
+fn reply_all(waiting: Vec<Waiting>, out: &BatchOutput, compute_time: Duration, batch_size: usize) {
     let mut row = 0;
-    for (items, reply, _span, queue_time, _admitted) in parts {
+    for Waiting { items, reply, queue_time, admitted, .. } in waiting {
         let answer = EngineAnswer {
             logits: out.logits[row * out.classes..(row + items) * out.classes].to_vec(),
             classes: out.classes,
@@ -293,6 +355,15 @@ fn reply_all(parts: Vec<Part>, out: BatchOutput, compute_time: Duration, batch_s
             batch_size,
         };
         row += items;
+        // Leave the queue before the client sees the answer, so it counts as answered.
+        drop(admitted);
         let _ = reply.send(Ok(answer));
+    }
+}
+
+fn fail_all(waiting: Vec<Waiting>, model: &str, why: &str) {
+    for Waiting { reply, admitted, .. } in waiting {
+        drop(admitted);
+        let _ = reply.send(Err(ScheduleError::Failed { model: model.to_string(), why: why.to_string() }));
     }
 }

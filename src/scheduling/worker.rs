@@ -1,6 +1,9 @@
-//! The engine thread: one `std::thread` per model instance owns the model and every tensor
-//! (`tch::Tensor` is `Send`, not `Sync`). Plain data crosses a bounded channel in; each job
-//! carries its tracing span and a oneshot for the answer. The thread is joined on drop.
+//! Engine threads: one `std::thread` per model instance owns the model and every tensor
+//! (`tch::Tensor` is `Send`, not `Sync`). [`start_engine`] builds and warms the model on a
+//! new thread and then runs a loop given by the caller: the scheduler's engines take batches
+//! from their model's queue; an [`EngineWorker`] (the CLI, tests, benches) takes jobs from a
+//! bounded channel, each with its tracing span and a oneshot for the answer, and is joined on
+//! drop.
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -19,7 +22,8 @@ pub struct WorkerConfig {
     pub name: String,
     /// libtorch intra-op threads for this engine thread.
     pub intra_op_threads: usize,
-    /// Jobs that may wait in the channel before `try_submit` reports `Busy`.
+    /// Jobs that may wait in an [`EngineWorker`]'s channel before `try_submit` reports
+    /// `Busy` (a scheduler's engines take batches from its queue instead).
     pub queue_capacity: usize,
     /// Batch size of the warm-up pass run before the worker reports ready (0: none).
     pub warmup_batch: usize,
@@ -74,39 +78,8 @@ impl EngineWorker {
     /// or with the error that stopped it.
     pub fn spawn(source: ModelSource, config: WorkerConfig) -> Result<Self, WorkerError> {
         let (jobs, inbox) = mpsc::sync_channel(config.queue_capacity.max(1));
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let name = config.name.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                tch::set_num_threads(config.intra_op_threads.max(1) as i32);
-                let _no_grad = tch::no_grad_guard();
-                let model =
-                    match Model::build(&source).and_then(|m| warm_up(&m, config.warmup_batch).map(|_| m)) {
-                        Ok(model) => model,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                let _ = ready_tx.send(Ok(()));
-                serve(&model, inbox);
-            })
-            .map_err(|e| EngineError::InvalidConfig(format!("cannot start engine thread {name}: {e}")))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {
-                info!(worker = %config.name, threads = config.intra_op_threads, "engine ready");
-                Ok(EngineWorker { jobs: Some(jobs), thread: Some(thread) })
-            }
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e.into())
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(WorkerError::Stopped)
-            }
-        }
+        let thread = start_engine(source, &config, move |model| serve(model, inbox))?;
+        Ok(EngineWorker { jobs: Some(jobs), thread: Some(thread) })
     }
 
     /// Queues a batch without blocking; the answer arrives on the returned receiver.
@@ -149,6 +122,49 @@ impl Drop for EngineWorker {
     }
 }
 
+/// Starts an engine thread named after `config`: it sets its libtorch threads, builds the
+/// model, warms it up and then runs `body` with the model until `body` returns. Returns once
+/// the model is ready, or with the error that stopped it (the thread has ended then).
+pub fn start_engine(
+    source: ModelSource,
+    config: &WorkerConfig,
+    body: impl FnOnce(&Model) + Send + 'static,
+) -> Result<JoinHandle<()>, WorkerError> {
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    let (name, threads, warmup_batch) =
+        (config.name.clone(), config.intra_op_threads.max(1), config.warmup_batch);
+    let thread = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            tch::set_num_threads(threads as i32);
+            let _no_grad = tch::no_grad_guard();
+            let model = match Model::build(&source).and_then(|m| warm_up(&m, warmup_batch).map(|_| m)) {
+                Ok(model) => model,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            body(&model);
+        })
+        .map_err(|e| EngineError::InvalidConfig(format!("cannot start engine thread {name}: {e}")))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {
+            info!(worker = %name, threads, "engine ready");
+            Ok(thread)
+        }
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e.into())
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(WorkerError::Stopped)
+        }
+    }
+}
+
 fn serve(model: &Model, inbox: Receiver<Job>) {
     while let Ok(job) = inbox.recv() {
         if job.reply.is_closed() {
@@ -167,7 +183,12 @@ fn serve(model: &Model, inbox: Receiver<Job>) {
     }
 }
 
-fn run(model: &Model, input: &InputBatch, policy: &GatePolicy) -> Result<BatchOutput, EngineError> {
+/// Runs one batch on `model` (on its engine thread) and copies the answer out.
+pub(crate) fn run(
+    model: &Model,
+    input: &InputBatch,
+    policy: &GatePolicy,
+) -> Result<BatchOutput, EngineError> {
     model.check_input_shape(&input.shape)?;
     let expected: i64 = input.shape.iter().product();
     if expected as usize != input.values.len() {

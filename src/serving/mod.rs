@@ -145,7 +145,7 @@ impl ServingCore {
                 return Err(match e {
                     ScheduleError::QueueFull(_) => ApiError::Busy(e.to_string()),
                     ScheduleError::Stopped(_) => ApiError::Unavailable(e.to_string()),
-                    ScheduleError::Engine(inner) => ApiError::Internal(inner.to_string()),
+                    ScheduleError::Failed { .. } => ApiError::Internal(e.to_string()),
                 });
             }
         };

@@ -18,8 +18,8 @@ pub const POLICY_FILE: &str = "policy.json";
 use crate::observability::{BlockGates, Metrics, ModelMetrics};
 use crate::protocol::prepare::ModelInterface;
 use crate::repository::ModelDir;
-use crate::scheduling::scheduler::{self, SchedulerConfig, SchedulerHandle};
-use crate::scheduling::{EngineWorker, WorkerConfig};
+use crate::scheduling::WorkerConfig;
+use crate::scheduling::scheduler::{self, Scheduler, SchedulerConfig, SchedulerHandle};
 
 /// How models are loaded (from the command line).
 #[derive(Clone, Debug)]
@@ -57,11 +57,13 @@ pub struct ModelRuntime {
     pub stats: InferStats,
     pub load_seconds: f64,
     pub instances: usize,
-    _batcher: tokio::task::JoinHandle<()>,
+    /// The engine threads; dropping the runtime stops them.
+    _engines: Scheduler,
 }
 
 impl ModelRuntime {
-    /// Builds the model on its engine threads (warm-up included) and starts its scheduler.
+    /// Starts the model's engine threads (each builds and warms up its model) behind its
+    /// scheduler.
     pub async fn load(dir: ModelDir, options: &LoadOptions, metrics: &Metrics) -> anyhow::Result<Self> {
         let started = Instant::now();
         let config = &dir.config;
@@ -93,7 +95,6 @@ impl ModelRuntime {
         let instances = options.instances.unwrap_or(config.batching.instances).max(1);
         let source = ModelSource { layout: options.layout, ..dir.source(options.layout) };
         let threads = config.batching.threads.unwrap_or(options.intra_op_threads).max(1);
-        let workers = spawn_workers(&name, source, instances, threads, config.max_batch_size).await?;
         let blocks: Vec<BlockGates> = dir
             .spec
             .block_specs()
@@ -119,8 +120,21 @@ impl ModelRuntime {
             let policy = policy.clone();
             Arc::new(move || policy.snapshot())
         };
-        let (scheduler, batcher) =
-            scheduler::start(&name, scheduler_config, workers, live, model_metrics.clone());
+        let engines: Vec<WorkerConfig> = (0..instances)
+            .map(|i| WorkerConfig {
+                name: format!("engine-{name}-{i}"),
+                intra_op_threads: threads,
+                queue_capacity: 0,
+                warmup_batch: config.max_batch_size,
+            })
+            .collect();
+        let metrics_for_engines = model_metrics.clone();
+        let (engines, scheduler) = tokio::task::spawn_blocking(move || {
+            // Building and warming up blocks until every engine thread is ready.
+            scheduler::start(&name, scheduler_config, &source, &engines, live, metrics_for_engines)
+                .map_err(|e| anyhow::anyhow!("model `{name}`: {e}"))
+        })
+        .await??;
         let load_seconds = started.elapsed().as_secs_f64();
         model_metrics.load_seconds.set(load_seconds);
         Ok(ModelRuntime {
@@ -132,7 +146,7 @@ impl ModelRuntime {
             stats: InferStats::default(),
             load_seconds,
             instances,
-            _batcher: batcher,
+            _engines: engines,
         })
     }
 
@@ -162,33 +176,6 @@ impl ModelRuntime {
         self.metrics.set_policy(&new);
         Ok(new)
     }
-}
-
-async fn spawn_workers(
-    name: &str,
-    source: ModelSource,
-    instances: usize,
-    threads: usize,
-    warmup_batch: usize,
-) -> anyhow::Result<Vec<EngineWorker>> {
-    let name = name.to_string();
-    // Building and warming up blocks until the engine thread is ready; wait off the runtime.
-    let workers = tokio::task::spawn_blocking(move || {
-        (0..instances)
-            .map(|i| {
-                let config = WorkerConfig {
-                    name: format!("engine-{name}-{i}"),
-                    intra_op_threads: threads,
-                    queue_capacity: 2,
-                    warmup_batch,
-                };
-                EngineWorker::spawn(source.clone(), config)
-                    .map_err(|e| anyhow::anyhow!("model `{name}`: {e}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-    })
-    .await??;
-    Ok(workers)
 }
 
 impl std::fmt::Debug for ModelRuntime {
