@@ -116,9 +116,6 @@ struct State {
 pub struct SchedulerHandle {
     shared: Arc<Shared>,
     admission: Arc<Semaphore>,
-    capacity: usize,
-    inflight: IntGauge,
-    queue_depth: IntGauge,
 }
 
 impl SchedulerHandle {
@@ -137,13 +134,14 @@ impl SchedulerHandle {
             tokio::sync::TryAcquireError::Closed => stopped(),
         })?;
         let (reply, answer) = oneshot::channel();
-        let admitted = Admitted { _permit: permit, _inflight: GaugeGuard::new(&self.inflight) };
+        let metrics = &self.shared.metrics;
+        let admitted = Admitted { _permit: permit, _inflight: GaugeGuard::new(&metrics.inflight) };
         let job = Job {
             values,
             reply,
             span: Span::current(),
             admitted,
-            queued: GaugeGuard::new(&self.queue_depth),
+            queued: GaugeGuard::new(&metrics.queue_depth),
         };
         self.shared.enqueue(Pending { items, policy, enqueued: Instant::now(), payload: job })?;
         answer.await.map_err(|_| stopped())?
@@ -151,7 +149,7 @@ impl SchedulerHandle {
 
     /// Requests admitted and not yet answered.
     pub fn inflight(&self) -> usize {
-        self.capacity - self.admission.available_permits()
+        self.shared.config.queue_capacity - self.admission.available_permits()
     }
 }
 
@@ -173,8 +171,7 @@ pub fn start(
     live: LivePolicy,
     metrics: ModelMetrics,
 ) -> Result<(Scheduler, SchedulerHandle), WorkerError> {
-    let (inflight, queue_depth) = (metrics.inflight.clone(), metrics.queue_depth.clone());
-    let capacity = config.queue_capacity;
+    let admission = Arc::new(Semaphore::new(config.queue_capacity));
     let shared = Arc::new(Shared {
         model: model.to_string(),
         state: Mutex::new(State {
@@ -194,14 +191,7 @@ pub fn start(
             .engines
             .push(worker::start_engine(source.clone(), engine, move |model| shared.serve(model))?);
     }
-    let handle = SchedulerHandle {
-        shared,
-        admission: Arc::new(Semaphore::new(capacity)),
-        capacity,
-        inflight,
-        queue_depth,
-    };
-    Ok((scheduler, handle))
+    Ok((scheduler, SchedulerHandle { shared, admission }))
 }
 
 impl Drop for Scheduler {
@@ -301,17 +291,13 @@ impl Shared {
             span.follows_from(&w.span);
         }
         let _batch = span.enter();
-        let engine = tracing::info_span!("engine", executed_flops = tracing::field::Empty).entered();
         let input = InputBatch { values, shape: vec![items as i64, c, h, w] };
         // A panic in the engine fails this batch, not the thread: the weights are read-only.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| worker::run(model, &input, &policy)));
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| worker::traced_run(model, &input, &policy)));
         let compute_time = started.elapsed();
         match result {
             Ok(Ok(out)) => {
-                let executed: u64 = out.reports.iter().map(|r| r.executed_flops).sum();
-                engine.record("executed_flops", executed);
-                debug!(executed_flops = executed, batch = out.batch, "batch computed");
-                drop(engine);
                 self.metrics.compute_duration.observe(compute_time.as_secs_f64());
                 self.metrics.record_batch(&out.reports);
                 reply_all(waiting, &out, compute_time, items);

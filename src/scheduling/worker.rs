@@ -170,25 +170,30 @@ fn serve(model: &Model, inbox: Receiver<Job>) {
         if job.reply.is_closed() {
             continue; // nobody waits for this answer any more
         }
-        let _batch = job.span.enter();
-        let engine = tracing::info_span!("engine", executed_flops = tracing::field::Empty).entered();
-        let result = run(model, &job.input, &job.policy).map_err(WorkerError::from);
-        if let Ok(out) = &result {
-            let executed: u64 = out.reports.iter().map(|r| r.executed_flops).sum();
-            engine.record("executed_flops", executed);
-            tracing::debug!(executed_flops = executed, batch = out.batch, "batch computed");
-        }
-        drop(engine);
-        let _ = job.reply.send(result);
+        let result = job.span.in_scope(|| traced_run(model, &job.input, &job.policy));
+        let _ = job.reply.send(result.map_err(WorkerError::from));
     }
 }
 
-/// Runs one batch on `model` (on its engine thread) and copies the answer out.
-pub(crate) fn run(
+/// [`run`] inside an `engine` span that records the executed FLOPs (a child of the current
+/// span, the batch's).
+pub(crate) fn traced_run(
     model: &Model,
     input: &InputBatch,
     policy: &GatePolicy,
 ) -> Result<BatchOutput, EngineError> {
+    let engine = tracing::info_span!("engine", executed_flops = tracing::field::Empty).entered();
+    let result = run(model, input, policy);
+    if let Ok(out) = &result {
+        let executed: u64 = out.reports.iter().map(|r| r.executed_flops).sum();
+        engine.record("executed_flops", executed);
+        tracing::debug!(executed_flops = executed, batch = out.batch, "batch computed");
+    }
+    result
+}
+
+/// Runs one batch on `model` (on its engine thread) and copies the answer out.
+fn run(model: &Model, input: &InputBatch, policy: &GatePolicy) -> Result<BatchOutput, EngineError> {
     model.check_input_shape(&input.shape)?;
     let expected: i64 = input.shape.iter().product();
     if expected as usize != input.values.len() {
