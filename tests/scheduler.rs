@@ -1,6 +1,6 @@
 //! The scheduler on a real engine thread: batches form from concurrent requests, abandoned
 //! requests are never computed, a full queue refuses at once, and stopping the scheduler
-//! answers whoever still waits.
+//! answers whoever still waits, also while an idle engine spins.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +12,22 @@ use sluice::scheduling::scheduler::{self, LivePolicy, Scheduler, SchedulerConfig
 use sluice::scheduling::{ScheduleError, WorkerConfig};
 
 fn start(max_batch: usize, delay: Duration, capacity: usize) -> (Scheduler, SchedulerHandle, ModelMetrics) {
+    start_spinning(max_batch, delay, capacity, Duration::ZERO)
+}
+
+fn start_spinning(
+    max_batch: usize,
+    delay: Duration,
+    capacity: usize,
+    idle_spin: Duration,
+) -> (Scheduler, SchedulerHandle, ModelMetrics) {
     let source = ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 3);
     let config = SchedulerConfig {
         max_batch_size: max_batch,
         max_queue_delay: delay,
         queue_capacity: capacity,
         item_shape: [1, 28, 28],
+        idle_spin,
     };
     let engine =
         WorkerConfig { name: "test-engine".into(), intra_op_threads: 1, queue_capacity: 0, warmup_batch: 0 };
@@ -86,4 +96,25 @@ async fn a_full_queue_refuses_at_once_and_stopping_answers_the_waiting() {
         other => panic!("expected Stopped, got {other:?}"),
     }
     assert!(matches!(handle.infer(image(2), 1, None).await, Err(ScheduleError::Stopped(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_engine_takes_new_work_and_stops_at_once() {
+    // An idle spin far longer than the bounds below: only noticing the enqueue (and the close)
+    // ends it in time.
+    let (scheduler, handle, metrics) = start_spinning(4, Duration::ZERO, 4, Duration::from_secs(300));
+    let bound = Duration::from_secs(30);
+    for seed in 0..3 {
+        let answer = tokio::time::timeout(bound, handle.infer(image(seed), 1, None)).await;
+        assert!(answer.expect("answered while the engine spins").is_ok());
+    }
+    assert_eq!(metrics.compute_duration.get_sample_count(), 3);
+    // Stop on a plain thread: a test that fails here must not wait for the spin to end.
+    let (stopped, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(scheduler);
+        let _ = stopped.send(());
+    });
+    done.recv_timeout(bound).expect("the spinning engine stops on close");
+    assert!(matches!(handle.infer(image(3), 1, None).await, Err(ScheduleError::Stopped(_))));
 }

@@ -28,6 +28,24 @@ pub struct ForwardArgs {
     pub budget: Option<f64>,
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
     pub threads: usize,
+    /// Also time forwards that follow this many microseconds of idling, as a lightly loaded
+    /// server's do: every other iteration idles first and is reported as `after_gap_*`.
+    #[arg(long, default_value_t = 0)]
+    pub gap_us: u64,
+    /// Idle by busy-waiting instead of sleeping (a sleeping thread's vCPU may halt).
+    #[arg(long, requires = "gap_us")]
+    pub gap_spin: bool,
+}
+
+/// Idles for `gap`: sleeping, or busy-waiting when `spin`.
+fn idle(gap: std::time::Duration, spin: bool) {
+    if !spin {
+        return std::thread::sleep(gap);
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < gap {
+        std::hint::spin_loop();
+    }
 }
 
 fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
@@ -59,27 +77,41 @@ fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
     for _ in 0..20 {
         let _ = model.forward(&x, &policy)?;
     }
+    let gap = std::time::Duration::from_micros(args.gap_us);
     let mut times = Vec::with_capacity(args.iterations);
+    let mut after_gap = Vec::new();
     let mut flops = 0;
-    for _ in 0..args.iterations {
+    for i in 0..args.iterations {
+        let gapped = !gap.is_zero() && i % 2 == 1;
+        if gapped {
+            idle(gap, args.gap_spin);
+        }
         let start = std::time::Instant::now();
         let (_, reports) = model.forward(&x, &policy)?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if gapped {
+            after_gap.push(ms)
+        } else {
+            times.push(ms)
+        }
         flops = reports.iter().map(|r| r.executed_flops).sum::<u64>();
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
-    println!(
-        "{}",
-        serde_json::json!({
-            "model": dir.config.name,
-            "median_ms": median(&times),
-            "p90_ms": sorted[(sorted.len() * 9) / 10],
-            "iterations": args.iterations,
-            "executed_flops": flops,
-            "threads": args.threads,
-        })
-    );
+    let mut report = serde_json::json!({
+        "model": dir.config.name,
+        "median_ms": median(&times),
+        "p90_ms": sorted.get((sorted.len() * 9) / 10).copied().unwrap_or(0.0),
+        "iterations": args.iterations,
+        "executed_flops": flops,
+        "threads": args.threads,
+    });
+    if !gap.is_zero() {
+        report["gap_us"] = args.gap_us.into();
+        report["gap"] = if args.gap_spin { "spin" } else { "sleep" }.into();
+        report["after_gap_median_ms"] = median(&after_gap).into();
+    }
+    println!("{report}");
     Ok(())
 }
 

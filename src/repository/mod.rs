@@ -96,6 +96,9 @@ pub struct OutputConfig {
     pub labels: Vec<String>,
 }
 
+/// The longest idle spin a model config may ask for.
+pub const MAX_IDLE_SPIN_US: u64 = 10_000;
+
 /// Dynamic batching and engine instances.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -111,11 +114,22 @@ pub struct BatchingConfig {
     /// libtorch threads per engine instance of this model (default: the server's
     /// `--engine-threads`).
     pub threads: Option<usize>,
+    /// After its queue runs dry, one free engine busy-waits this long for the next request
+    /// before it sleeps (0: sleep at once). On VMs that halt idle vCPUs a sleeping engine
+    /// wakes to cold caches; spinning keeps a lightly loaded engine fast at the price of
+    /// one core's worth of CPU while it spins (docs/benchmarks.md). At most 10 000.
+    pub idle_spin_us: u64,
 }
 
 impl Default for BatchingConfig {
     fn default() -> Self {
-        BatchingConfig { max_queue_delay_us: 0, queue_capacity: 256, instances: 1, threads: None }
+        BatchingConfig {
+            max_queue_delay_us: 0,
+            queue_capacity: 256,
+            instances: 1,
+            threads: None,
+            idle_spin_us: 0,
+        }
     }
 }
 
@@ -141,6 +155,12 @@ impl ModelDir {
             return Err(bad(
                 "max_batch_size, batching.queue_capacity and batching.instances must be positive".into(),
             ));
+        }
+        if config.batching.idle_spin_us > MAX_IDLE_SPIN_US {
+            return Err(bad(format!(
+                "batching.idle_spin_us is {}; at most {MAX_IDLE_SPIN_US} (a spinning engine holds a core)",
+                config.batching.idle_spin_us
+            )));
         }
         match (&config.input.datatype, &config.input.image) {
             (InputDatatype::Bytes, None) => {
@@ -206,4 +226,26 @@ pub fn scan(root: &Path) -> Result<Vec<ModelDir>, EngineError> {
         }
     }
     Ok(models)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped model's config with `[batching] idle_spin_us` set.
+    fn open_with_spin(us: u64) -> Result<ModelDir, EngineError> {
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/models/fashion-resnet20/config.toml");
+        let mut config: toml::Table = std::fs::read_to_string(shipped).unwrap().parse().unwrap();
+        config["batching"].as_table_mut().unwrap().insert("idle_spin_us".into(), (us as i64).into());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), toml::to_string(&config).unwrap()).unwrap();
+        ModelDir::open(dir.path())
+    }
+
+    #[test]
+    fn idle_spin_is_bounded() {
+        assert_eq!(open_with_spin(MAX_IDLE_SPIN_US).unwrap().config.batching.idle_spin_us, MAX_IDLE_SPIN_US);
+        let err = open_with_spin(MAX_IDLE_SPIN_US + 1).unwrap_err().to_string();
+        assert!(err.contains("batching.idle_spin_us is 10001; at most 10000"), "{err}");
+    }
 }

@@ -8,6 +8,7 @@
 //! queue answers at once.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ pub struct SchedulerConfig {
     pub queue_capacity: usize,
     /// Per-item values (C·H·W), to build batches.
     pub item_shape: [i64; 3],
+    /// How long one free engine busy-waits for work before it sleeps (zero: no spinning).
+    pub idle_spin: Duration,
 }
 
 /// Why a request got no answer from the engine.
@@ -104,6 +107,10 @@ struct Shared {
     wake: Condvar,
     live: LivePolicy,
     metrics: ModelMetrics,
+    /// Counts enqueues and the close, so a spinning engine sees work without the lock.
+    events: AtomicU64,
+    /// Set while one engine spins; the others sleep.
+    spinning: AtomicBool,
 }
 
 struct State {
@@ -179,6 +186,8 @@ pub fn start(
             open: true,
         }),
         wake: Condvar::new(),
+        events: AtomicU64::new(0),
+        spinning: AtomicBool::new(false),
         config,
         live,
         metrics,
@@ -201,6 +210,7 @@ impl Drop for Scheduler {
             state.open = false;
             state.queue.clear();
         }
+        self.shared.events.fetch_add(1, Ordering::Release);
         self.shared.wake.notify_all();
         for engine in self.engines.drain(..) {
             if engine.join().is_err() {
@@ -224,6 +234,7 @@ impl Shared {
             }
             state.queue.push(pending);
         }
+        self.events.fetch_add(1, Ordering::Release);
         self.wake.notify_one();
         Ok(())
     }
@@ -238,6 +249,7 @@ impl Shared {
     /// Blocks until a batch is due (or the scheduler closes: `None`).
     fn next_batch(&self) -> Option<Vec<Pending<Job>>> {
         let mut state = self.lock();
+        let mut may_spin = !self.config.idle_spin.is_zero();
         loop {
             let dropped = state.queue.drop_abandoned(|job| job.reply.is_closed());
             if dropped > 0 {
@@ -255,6 +267,14 @@ impl Shared {
                 }
                 return Some(batch);
             }
+            if may_spin && state.queue.is_empty() {
+                may_spin = false;
+                let seen = self.events.load(Ordering::Acquire);
+                drop(state);
+                self.spin_for_work(seen);
+                state = self.lock();
+                continue;
+            }
             state = match state.queue.deadline() {
                 Some(due) => {
                     let wait = due.saturating_duration_since(now);
@@ -263,6 +283,21 @@ impl Shared {
                 None => self.wake.wait(state).unwrap_or_else(PoisonError::into_inner),
             };
         }
+    }
+
+    /// Busy-waits until an enqueue or the close (an event after `seen`) or the idle spin runs
+    /// out, if no other engine is spinning already. A sleeping engine's vCPU halts on VMs
+    /// like ours, and the next forward pays for it (docs/benchmarks.md); one spinning engine
+    /// is enough to take the next request.
+    fn spin_for_work(&self, seen: u64) {
+        if self.spinning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let start = Instant::now();
+        while self.events.load(Ordering::Acquire) == seen && start.elapsed() < self.config.idle_spin {
+            std::hint::spin_loop();
+        }
+        self.spinning.store(false, Ordering::Release);
     }
 
     /// Runs one batch on this engine thread and answers its requests.

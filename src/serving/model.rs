@@ -114,6 +114,7 @@ impl ModelRuntime {
             max_queue_delay: std::time::Duration::from_micros(config.batching.max_queue_delay_us),
             queue_capacity: config.batching.queue_capacity,
             item_shape: config.input.dims,
+            idle_spin: std::time::Duration::from_micros(config.batching.idle_spin_us),
         };
         let policy = Arc::new(policy);
         let live: scheduler::LivePolicy = {
