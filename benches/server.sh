@@ -2,7 +2,8 @@
 # Server benchmark (a documented command, not a CI test): perf_analyzer at concurrency 1, 2,
 # 4 and 8 over HTTP (binary tensors) and gRPC against the shipped model at batch 1, and the
 # server overhead = p50 latency at concurrency 1 minus the engine-only forward time of the
-# same input, measured in the same run. Usage: benches/server.sh [model-repository] [model]
+# same input, measured in the same round (ROUNDS of them, default 3).
+# Usage: [ROUNDS=n] [SLUICE=binary] benches/server.sh [model-repository] [model]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=${1:-deploy/models}
@@ -49,48 +50,73 @@ print(int(value("sluice_batch_size_count")), int(value("sluice_batch_size_sum"))
 PY
 }
 
-engine_before=$(engine)
-# One perf_analyzer run per level: a level that cannot stabilise on this noisy machine is
-# reported as missing instead of ending the sweep.
-for proto in http grpc; do
-  url=$http; [ $proto = grpc ] && url=$grpc
-  for c in 1 2 4 8; do
-    before=$(batches)
-    "$perf" -m "$model" -u "$url" -i $proto --input-data "$work/pa.json" --concurrency-range $c:$c \
-      --measurement-interval 4000 --stability-percentage 25 --max-trials 20 --percentile 50 \
-      -f "$work/$proto-$c.csv" >"$work/$proto-$c.log" 2>&1 \
-      || { echo "perf_analyzer $proto c=$c failed:"; tail -5 "$work/$proto-$c.log"; }
-    echo "$before $(batches)" >"$work/$proto-$c.batches"
-  done
+# Rounds: each times the engine alone, then concurrency 1 and 8 over both protocols, so
+# every overhead (c=1 p50 − engine) and every c8/c1 ratio pairs measurements minutes apart at
+# most; this VM drifts by 1.5× over longer spans. The medians over rounds are the results.
+# Concurrency 2 and 4 run once, after the rounds. A level that cannot stabilise on this noisy
+# machine is reported as missing instead of ending the sweep.
+rounds=${ROUNDS:-3}
+run() { # proto concurrency tag
+  local url=$http; [ "$1" = grpc ] && url=$grpc
+  local before; before=$(batches)
+  "$perf" -m "$model" -u "$url" -i "$1" --input-data "$work/pa.json" --concurrency-range "$2:$2" \
+    --measurement-interval 4000 --stability-percentage 25 --max-trials 20 --percentile 50 \
+    -f "$work/$1-$2-$3.csv" >"$work/$1-$2-$3.log" 2>&1 \
+    || { echo "perf_analyzer $1 c=$2 ($3) failed:"; tail -5 "$work/$1-$2-$3.log"; }
+  echo "$before $(batches)" >"$work/$1-$2-$3.batches"
+}
+for r in $(seq "$rounds"); do
+  engine >"$work/engine-$r"
+  for proto in http grpc; do run $proto 1 "$r"; run $proto 8 "$r"; done
 done
-engine_after=$(engine)
+for proto in http grpc; do run $proto 2 1; run $proto 4 1; done
 
-.venv/bin/python - "$work" "$engine_before" "$engine_after" <<'PY'
-import csv, sys
-work, before, after = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-engine = (before + after) / 2
-print(f"engine-only forward, batch 1: {engine:.3f} ms (before {before:.3f}, after {after:.3f})\n")
-print("| protocol | concurrency | throughput infer/s | p50 ms | p99 ms | mean batch |")
-print("|---|---|---|---|---|---|")
-def mean_batch(proto, c):
+.venv/bin/python - "$work" "$rounds" <<'PY'
+import csv, statistics, sys
+work, rounds = sys.argv[1], int(sys.argv[2])
+def row(proto, c, r):
     try:
-        b0, r0, b1, r1 = map(int, open(f"{work}/{proto}-{c}.batches").read().split())
-        return f"{(r1 - r0) / (b1 - b0):.2f}"
+        return next(csv.DictReader(open(f"{work}/{proto}-{c}-{r}.csv")))
+    except (OSError, StopIteration):
+        return None
+def mean_batch(proto, c, r):
+    try:
+        b0, r0, b1, r1 = map(int, open(f"{work}/{proto}-{c}-{r}.batches").read().split())
+        return (r1 - r0) / (b1 - b0)
     except (OSError, ValueError, ZeroDivisionError):
-        return ""
+        return None
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+fmt = lambda v, f="{:.3f}": "" if v is None else f.format(v)
+engine = {r: float(open(f"{work}/engine-{r}").read()) for r in range(1, rounds + 1)}
+print(f"engine-only forward, batch 1, per round: {', '.join(f'{v:.3f}' for v in engine.values())} ms\n")
+print(f"| protocol | concurrency | throughput infer/s | p50 ms | p99 ms | mean batch |")
+print("|---|---|---|---|---|---|")
+summary = []
 for proto in ("http", "grpc"):
-    rows = {}
     for c in (1, 2, 4, 8):
-        try:
-            rows[c] = next(csv.DictReader(open(f"{work}/{proto}-{c}.csv")))
-        except (OSError, StopIteration):
+        runs = range(1, rounds + 1) if c in (1, 8) else [1]
+        rows = [row(proto, c, r) for r in runs]
+        if not any(rows):
             print(f"| {proto} | {c} | (no stable measurement) | | | |")
-    for c, r in rows.items():
-        print(f"| {proto} | {c} | {float(r['Inferences/Second']):.1f} | "
-              f"{int(r['p50 latency'])/1000:.3f} | {int(r['p99 latency'])/1000:.3f} | {mean_batch(proto, c)} |")
-    if 1 in rows:
-        print(f"| {proto} | server overhead at c=1: {int(rows[1]['p50 latency'])/1000 - engine:.3f} ms | | | | |")
-    if 1 in rows and 8 in rows:
-        ratio = float(rows[8]['Inferences/Second']) / float(rows[1]['Inferences/Second'])
-        print(f"| {proto} | c8/c1 throughput {ratio:.2f}x | | | | |")
+            continue
+        pick = lambda key, scale=1.0: med([float(x[key]) * scale for x in rows if x])
+        label = f"{c} (median of {sum(1 for x in rows if x)})" if c in (1, 8) else f"{c}"
+        print(f"| {proto} | {label} | {fmt(pick('Inferences/Second'), '{:.1f}')} | "
+              f"{fmt(pick('p50 latency', 1e-3))} | {fmt(pick('p99 latency', 1e-3))} | "
+              f"{fmt(med([mean_batch(proto, c, r) for r in runs]), '{:.2f}')} |")
+    overhead, ratio = [], []
+    for r in range(1, rounds + 1):
+        one, eight = row(proto, 1, r), row(proto, 8, r)
+        if one:
+            overhead.append(int(one["p50 latency"]) / 1000 - engine[r])
+        if one and eight:
+            ratio.append(float(eight["Inferences/Second"]) / float(one["Inferences/Second"]))
+    summary.append(f"{proto}: server overhead at c=1 (p50 − engine, per round: "
+                   f"{', '.join(f'{v:.3f}' for v in overhead)}) median **{fmt(med(overhead))} ms**; "
+                   f"c8/c1 throughput (per round: {', '.join(f'{v:.2f}' for v in ratio)}) "
+                   f"median **{fmt(med(ratio), '{:.2f}')}×**")
+print()
+print("\n".join(summary))
 PY
