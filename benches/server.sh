@@ -23,7 +23,6 @@ json.dump({"data": [{"input": {"content": x, "shape": [1, 28, 28]}}]}, open(f"{s
 json.dump({"shape": [1, 1, 28, 28], "data": x}, open(f"{sys.argv[1]}/tensor.json", "w"))
 PY
 
-
 "$sluice" serve --model-repository "$repo" --address 127.0.0.1 --http-port 0 --grpc-port 0 \
   --metrics-port 0 --admin-port 0 >"$work/serve.out" 2>"$work/serve.err" &
 server=$!
@@ -91,7 +90,7 @@ def med(values):
 fmt = lambda v, f="{:.3f}": "" if v is None else f.format(v)
 engine = {r: float(open(f"{work}/engine-{r}").read()) for r in range(1, rounds + 1)}
 print(f"engine-only forward, batch 1, per round: {', '.join(f'{v:.3f}' for v in engine.values())} ms\n")
-print(f"| protocol | concurrency | throughput infer/s | p50 ms | p99 ms | mean batch |")
+print("| protocol | concurrency | throughput infer/s | p50 ms | p99 ms | mean batch |")
 print("|---|---|---|---|---|---|")
 summary = []
 for proto in ("http", "grpc"):

@@ -13,7 +13,7 @@ fn dense() -> Arc<GatePolicy> {
 }
 
 fn config() -> WorkerConfig {
-    WorkerConfig { name: "test-engine".into(), intra_op_threads: 1, queue_capacity: 4, warmup_batch: 2 }
+    WorkerConfig { name: "test-engine".into(), intra_op_threads: 1, warmup_batch: 2 }
 }
 
 #[test]
@@ -22,7 +22,7 @@ fn engine_thread_returns_pytorchs_logits() {
         weights: Some(fixture("resnet20_weights.safetensors")),
         ..ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 0)
     };
-    let worker = EngineWorker::spawn(source, config()).unwrap();
+    let worker = EngineWorker::spawn(source, config(), 4).unwrap();
     let input = fixture_tensor("resnet20_io.safetensors", "input");
     let expected =
         Vec::<f32>::try_from(fixture_tensor("resnet20_io.safetensors", "logits").view(-1)).unwrap();
@@ -36,7 +36,7 @@ fn engine_thread_returns_pytorchs_logits() {
 #[test]
 fn bad_batches_get_errors_and_the_thread_keeps_serving() {
     let worker =
-        EngineWorker::spawn(ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 1), config())
+        EngineWorker::spawn(ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 1), config(), 4)
             .unwrap();
     let err = worker
         .run_blocking(InputBatch { values: vec![0.0; 10], shape: vec![1, 1, 28, 28] }, dense())
@@ -55,7 +55,7 @@ fn a_model_that_cannot_load_fails_the_spawn() {
         weights: Some(fixture("does-not-exist.safetensors")),
         ..ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 0)
     };
-    match EngineWorker::spawn(source, config()) {
+    match EngineWorker::spawn(source, config(), 4) {
         Err(WorkerError::Engine(e)) => assert!(e.to_string().contains("does-not-exist"), "{e}"),
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("spawn should fail"),

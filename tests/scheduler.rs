@@ -29,8 +29,7 @@ fn start_spinning(
         item_shape: [1, 28, 28],
         idle_spin,
     };
-    let engine =
-        WorkerConfig { name: "test-engine".into(), intra_op_threads: 1, queue_capacity: 0, warmup_batch: 0 };
+    let engine = WorkerConfig { name: "test-engine".into(), intra_op_threads: 1, warmup_batch: 0 };
     let dense = Arc::new(GatePolicy::dense());
     let live: LivePolicy = Arc::new(move || dense.clone());
     let metrics = Metrics::new().model("test", &[]);

@@ -22,9 +22,6 @@ pub struct WorkerConfig {
     pub name: String,
     /// libtorch intra-op threads for this engine thread.
     pub intra_op_threads: usize,
-    /// Jobs that may wait in an [`EngineWorker`]'s channel before `try_submit` reports
-    /// `Busy` (a scheduler's engines take batches from its queue instead).
-    pub queue_capacity: usize,
     /// Batch size of the warm-up pass run before the worker reports ready (0: none).
     pub warmup_batch: usize,
 }
@@ -75,9 +72,10 @@ pub struct EngineWorker {
 
 impl EngineWorker {
     /// Starts the thread, builds the model on it and warms it up; returns once it is ready,
-    /// or with the error that stopped it.
-    pub fn spawn(source: ModelSource, config: WorkerConfig) -> Result<Self, WorkerError> {
-        let (jobs, inbox) = mpsc::sync_channel(config.queue_capacity.max(1));
+    /// or with the error that stopped it. Up to `capacity` jobs may wait before
+    /// `try_submit` reports `Busy`.
+    pub fn spawn(source: ModelSource, config: WorkerConfig, capacity: usize) -> Result<Self, WorkerError> {
+        let (jobs, inbox) = mpsc::sync_channel(capacity.max(1));
         let thread = start_engine(source, &config, move |model| serve(model, inbox))?;
         Ok(EngineWorker { jobs: Some(jobs), thread: Some(thread) })
     }

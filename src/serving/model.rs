@@ -125,7 +125,6 @@ impl ModelRuntime {
             .map(|i| WorkerConfig {
                 name: format!("engine-{name}-{i}"),
                 intra_op_threads: threads,
-                queue_capacity: 0,
                 warmup_batch: config.max_batch_size,
             })
             .collect();
