@@ -1,6 +1,6 @@
-//! The composition root of `sluice serve`: load the repository, bind the HTTP, gRPC and
-//! metrics listeners, serve until SIGTERM/Ctrl-C, then stop accepting, finish in-flight
-//! work under a timeout and exit.
+//! The composition root of `sluice serve`: read the repository's configurations, bind the
+//! HTTP, gRPC, metrics (on a runtime of its own) and admin listeners, load the models, serve
+//! until SIGTERM/Ctrl-C, then stop accepting, finish in-flight work under a timeout and exit.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,8 +12,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::control::auth::{AdminAccess, AdminToken};
+use crate::protocol::conn::{self, ConnectionLimits, ListenerMetrics};
 use crate::protocol::grpc::{self, GrpcLimits};
 use crate::protocol::http::{self, HttpLimits};
+use crate::serving::limits::ServerLimits;
 use crate::serving::{LoadOptions, ServingCore};
 
 /// Everything `serve` needs (from the command line).
@@ -25,6 +27,7 @@ pub struct ServerConfig {
     pub grpc_port: u16,
     pub metrics_port: u16,
     pub load: LoadOptions,
+    pub limits: ServerLimits,
     pub http: HttpLimits,
     pub grpc: GrpcLimits,
     pub shutdown_timeout: Duration,
@@ -44,23 +47,35 @@ pub struct BoundAddresses {
     pub admin: Option<SocketAddr>,
 }
 
-/// Runs the server until `stop` resolves (normally a signal), then drains.
+/// Runs the server until `stop` resolves (normally a signal), then drains. The listeners
+/// bind first (health answers, not ready), then the models load; `on_ready` runs once every
+/// model serves.
 pub async fn run(
     config: ServerConfig,
     stop: impl std::future::Future<Output = ()>,
     on_ready: impl FnOnce(BoundAddresses),
 ) -> anyhow::Result<()> {
-    let core =
-        Arc::new(ServingCore::load(&config.model_repository, &config.load).await.with_context(|| {
-            format!("loading the model repository {}", config.model_repository.display())
-        })?);
+    let repository = &config.model_repository;
+    let dirs = crate::serving::scan_repository(repository)
+        .with_context(|| format!("reading the model repository {}", repository.display()))?;
+    let fd_limit = crate::protocol::conn::raise_fd_limit();
+    let wanted = (config.http.connections.max_connections + config.grpc.connections.max_connections) as u64;
+    if fd_limit < wanted + 256 {
+        warn!(
+            fd_limit,
+            wanted, "the open-file limit is below the connection limits: accepts will fail first"
+        );
+    }
+    let core = Arc::new(ServingCore::new(&dirs, config.limits));
     let bind = |port: u16, what: &'static str| {
         let addr = SocketAddr::new(config.address, port);
         async move { TcpListener::bind(addr).await.with_context(|| format!("binding the {what} port {addr}")) }
     };
     let http_listener = bind(config.http_port, "HTTP").await?;
     let grpc_listener = bind(config.grpc_port, "gRPC").await?;
-    let metrics_listener = bind(config.metrics_port, "metrics").await?;
+    let metrics_addr = SocketAddr::new(config.address, config.metrics_port);
+    let metrics_listener = std::net::TcpListener::bind(metrics_addr)
+        .with_context(|| format!("binding the metrics port {metrics_addr}"))?;
     let admin_listener = match &config.admin_token {
         Some(_) => None,
         None => {
@@ -82,9 +97,15 @@ pub async fn run(
     let signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let http_task = tokio::spawn(http::serve(
+    let listener_metrics = |name: &str| {
+        let (open, refused) = core.metrics.listener(name);
+        ListenerMetrics { open, refused }
+    };
+    let http_task = tokio::spawn(conn::serve(
         http_listener,
         http::router(core.clone(), config.http, public_admin.clone()),
+        config.http.connections,
+        listener_metrics("http"),
         signal(stopping.clone()),
     ));
     let grpc_task = tokio::spawn(grpc::serve(
@@ -99,27 +120,49 @@ pub async fn run(
         let grpc_admin = tonic::service::Routes::new(grpc::admin::service(core.clone(), AdminAccess::Open))
             .into_axum_router();
         let app = http::admin_router(core.clone(), config.http).merge(grpc_admin);
-        tokio::spawn(http::serve(l, app, signal(stopping.clone())))
+        tokio::spawn(conn::serve(
+            l,
+            app,
+            config.http.connections,
+            listener_metrics("admin"),
+            signal(stopping.clone()),
+        ))
     });
-    let metrics_task = tokio::spawn(http::serve(
+    let metrics_done = serve_metrics_apart(
         metrics_listener,
-        crate::observability::metrics_router(core.metrics.clone()),
+        core.metrics.clone(),
+        config.http.connections,
+        listener_metrics("metrics"),
         signal(stopping.clone()),
-    ));
-    info!(http = %addresses.http, grpc = %addresses.grpc, metrics = %addresses.metrics, admin = ?addresses.admin, "sluice listening");
-    on_ready(addresses);
+    )?;
+    info!(http = %addresses.http, grpc = %addresses.grpc, metrics = %addresses.metrics, admin = ?addresses.admin, "sluice listening; loading models");
 
-    stop.await;
+    tokio::pin!(stop);
+    let loaded = tokio::select! {
+        loaded = core.load_models(dirs, &config.load) => Some(loaded),
+        () = &mut stop => None,
+    };
+    match loaded {
+        Some(Ok(())) => {
+            on_ready(addresses);
+            stop.await;
+        }
+        Some(Err(e)) => {
+            let _ = stopping_tx.send(true);
+            return Err(e.context(format!("loading the model repository {}", repository.display())));
+        }
+        None => warn!("stopped while loading models"),
+    }
     info!("shutting down: no new connections; finishing in-flight requests");
     core.begin_shutdown();
     let _ = stopping_tx.send(true);
     let drained = tokio::time::timeout(config.shutdown_timeout, async {
         let _ = http_task.await;
         let _ = grpc_task.await;
-        let _ = metrics_task.await;
         if let Some(t) = admin_task {
             let _ = t.await;
         }
+        let _ = metrics_done.await;
     })
     .await;
     if drained.is_err() {
@@ -128,6 +171,35 @@ pub async fn run(
         info!("all requests finished");
     }
     Ok(())
+}
+
+/// Serves `/metrics` on a runtime and thread of its own, so a scrape is answered however
+/// busy the request path is; the returned receiver resolves when it has stopped.
+fn serve_metrics_apart(
+    listener: std::net::TcpListener,
+    metrics: Arc<crate::observability::Metrics>,
+    limits: ConnectionLimits,
+    gauges: ListenerMetrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+    listener.set_nonblocking(true)?;
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        runtime.block_on(async move {
+            match TcpListener::from_std(listener) {
+                Ok(l) => {
+                    let app = crate::observability::metrics_router(metrics);
+                    if let Err(e) = conn::serve(l, app, limits, gauges, shutdown).await {
+                        warn!(error = %e, "the metrics listener stopped");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot serve metrics"),
+            }
+        });
+        let _ = done_tx.send(());
+    })?;
+    Ok(done)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::control::calibration::{
-    CALIBRATION_FILE, CalibrationTable, SweepGrid, budget_table, default_budgets, frontier, sweep,
+    CALIBRATION_FILE, CalibrationTable, budget_table, default_budgets, frontier,
 };
 use crate::data::FashionMnist;
 use crate::engine::{ChannelMode, Model};
 use crate::repository::ModelDir;
+use crate::train::calibrate::{SweepGrid, sweep};
 
 /// Arguments of `sluice calibrate`.
 #[derive(Debug, Args)]

@@ -57,7 +57,8 @@ pub struct SetArgs {
     pub block_threshold: Option<f32>,
     #[arg(long, env = "SLUICE_CTL_EXIT_THRESHOLD")]
     pub exit_threshold: Option<f32>,
-    #[arg(long, env = "SLUICE_CTL_MODE", value_enum)]
+    /// Channel mode: slice or select.
+    #[arg(long, env = "SLUICE_CTL_MODE")]
     pub mode: Option<ChannelMode>,
     /// Per-gate threshold, `gate=value` (repeatable); replaces the current overrides.
     #[arg(long = "override", env = "SLUICE_CTL_OVERRIDES", value_delimiter = ',')]

@@ -75,9 +75,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
             name: if args.image { "image".into() } else { "input".into() },
             dims: [c, h, w],
             datatype: if args.image { InputDatatype::Bytes } else { InputDatatype::Fp32 },
-            image: args
-                .image
-                .then(|| ImageConfig { mean: vec![0.5; c as usize], std: vec![0.5; c as usize] }),
+            image: args.image.then(|| ImageConfig::new(vec![0.5; c as usize], vec![0.5; c as usize])),
         },
         output: OutputConfig {
             name: "logits".into(),
@@ -86,6 +84,8 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
         gates,
         batching: BatchingConfig::default(),
         policy: GatePolicy::dense(),
+        limits: Default::default(),
+        requests: Default::default(),
     };
     std::fs::write(args.dir.join(CONFIG_FILE), toml::to_string_pretty(&config)?)?;
     println!("{}", args.dir.display());

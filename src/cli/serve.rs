@@ -10,10 +10,12 @@ use clap::Args;
 use crate::control::auth::AdminToken;
 
 use crate::engine::Layout;
+use crate::protocol::conn::ConnectionLimits;
 use crate::protocol::grpc::GrpcLimits;
 use crate::protocol::http::HttpLimits;
 use crate::server::{self, ServerConfig};
 use crate::serving::LoadOptions;
+use crate::serving::limits::ServerLimits;
 
 /// Arguments of `sluice serve`.
 #[derive(Debug, Args)]
@@ -41,15 +43,36 @@ pub struct ServeArgs {
     /// models that are busy at the same time share the cores).
     #[arg(long, env = "SLUICE_ENGINE_THREADS")]
     pub engine_threads: Option<usize>,
-    /// Activation and weight memory layout.
-    #[arg(long, env = "SLUICE_LAYOUT", value_enum, default_value = "channels-last")]
+    /// Activation and weight memory layout: channels-last or nchw.
+    #[arg(long, env = "SLUICE_LAYOUT", default_value = "channels-last")]
     pub layout: Layout,
-    /// Largest HTTP request body in bytes.
-    #[arg(long, env = "SLUICE_HTTP_MAX_BODY_BYTES", default_value_t = 64 << 20)]
-    pub http_max_body_bytes: usize,
-    /// Largest gRPC message in bytes (clients allow up to 2 GiB; tonic's default is 4 MiB).
-    #[arg(long, env = "SLUICE_GRPC_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
-    pub grpc_max_message_bytes: usize,
+    /// A cap on every model's HTTP body limit, in bytes (by default each model's own limit:
+    /// max_batch_size × the item's size; docs/security.md).
+    #[arg(long, env = "SLUICE_HTTP_MAX_BODY_BYTES")]
+    pub http_max_body_bytes: Option<usize>,
+    /// A cap on the gRPC message limit, in bytes (by default the largest any model accepts).
+    #[arg(long, env = "SLUICE_GRPC_MAX_MESSAGE_BYTES")]
+    pub grpc_max_message_bytes: Option<usize>,
+    /// Requests admitted and not yet answered, over every model (429 / RESOURCE_EXHAUSTED
+    /// beyond).
+    #[arg(long, env = "SLUICE_MAX_INFLIGHT_REQUESTS", default_value_t = 1024)]
+    pub max_inflight_requests: usize,
+    /// Request bytes held at once over every request: each request reserves its body's
+    /// declared length (or its model's limit) before the body is read.
+    #[arg(long, env = "SLUICE_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 << 20)]
+    pub max_inflight_body_bytes: usize,
+    /// Threads that decode large bodies and images and encode large responses (default: cores).
+    #[arg(long, env = "SLUICE_DECODE_THREADS")]
+    pub decode_threads: Option<usize>,
+    /// Open connections per listener; more are closed at once.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (HTTP/1.1).
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+    /// Seconds a client has to send a request's whole body (408 beyond).
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value_t = 30.0)]
+    pub body_read_timeout: f64,
     /// Seconds to let in-flight requests finish after SIGTERM.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -104,6 +127,25 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             "a model's engine instances × threads exceed the cores: expect contention"
         );
     }
+    let seconds = |name: &str, s: f64| {
+        if s.is_finite() && s > 0.0 && s <= 3600.0 {
+            Ok(Duration::from_secs_f64(s))
+        } else {
+            Err(anyhow::anyhow!("--{name} must be a number of seconds in (0, 3600], got {s}"))
+        }
+    };
+    let connections = ConnectionLimits {
+        max_connections: args.max_connections.max(1),
+        header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
+        ..ConnectionLimits::default()
+    };
+    let defaults = ServerLimits::default();
+    let limits = ServerLimits {
+        max_inflight_requests: args.max_inflight_requests.max(1),
+        max_inflight_body_bytes: args.max_inflight_body_bytes.max(1),
+        decode_threads: args.decode_threads.unwrap_or(defaults.decode_threads).max(1),
+        ..defaults
+    };
     let config = ServerConfig {
         model_repository: args.model_repository.clone(),
         address: args.address,
@@ -119,8 +161,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         },
         admin_token: admin_token(args)?,
         admin_port: args.admin_port,
-        http: HttpLimits { max_body_bytes: args.http_max_body_bytes },
-        grpc: GrpcLimits { max_message_bytes: args.grpc_max_message_bytes },
+        limits,
+        http: HttpLimits {
+            max_body_bytes: args.http_max_body_bytes,
+            body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
+            connections,
+        },
+        grpc: GrpcLimits { max_message_bytes: args.grpc_max_message_bytes, connections },
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

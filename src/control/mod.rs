@@ -4,4 +4,6 @@ pub mod auth;
 pub mod calibration;
 pub mod policy;
 
-pub use policy::{ChangeKind, PolicyChange, PolicyError, PolicyRequest, PolicyStore};
+pub use policy::{
+    ChangeError, ChangeKind, PolicyChange, PolicyError, PolicyRequest, PolicyStore, RequestBounds,
+};

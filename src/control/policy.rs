@@ -34,6 +34,17 @@ impl PolicyRequest {
 #[error("{0}")]
 pub struct PolicyError(pub String);
 
+/// Why a change to the live policy was not made (the live policy is unchanged either way).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ChangeError {
+    /// The change is invalid (the caller's fault).
+    #[error(transparent)]
+    Invalid(#[from] PolicyError),
+    /// The new policy could not be persisted (the server's fault).
+    #[error("{0}")]
+    NotPersisted(String),
+}
+
 impl From<BudgetError> for PolicyError {
     fn from(e: BudgetError) -> Self {
         PolicyError(format!("budget: {e}"))
@@ -110,6 +121,28 @@ impl PolicyChange {
     }
 }
 
+/// The operator's bounds on per-request gating parameters.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestBounds {
+    /// The least `sluice_budget` a request may ask for (also bounds thresholds when the model
+    /// is calibrated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_budget: Option<f64>,
+    /// The most `sluice_budget` a request may ask for (1.0: dense compute allowed).
+    pub max_budget: f64,
+    /// Whether requests may set raw gate thresholds (`sluice_*_threshold`).
+    pub allow_thresholds: bool,
+    /// Whether requests may choose the channel mode (`sluice_channel_mode`; `select` is slow).
+    pub allow_channel_mode: bool,
+}
+
+impl Default for RequestBounds {
+    fn default() -> Self {
+        RequestBounds { min_budget: None, max_budget: 1.0, allow_thresholds: true, allow_channel_mode: true }
+    }
+}
+
 /// The live policy of a model, its calibration table and its limits.
 pub struct PolicyStore {
     current: ArcSwap<GatePolicy>,
@@ -119,8 +152,8 @@ pub struct PolicyStore {
     persist: Option<PathBuf>,
     calibration: Option<CalibrationTable>,
     gate_ids: Vec<String>,
-    /// Requests may not ask for less compute than this budget (operator-set floor).
-    min_request_budget: Option<f64>,
+    /// What a request may ask for (operator-set).
+    bounds: RequestBounds,
     /// Serialises changes so versions increase one at a time.
     writer: Mutex<()>,
 }
@@ -131,7 +164,7 @@ impl PolicyStore {
         initial: GatePolicy,
         calibration: Option<CalibrationTable>,
         gate_ids: Vec<String>,
-        min_request_budget: Option<f64>,
+        bounds: RequestBounds,
     ) -> Result<Self, PolicyError> {
         let store = PolicyStore {
             current: ArcSwap::from_pointee(GatePolicy::dense()),
@@ -139,7 +172,7 @@ impl PolicyStore {
             persist: None,
             calibration,
             gate_ids,
-            min_request_budget,
+            bounds,
             writer: Mutex::new(()),
         };
         let resolved = store.resolve_budget(initial)?;
@@ -167,19 +200,21 @@ impl PolicyStore {
         change: &PolicyChange,
         kind: ChangeKind,
         who: &str,
-    ) -> Result<Arc<GatePolicy>, PolicyError> {
+    ) -> Result<Arc<GatePolicy>, ChangeError> {
         let _turn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
         let proposed = change.apply(&old, kind)?;
         let resolved = self.resolve_budget(proposed)?;
         let new = Arc::new(GatePolicy { version: old.version + 1, ..resolved });
         if let Some(path) = &self.persist {
+            // Persist first: a policy that cannot be kept is not applied.
             let text = serde_json::to_string_pretty(&*new)
-                .map_err(|e| PolicyError(format!("cannot persist: {e}")))?;
+                .map_err(|e| ChangeError::NotPersisted(format!("cannot serialise the policy: {e}")))?;
             let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, text + "\n")
-                .and_then(|_| std::fs::rename(&tmp, path))
-                .map_err(|e| PolicyError(format!("cannot persist the policy to {}: {e}", path.display())))?;
+            std::fs::write(&tmp, text + "\n").and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                ChangeError::NotPersisted(format!("cannot persist the policy to {}: {e}", path.display()))
+            })?;
         }
         self.current.store(new.clone());
         self.changes.send_replace(new.clone());
@@ -220,20 +255,49 @@ impl PolicyStore {
         Ok(policy)
     }
 
+    /// What requests may ask for.
+    pub fn bounds(&self) -> &RequestBounds {
+        &self.bounds
+    }
+
     /// The policy one request runs under: the live one, or the live one adjusted by the
-    /// request's parameters (same version; the response says it was overridden).
+    /// request's parameters within the operator's [`RequestBounds`] (same version; the
+    /// response says it was overridden).
     pub fn for_request(&self, req: &PolicyRequest) -> Result<Arc<GatePolicy>, PolicyError> {
         let live = self.snapshot();
         if req.is_empty() {
             return Ok(live);
         }
+        let bounds = &self.bounds;
+        let thresholds =
+            req.channel_threshold.is_some() || req.block_threshold.is_some() || req.exit_threshold.is_some();
+        if thresholds && !bounds.allow_thresholds {
+            return Err(PolicyError(
+                "sluice_*_threshold: this model does not let requests set gate thresholds \
+                 (requests.allow_thresholds = false); ask for a sluice_budget"
+                    .into(),
+            ));
+        }
+        if req.channel_mode.is_some() && !bounds.allow_channel_mode {
+            return Err(PolicyError(
+                "sluice_channel_mode: this model does not let requests choose the channel mode \
+                 (requests.allow_channel_mode = false)"
+                    .into(),
+            ));
+        }
         let mut p = GatePolicy { overrides: live.overrides.clone(), ..(*live).clone() };
         if let Some(b) = req.budget {
-            if let Some(floor) = self.min_request_budget
+            if let Some(floor) = bounds.min_budget
                 && b < floor
             {
                 return Err(PolicyError(format!(
-                    "sluice_budget: {b} is below this server's minimum request budget {floor}"
+                    "sluice_budget: {b} is below this model's minimum request budget {floor}"
+                )));
+            }
+            if b > bounds.max_budget {
+                return Err(PolicyError(format!(
+                    "sluice_budget: {b} is above this model's maximum request budget {}",
+                    bounds.max_budget
                 )));
             }
             p = GatePolicy { budget: Some(b), version: live.version, ..p };
@@ -249,7 +313,7 @@ impl PolicyStore {
             if let Some(t) = req.exit_threshold {
                 p.exit_threshold = t;
             }
-            if let (Some(floor), Some(table)) = (self.min_request_budget, &self.calibration) {
+            if let (Some(floor), Some(table)) = (bounds.min_budget, &self.calibration) {
                 // Thresholds may not go below the floor's operating point.
                 let floor_p = table.policy_for(floor)?;
                 if p.channel_threshold > floor_p.channel_threshold
@@ -257,7 +321,7 @@ impl PolicyStore {
                     || p.exit_threshold < floor_p.exit_threshold
                 {
                     return Err(PolicyError(format!(
-                        "thresholds ask for less compute than this server's minimum request budget {floor} allows"
+                        "thresholds ask for less compute than this model's minimum request budget {floor} allows"
                     )));
                 }
             }
@@ -284,7 +348,8 @@ mod tests {
     use super::*;
 
     fn store() -> PolicyStore {
-        PolicyStore::new(GatePolicy::dense(), None, vec!["layer1.1.block".into()], None).unwrap()
+        PolicyStore::new(GatePolicy::dense(), None, vec!["layer1.1.block".into()], RequestBounds::default())
+            .unwrap()
     }
 
     #[test]
@@ -312,13 +377,23 @@ mod tests {
         assert!(
             s.change(&unknown, ChangeKind::Patch, "t")
                 .unwrap_err()
-                .0
+                .to_string()
                 .contains("unknown gate `layer9.0.block`")
         );
         let range = PolicyChange { channel_threshold: Some(1.5), ..Default::default() };
-        assert!(s.change(&range, ChangeKind::Patch, "t").unwrap_err().0.contains("channel_threshold: 1.5"));
+        assert!(
+            s.change(&range, ChangeKind::Patch, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("channel_threshold: 1.5")
+        );
         let budget = PolicyChange { budget: Some(0.5), ..Default::default() };
-        assert!(s.change(&budget, ChangeKind::Patch, "t").unwrap_err().0.contains("no calibration table"));
+        assert!(
+            s.change(&budget, ChangeKind::Patch, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("no calibration table")
+        );
         assert_eq!(s.snapshot().version, 3, "refused changes leave the policy alone");
     }
 }

@@ -11,7 +11,7 @@ use super::arch::{ArchSpec, ConvShape, StemKind};
 use super::params::{BN_EPS, BatchNormParams, ConvBn, ConvParams, LinearParams, ResNetParams};
 
 /// Memory layout of activations and convolution weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
     /// NHWC strides (PyTorch's `channels_last`): measured faster on this CPU (docs/decisions.md).
@@ -24,6 +24,19 @@ pub enum Layout {
 /// Logical → physical dimension order of a channels-last 4-d tensor, and back.
 const TO_NHWC: [i64; 4] = [0, 2, 3, 1];
 const FROM_NHWC: [i64; 4] = [0, 3, 1, 2];
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+
+    /// `channels-last` or `nchw`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "channels-last" => Ok(Layout::ChannelsLast),
+            "nchw" => Ok(Layout::Nchw),
+            other => Err(format!("unknown layout `{other}` (channels-last or nchw)")),
+        }
+    }
+}
 
 impl Layout {
     /// Returns `t` (4-d) in this layout; a no-op when it already is.
@@ -52,18 +65,6 @@ impl Layout {
             }
             Layout::ChannelsLast => {
                 let _ = dst.permute(TO_NHWC).index_add_(0, index, &src.permute(TO_NHWC));
-            }
-        }
-    }
-
-    /// `dst.index_copy_(0, index, src)` along the batch dimension, in place, keeping layout.
-    pub fn copy_rows_(self, dst: &Tensor, index: &Tensor, src: &Tensor) {
-        match self {
-            Layout::Nchw => {
-                let _ = dst.shallow_clone().index_copy_(0, index, src);
-            }
-            Layout::ChannelsLast => {
-                let _ = dst.permute(TO_NHWC).index_copy_(0, index, &src.permute(TO_NHWC));
             }
         }
     }

@@ -318,22 +318,6 @@ impl GateParams {
             .collect();
         GateParams { layout: layout.clone(), trunk, blocks, exits }
     }
-
-    /// Gate MLP on the stem's output: `[N, outputs]` logits (pre-sigmoid), in slot order.
-    pub fn trunk_logits(&self, stem_out: &Tensor) -> Option<Tensor> {
-        let trunk = self.trunk.as_ref()?;
-        let hidden = trunk.forward(&stem_out.mean_dim(&[2i64, 3][..], false, Kind::Float)).relu();
-        let mut parts = Vec::new();
-        for block in &self.blocks {
-            if let Some(c) = &block.channel {
-                parts.push(c.forward(&hidden));
-            }
-            if let Some(b) = &block.block {
-                parts.push(b.forward(&hidden));
-            }
-        }
-        Some(Tensor::cat(&parts, 1))
-    }
 }
 
 impl ExitParams {

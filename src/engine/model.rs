@@ -67,11 +67,6 @@ impl Model {
         &self.gate_ids
     }
 
-    /// Checks a policy against this model's gates.
-    pub fn validate_policy(&self, policy: &GatePolicy) -> Result<(), EngineError> {
-        policy.validate(&self.gate_ids)
-    }
-
     /// Checks that `shape` is `[N, C, H, W]` with the model's channels and a usable size.
     pub fn check_input_shape(&self, shape: &[i64]) -> Result<(), EngineError> {
         let bad = |why: String| EngineError::InputShape { got: shape.to_vec(), why };

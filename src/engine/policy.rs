@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::EngineError;
 
 /// How a channel gate's kept channels are computed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChannelMode {
     /// The kept count rounded up to an allowed width; the leading channels, on pre-sliced
@@ -17,6 +17,19 @@ pub enum ChannelMode {
     Slice,
     /// Exactly the kept set, gathered per input (FBS-faithful).
     Select,
+}
+
+impl std::str::FromStr for ChannelMode {
+    type Err = String;
+
+    /// `slice` or `select`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "slice" => Ok(ChannelMode::Slice),
+            "select" => Ok(ChannelMode::Select),
+            other => Err(format!("unknown channel mode `{other}` (slice or select)")),
+        }
+    }
 }
 
 /// Thresholds and mode of the gates. Threshold semantics (DESIGN.md):

@@ -36,6 +36,11 @@ pub struct Metrics {
     inflight: IntGaugeVec,
     model_load: GaugeVec,
     admin_rejections: IntCounterVec,
+    engine_restarts: IntCounterVec,
+    engines_live: IntGaugeVec,
+    deadline_dropped: IntCounterVec,
+    connections: IntGaugeVec,
+    connections_refused: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
@@ -54,13 +59,14 @@ impl Metrics {
             registry: Registry::new(),
             requests: counter(
                 "sluice_requests_total",
-                "Inference requests by protocol and outcome.",
+                "Inference requests by protocol and outcome, every request counted once (model \"_none\" \
+                 when the request named no served model).",
                 &["model", "protocol", "outcome"],
             ),
             request_duration: histogram(
                 "sluice_request_duration_seconds",
-                "Time from a request decoded to its response ready.",
-                &["model", "protocol"],
+                "Time from a request's first byte handled to its response ready, by outcome.",
+                &["model", "protocol", "outcome"],
                 &LATENCY_BUCKETS,
             ),
             queue_duration: histogram(
@@ -146,6 +152,34 @@ impl Metrics {
                 "Refused calls to the control API.",
                 &["reason"],
             ),
+            engine_restarts: counter(
+                "sluice_engine_restarts_total",
+                "Engine loops restarted after a panic outside a batch's own guard.",
+                &["model"],
+            ),
+            engines_live: IntGaugeVec::new(
+                Opts::new(
+                    "sluice_engines_live",
+                    "Engine threads running their loop (0: the model is not ready).",
+                ),
+                &["model"],
+            )
+            .expect("gauge"),
+            deadline_dropped: counter(
+                "sluice_deadline_dropped_total",
+                "Requests dropped from the queue uncomputed because their deadline had passed.",
+                &["model"],
+            ),
+            connections: IntGaugeVec::new(
+                Opts::new("sluice_open_connections", "Open client connections per listener."),
+                &["listener"],
+            )
+            .expect("gauge"),
+            connections_refused: counter(
+                "sluice_connections_refused_total",
+                "Connections closed at once because the listener had its maximum open.",
+                &["listener"],
+            ),
         };
         let r = &m.registry;
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -167,6 +201,11 @@ impl Metrics {
             Box::new(m.inflight.clone()),
             Box::new(m.model_load.clone()),
             Box::new(m.admin_rejections.clone()),
+            Box::new(m.engine_restarts.clone()),
+            Box::new(m.engines_live.clone()),
+            Box::new(m.deadline_dropped.clone()),
+            Box::new(m.connections.clone()),
+            Box::new(m.connections_refused.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -210,7 +249,23 @@ impl Metrics {
             queue_depth: self.queue_depth.with_label_values(&[model]),
             inflight: self.inflight.with_label_values(&[model]),
             load_seconds: self.model_load.with_label_values(&[model]),
+            engine_restarts: self.engine_restarts.with_label_values(&[model]),
+            engines_live: self.engines_live.with_label_values(&[model]),
+            deadline_dropped: self.deadline_dropped.with_label_values(&[model]),
         }
+    }
+
+    /// Request handles for `model` (or [`NO_MODEL`]) over `protocol`.
+    pub fn requests(&self, model: &str, protocol: &str) -> RequestMetrics {
+        RequestMetrics::new(self, model, protocol)
+    }
+
+    /// Handles of one listener's connection gauge and refusal counter.
+    pub fn listener(&self, listener: &str) -> (IntGauge, IntCounter) {
+        (
+            self.connections.with_label_values(&[listener]),
+            self.connections_refused.with_label_values(&[listener]),
+        )
     }
 
     /// Counts a refused control-API call.
@@ -232,39 +287,37 @@ impl Default for Metrics {
     }
 }
 
-/// Request counters and latency of one protocol.
+/// The `model` label of requests that named no served model.
+pub const NO_MODEL: &str = "_none";
+
+/// Every request outcome label, in the order [`RequestMetrics`] keeps them; the last one
+/// also takes any unknown label.
+pub const OUTCOMES: [&str; 6] =
+    ["success", "client_error", "too_large", "rejected", "timeout", "server_error"];
+
+/// Request counters and latency of one model and protocol, per outcome.
 #[derive(Clone)]
 pub struct RequestMetrics {
-    outcomes: [IntCounter; 4],
-    pub duration: Histogram,
+    outcomes: [(IntCounter, Histogram); 6],
 }
 
 impl RequestMetrics {
     fn new(m: &Metrics, model: &str, protocol: &str) -> Self {
-        let outcome = |o: &str| m.requests.with_label_values(&[model, protocol, o]);
-        RequestMetrics {
-            outcomes: [
-                outcome("success"),
-                outcome("client_error"),
-                outcome("rejected"),
-                outcome("server_error"),
-            ],
-            duration: m.request_duration.with_label_values(&[model, protocol]),
-        }
+        let handles = |o: &str| {
+            (
+                m.requests.with_label_values(&[model, protocol, o]),
+                m.request_duration.with_label_values(&[model, protocol, o]),
+            )
+        };
+        RequestMetrics { outcomes: OUTCOMES.map(handles) }
     }
 
-    /// Counts one finished request by outcome label.
+    /// Counts one finished request by outcome label and observes its duration.
     pub fn finished(&self, outcome: &str, seconds: f64) {
-        let i = match outcome {
-            "success" => 0,
-            "client_error" => 1,
-            "rejected" => 2,
-            _ => 3,
-        };
-        self.outcomes[i].inc();
-        if i == 0 {
-            self.duration.observe(seconds);
-        }
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(OUTCOMES.len() - 1);
+        let (count, duration) = &self.outcomes[i];
+        count.inc();
+        duration.observe(seconds);
     }
 }
 
@@ -307,6 +360,9 @@ pub struct ModelMetrics {
     pub queue_depth: IntGauge,
     pub inflight: IntGauge,
     pub load_seconds: Gauge,
+    pub engine_restarts: IntCounter,
+    pub engines_live: IntGauge,
+    pub deadline_dropped: IntCounter,
 }
 
 impl ModelMetrics {

@@ -3,7 +3,7 @@
 pub mod logging;
 pub mod metrics;
 
-pub use metrics::{BlockGates, Metrics, ModelMetrics};
+pub use metrics::{BlockGates, Metrics, ModelMetrics, NO_MODEL, OUTCOMES, RequestMetrics};
 
 use std::sync::Arc;
 

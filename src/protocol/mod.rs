@@ -1,16 +1,11 @@
-//! The Open Inference Protocol's data model, shared by both front doors: requests and
-//! responses as plain data, the error type they map from, and the checks that turn a
-//! request into an engine batch. `http` and `grpc` only translate wire formats.
+//! The front doors: `http` (axum) and `grpc` (tonic) translate their wire formats to and from
+//! the serving core's request model (`crate::serving`), and nothing else. Neither imports
+//! the other; what both need to agree on lives here.
 
-pub mod error;
+pub mod conn;
 pub mod grpc;
 pub mod http;
-pub mod image;
-pub mod prepare;
-pub mod types;
 
-pub use error::ApiError;
-pub use types::{
-    DataType, InferInput, InferOutput, InferRequest, InferResponse, InputData, OutputData, ParamValue,
-    Parameters, RequestedOutput,
-};
+/// The protocol extensions this server really implements (server metadata lists exactly these).
+pub const EXTENSIONS: [&str; 5] =
+    ["binary_tensor_data", "classification", "model_configuration", "parameters", "statistics"];

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::RequestBounds;
 use crate::engine::{ArchSpec, EngineError, GateConfig, GatePolicy, Layout, ModelSource};
 
 /// File name of a model folder's configuration.
@@ -40,6 +41,24 @@ pub struct ModelConfig {
     /// through the calibration table.
     #[serde(default)]
     pub policy: GatePolicy,
+    /// Size limits beyond those derived from the model (docs/security.md).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// What a single request may ask of the gating (docs/gating.md).
+    #[serde(default)]
+    pub requests: RequestBounds,
+}
+
+/// Overrides of the limits sluice derives from the model (docs/security.md).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest HTTP body / gRPC message for this model. Default: derived from
+    /// `max_batch_size` × the item's size (× a factor for JSON text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<usize>,
+    /// Deadline of a request that sets none itself, queue time included (0: none).
+    pub default_timeout_ms: u64,
 }
 
 fn default_version() -> String {
@@ -85,6 +104,33 @@ pub struct InputConfig {
 pub struct ImageConfig {
     pub mean: Vec<f64>,
     pub std: Vec<f64>,
+    /// Largest encoded image accepted, in bytes.
+    #[serde(default = "default_max_image_bytes")]
+    pub max_bytes: usize,
+    /// Largest image accepted, in pixels (width × height, read from the header before
+    /// decoding).
+    #[serde(default = "default_max_image_pixels")]
+    pub max_pixels: u64,
+}
+
+/// Default of `input.image.max_bytes`: 256 KiB.
+pub const DEFAULT_MAX_IMAGE_BYTES: usize = 256 << 10;
+/// Default of `input.image.max_pixels`: 4 megapixels (2048 × 2048).
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 2048 * 2048;
+
+impl ImageConfig {
+    /// Per-channel normalisation with the default size limits.
+    pub fn new(mean: Vec<f64>, std: Vec<f64>) -> Self {
+        ImageConfig { mean, std, max_bytes: DEFAULT_MAX_IMAGE_BYTES, max_pixels: DEFAULT_MAX_IMAGE_PIXELS }
+    }
+}
+
+fn default_max_image_bytes() -> usize {
+    DEFAULT_MAX_IMAGE_BYTES
+}
+
+fn default_max_image_pixels() -> u64 {
+    DEFAULT_MAX_IMAGE_PIXELS
 }
 
 /// The model's output tensor.
@@ -175,6 +221,19 @@ impl ModelDir {
                 )));
             }
             _ => {}
+        }
+        let r = &config.requests;
+        let min = r.min_budget.unwrap_or(f64::MIN_POSITIVE);
+        if !(min > 0.0 && min <= r.max_budget && r.max_budget <= 1.0) {
+            return Err(bad(format!(
+                "requests: need 0 < min_budget ≤ max_budget ≤ 1 (min_budget {:?}, max_budget {})",
+                r.min_budget, r.max_budget
+            )));
+        }
+        if let Some(img) = &config.input.image
+            && (img.max_bytes == 0 || img.max_pixels == 0)
+        {
+            return Err(bad("input.image max_bytes and max_pixels must be positive".into()));
         }
         if !(1..=3).contains(&config.input.dims[0]) || config.input.dims[0] == 2 {
             return Err(bad("input.dims[0] (channels) must be 1 or 3".into()));

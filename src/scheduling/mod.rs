@@ -5,5 +5,5 @@ pub mod queue;
 pub mod scheduler;
 pub mod worker;
 
-pub use scheduler::{EngineAnswer, ScheduleError, SchedulerConfig, SchedulerHandle};
-pub use worker::{BatchOutput, EngineWorker, InputBatch, WorkerConfig, WorkerError};
+pub use scheduler::{EngineAnswer, QueueTicket, ScheduleError, SchedulerConfig, SchedulerHandle};
+pub use worker::{BatchOutput, InputBatch, WorkerConfig, WorkerError};

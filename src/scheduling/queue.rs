@@ -18,6 +18,9 @@ pub struct Pending<T> {
     /// snapshots when it starts.
     pub policy: Option<Arc<GatePolicy>>,
     pub enqueued: Instant,
+    /// When the request's client stops waiting (queue time included); past it, the request
+    /// is dropped before it is computed.
+    pub deadline: Option<Instant>,
     pub payload: T,
 }
 
@@ -47,14 +50,25 @@ impl<T> BatchQueue<T> {
         self.waiting.is_empty()
     }
 
-    /// Removes every waiting request.
-    pub fn clear(&mut self) {
-        self.waiting.clear();
-    }
-
     /// When the oldest request's wait runs out.
     pub fn deadline(&self) -> Option<Instant> {
         self.waiting.front().map(|p| p.enqueued + self.max_delay)
+    }
+
+    /// Removes the requests whose deadline has passed at `now` and returns them, oldest first.
+    pub fn take_expired(&mut self, now: Instant) -> Vec<T> {
+        let expired = |p: &Pending<T>| p.deadline.is_some_and(|d| d <= now);
+        if !self.waiting.iter().any(expired) {
+            return Vec::new();
+        }
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) = self.waiting.drain(..).partition(expired);
+        self.waiting = kept;
+        gone.into_iter().map(|p| p.payload).collect()
+    }
+
+    /// Removes every waiting request and returns them, oldest first.
+    pub fn drain(&mut self) -> Vec<T> {
+        self.waiting.drain(..).map(|p| p.payload).collect()
     }
 
     /// Removes requests nobody waits for any more; returns how many.
@@ -100,7 +114,7 @@ mod tests {
     use super::*;
 
     fn pending(items: usize, policy: &Arc<GatePolicy>, at: Instant, id: u32) -> Pending<u32> {
-        Pending { items, policy: Some(policy.clone()), enqueued: at, payload: id }
+        Pending { items, policy: Some(policy.clone()), enqueued: at, deadline: None, payload: id }
     }
 
     #[test]
@@ -132,8 +146,8 @@ mod tests {
         q.push(pending(1, &dense, t0, 1));
         q.push(pending(1, &other, t0, 2));
         q.push(pending(1, &same_as_dense, t0, 3));
-        q.push(Pending { items: 1, policy: None, enqueued: t0, payload: 4 });
-        q.push(Pending { items: 1, policy: None, enqueued: t0, payload: 5 });
+        q.push(Pending { items: 1, policy: None, enqueued: t0, deadline: None, payload: 4 });
+        q.push(Pending { items: 1, policy: None, enqueued: t0, deadline: None, payload: 5 });
         let first = q.pop_batch(t0, false).unwrap();
         assert_eq!(first.iter().map(|p| p.payload).collect::<Vec<_>>(), vec![1, 3]);
         let second = q.pop_batch(t0, false).unwrap();
@@ -156,5 +170,21 @@ mod tests {
         assert_eq!(q.drop_abandoned(|id| id % 2 == 0), 2);
         let batch = q.pop_batch(t0, true).unwrap();
         assert_eq!(batch.iter().map(|p| p.payload).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn expired_requests_leave_the_queue_before_batching() {
+        let t0 = Instant::now();
+        let p = Arc::new(GatePolicy::dense());
+        let ms = Duration::from_millis;
+        let mut q = BatchQueue::new(8, Duration::ZERO);
+        for (id, deadline) in [(1, Some(t0 + ms(5))), (2, None), (3, Some(t0 + ms(1))), (4, Some(t0 + ms(9)))]
+        {
+            q.push(Pending { deadline, ..pending(1, &p, t0, id) });
+        }
+        assert!(q.take_expired(t0).is_empty());
+        assert_eq!(q.take_expired(t0 + ms(5)), vec![1, 3]);
+        let batch = q.pop_batch(t0 + ms(5), false).unwrap();
+        assert_eq!(batch.iter().map(|p| p.payload).collect::<Vec<_>>(), vec![2, 4]);
     }
 }

@@ -4,11 +4,14 @@
 //! crosses two threads in all (front door → engine → front door) with no batcher task in
 //! between, a busy engine starts its next batch without waiting to be handed one, and the
 //! queue delay is a condition-variable timeout (a futex wait) rather than a tokio timer
-//! (1 ms ticks). Admission control is an owned semaphore permit per request, so a full
-//! queue answers at once.
+//! (1 ms ticks). Admission control is an owned semaphore permit per request, taken before the
+//! request's body is read ([`SchedulerHandle::admit`]), so a full queue answers at once.
+//! Requests past their deadline leave the queue uncomputed. An engine whose loop panics
+//! anywhere is restarted on the same thread (its weights are read-only); the model counts as
+//! ready only while at least one engine runs its loop.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,6 +47,10 @@ pub enum ScheduleError {
     Stopped(String),
     #[error("model `{model}`: the batch failed: {why}")]
     Failed { model: String, why: String },
+    #[error("model `{0}`: the request's deadline passed while it waited in the queue")]
+    DeadlineExceeded(String),
+    #[error("model `{0}`: the engine stopped before answering (it is being restarted)")]
+    EngineLost(String),
 }
 
 /// The engine's answer for one request.
@@ -111,6 +118,10 @@ struct Shared {
     events: AtomicU64,
     /// Set while one engine spins; the others sleep.
     spinning: AtomicBool,
+    /// Engines running their loop (0 while loading, restarting or stopped).
+    live_engines: AtomicUsize,
+    /// Test hook: the next engine to take a batch panics outside the batch's guard.
+    inject_panic: AtomicBool,
 }
 
 struct State {
@@ -125,38 +136,61 @@ pub struct SchedulerHandle {
     admission: Arc<Semaphore>,
 }
 
+/// A request's place in its model's queue, taken before its body is read; the request holds
+/// it until it is answered or abandoned.
+pub struct QueueTicket {
+    admitted: Admitted,
+}
+
 impl SchedulerHandle {
+    /// Takes a place in the queue, or fails at once when the queue is full or closed.
+    pub fn admit(&self) -> Result<QueueTicket, ScheduleError> {
+        let permit = self.admission.clone().try_acquire_owned().map_err(|e| match e {
+            tokio::sync::TryAcquireError::NoPermits => ScheduleError::QueueFull(self.shared.model.clone()),
+            tokio::sync::TryAcquireError::Closed => ScheduleError::Stopped(self.shared.model.clone()),
+        })?;
+        let inflight = GaugeGuard::new(&self.shared.metrics.inflight);
+        Ok(QueueTicket { admitted: Admitted { _permit: permit, _inflight: inflight } })
+    }
+
     /// Queues `items` rows under `policy` (`None`: the live policy, snapshotted when its
-    /// batch starts) and waits for the answer. Fails at once when the queue is full.
-    /// Dropping the future abandons the request: it is not batched.
+    /// batch starts) and waits for the answer. A request still queued at its `deadline` is
+    /// dropped uncomputed. Dropping the future abandons the request: it is not batched.
     pub async fn infer(
         &self,
+        ticket: QueueTicket,
         values: Vec<f32>,
         items: usize,
         policy: Option<Arc<GatePolicy>>,
+        deadline: Option<Instant>,
     ) -> Result<EngineAnswer, ScheduleError> {
-        let stopped = || ScheduleError::Stopped(self.shared.model.clone());
-        let permit = self.admission.clone().try_acquire_owned().map_err(|e| match e {
-            tokio::sync::TryAcquireError::NoPermits => ScheduleError::QueueFull(self.shared.model.clone()),
-            tokio::sync::TryAcquireError::Closed => stopped(),
-        })?;
         let (reply, answer) = oneshot::channel();
-        let metrics = &self.shared.metrics;
-        let admitted = Admitted { _permit: permit, _inflight: GaugeGuard::new(&metrics.inflight) };
         let job = Job {
             values,
             reply,
             span: Span::current(),
-            admitted,
-            queued: GaugeGuard::new(&metrics.queue_depth),
+            admitted: ticket.admitted,
+            queued: GaugeGuard::new(&self.shared.metrics.queue_depth),
         };
-        self.shared.enqueue(Pending { items, policy, enqueued: Instant::now(), payload: job })?;
-        answer.await.map_err(|_| stopped())?
+        self.shared.enqueue(Pending { items, policy, enqueued: Instant::now(), deadline, payload: job })?;
+        answer.await.map_err(|_| ScheduleError::EngineLost(self.shared.model.clone()))?
     }
 
     /// Requests admitted and not yet answered.
     pub fn inflight(&self) -> usize {
         self.shared.config.queue_capacity - self.admission.available_permits()
+    }
+
+    /// Engines running their loop: 0 means the model cannot answer (not ready).
+    pub fn live_engines(&self) -> usize {
+        self.shared.live_engines.load(Ordering::Acquire)
+    }
+
+    /// Fault injection for tests: the next engine to take a batch panics outside the batch's
+    /// own guard (as a bug in reply or metrics code would), and must be restarted.
+    #[doc(hidden)]
+    pub fn inject_engine_panic(&self) {
+        self.shared.inject_panic.store(true, Ordering::Release);
     }
 }
 
@@ -188,6 +222,8 @@ pub fn start(
         wake: Condvar::new(),
         events: AtomicU64::new(0),
         spinning: AtomicBool::new(false),
+        live_engines: AtomicUsize::new(0),
+        inject_panic: AtomicBool::new(false),
         config,
         live,
         metrics,
@@ -205,10 +241,13 @@ pub fn start(
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        {
+        let waiting = {
             let mut state = self.shared.lock();
             state.open = false;
-            state.queue.clear();
+            state.queue.drain()
+        };
+        for job in waiting {
+            let _ = job.reply.send(Err(ScheduleError::Stopped(self.shared.model.clone())));
         }
         self.shared.events.fetch_add(1, Ordering::Release);
         self.shared.wake.notify_all();
@@ -239,9 +278,31 @@ impl Shared {
         Ok(())
     }
 
-    /// An engine thread's loop: run batches until the scheduler closes.
+    /// An engine thread's life: run its loop until the scheduler closes, restarting the loop
+    /// after a panic anywhere in it (the model's weights are read-only, so it stays whole).
     fn serve(&self, model: &Model) {
+        loop {
+            self.live_engines.fetch_add(1, Ordering::AcqRel);
+            let ended = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve_batches(model)));
+            self.live_engines.fetch_sub(1, Ordering::AcqRel);
+            match ended {
+                Ok(()) => return,
+                Err(panic) => {
+                    error!(model = %self.model, panic = panic_message(&*panic), "engine loop panicked; restarting it");
+                    self.metrics.engine_restarts.inc();
+                }
+            }
+        }
+    }
+
+    /// Runs batches until the scheduler closes.
+    fn serve_batches(&self, model: &Model) {
+        self.metrics.engines_live.inc();
+        let _live = Decrement(&self.metrics.engines_live);
         while let Some(batch) = self.next_batch() {
+            if self.inject_panic.swap(false, Ordering::AcqRel) {
+                panic!("injected engine panic (test hook)");
+            }
             self.run_batch(model, batch);
         }
     }
@@ -254,6 +315,14 @@ impl Shared {
             let dropped = state.queue.drop_abandoned(|job| job.reply.is_closed());
             if dropped > 0 {
                 debug!(model = %self.model, dropped, "requests abandoned by their clients before batching");
+            }
+            let expired = state.queue.take_expired(Instant::now());
+            if !expired.is_empty() {
+                self.metrics.deadline_dropped.inc_by(expired.len() as u64);
+                debug!(model = %self.model, expired = expired.len(), "requests past their deadline dropped uncomputed");
+                for job in expired {
+                    let _ = job.reply.send(Err(ScheduleError::DeadlineExceeded(self.model.clone())));
+                }
             }
             if !state.open {
                 return None;
@@ -342,15 +411,29 @@ impl Shared {
                 fail_all(waiting, &self.model, &e.to_string());
             }
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("unknown panic");
+                let what = panic_message(&*panic);
                 error!(model = %self.model, panic = what, "the engine panicked; batch failed");
                 fail_all(waiting, &self.model, &format!("the engine panicked: {what}"));
             }
         }
+    }
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic")
+}
+
+/// Decrements a gauge when dropped (also while unwinding).
+struct Decrement<'a>(&'a IntGauge);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

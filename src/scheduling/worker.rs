@@ -1,17 +1,13 @@
 //! Engine threads: one `std::thread` per model instance owns the model and every tensor
 //! (`tch::Tensor` is `Send`, not `Sync`). [`start_engine`] builds and warms the model on a
-//! new thread and then runs a loop given by the caller: the scheduler's engines take batches
-//! from their model's queue; an [`EngineWorker`] (the CLI, tests, benches) takes jobs from a
-//! bounded channel, each with its tracing span and a oneshot for the answer, and is joined on
-//! drop.
+//! new thread and then runs the loop the scheduler gives it (take due batches from the
+//! model's queue, run them, answer).
 
-use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use tch::Tensor;
-use tokio::sync::oneshot;
-use tracing::{Span, info, warn};
+use tracing::info;
 
 use crate::engine::{ComputeReport, EngineError, GatePolicy, Model, ModelSource};
 
@@ -46,78 +42,13 @@ pub struct BatchOutput {
     pub policy_version: u64,
 }
 
-/// Why a job was not run.
+/// Why an engine thread did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("the engine queue is full")]
-    Busy,
     #[error("the engine thread has stopped")]
     Stopped,
     #[error(transparent)]
     Engine(#[from] EngineError),
-}
-
-struct Job {
-    input: InputBatch,
-    policy: Arc<GatePolicy>,
-    reply: oneshot::Sender<Result<BatchOutput, WorkerError>>,
-    span: Span,
-}
-
-/// Handle to one engine thread.
-pub struct EngineWorker {
-    jobs: Option<SyncSender<Job>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EngineWorker {
-    /// Starts the thread, builds the model on it and warms it up; returns once it is ready,
-    /// or with the error that stopped it. Up to `capacity` jobs may wait before
-    /// `try_submit` reports `Busy`.
-    pub fn spawn(source: ModelSource, config: WorkerConfig, capacity: usize) -> Result<Self, WorkerError> {
-        let (jobs, inbox) = mpsc::sync_channel(capacity.max(1));
-        let thread = start_engine(source, &config, move |model| serve(model, inbox))?;
-        Ok(EngineWorker { jobs: Some(jobs), thread: Some(thread) })
-    }
-
-    /// Queues a batch without blocking; the answer arrives on the returned receiver.
-    pub fn try_submit(
-        &self,
-        input: InputBatch,
-        policy: Arc<GatePolicy>,
-    ) -> Result<oneshot::Receiver<Result<BatchOutput, WorkerError>>, WorkerError> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job { input, policy, reply, span: Span::current() };
-        let jobs = self.jobs.as_ref().ok_or(WorkerError::Stopped)?;
-        match jobs.try_send(job) {
-            Ok(()) => Ok(answer),
-            Err(TrySendError::Full(_)) => Err(WorkerError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(WorkerError::Stopped),
-        }
-    }
-
-    /// Runs one batch and waits for it (for the CLI, tests and benches; servers use
-    /// `try_submit`).
-    pub fn run_blocking(
-        &self,
-        input: InputBatch,
-        policy: Arc<GatePolicy>,
-    ) -> Result<BatchOutput, WorkerError> {
-        let answer = self.try_submit(input, policy)?;
-        answer.blocking_recv().map_err(|_| WorkerError::Stopped)?
-    }
-}
-
-impl Drop for EngineWorker {
-    fn drop(&mut self) {
-        // Closing the channel ends the thread's loop once queued jobs are done.
-        self.jobs.take();
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            warn!("engine thread panicked");
-        }
-    }
 }
 
 /// Starts an engine thread named after `config`: it sets its libtorch threads, builds the
@@ -160,16 +91,6 @@ pub fn start_engine(
             let _ = thread.join();
             Err(WorkerError::Stopped)
         }
-    }
-}
-
-fn serve(model: &Model, inbox: Receiver<Job>) {
-    while let Ok(job) = inbox.recv() {
-        if job.reply.is_closed() {
-            continue; // nobody waits for this answer any more
-        }
-        let result = job.span.in_scope(|| traced_run(model, &job.input, &job.policy));
-        let _ = job.reply.send(result.map_err(WorkerError::from));
     }
 }
 

@@ -9,17 +9,17 @@ use super::stats::InferStats;
 use std::sync::Arc;
 
 use crate::control::calibration::CalibrationTable;
-use crate::control::{ChangeKind, PolicyChange, PolicyError, PolicyStore};
+use crate::control::{ChangeError, ChangeKind, PolicyChange, PolicyStore};
 use crate::engine::gates::GateLayout;
 use crate::engine::{GatePolicy, Layout, ModelSource};
 
 /// Where a model's live policy is persisted across restarts.
 pub const POLICY_FILE: &str = "policy.json";
 use crate::observability::{BlockGates, Metrics, ModelMetrics};
-use crate::protocol::prepare::ModelInterface;
 use crate::repository::ModelDir;
 use crate::scheduling::WorkerConfig;
 use crate::scheduling::scheduler::{self, Scheduler, SchedulerConfig, SchedulerHandle};
+use crate::serving::prepare::ModelInterface;
 
 /// How models are loaded (from the command line).
 #[derive(Clone, Debug)]
@@ -28,7 +28,8 @@ pub struct LoadOptions {
     pub intra_op_threads: usize,
     /// Overrides every model's `batching.instances`.
     pub instances: Option<usize>,
-    /// The least compute budget a request may ask for.
+    /// The least compute budget a request may ask for (overrides each config's
+    /// `requests.min_budget`).
     pub min_request_budget: Option<f64>,
     pub layout: Layout,
     /// Keep policy changes in `policy.json` beside the model and start from it.
@@ -57,6 +58,8 @@ pub struct ModelRuntime {
     pub stats: InferStats,
     pub load_seconds: f64,
     pub instances: usize,
+    /// Deadline of requests that set none (`limits.default_timeout_ms`).
+    pub default_timeout: Option<std::time::Duration>,
     /// The engine threads; dropping the runtime stops them.
     _engines: Scheduler,
 }
@@ -87,7 +90,12 @@ impl ModelRuntime {
         } else {
             config.policy.clone()
         };
-        let mut policy = PolicyStore::new(initial, calibration, gate_ids, options.min_request_budget)
+        let mut bounds = config.requests.clone();
+        if let Some(floor) = options.min_request_budget {
+            bounds.min_budget = Some(floor);
+            bounds.max_budget = bounds.max_budget.max(floor);
+        }
+        let mut policy = PolicyStore::new(initial, calibration, gate_ids, bounds)
             .map_err(|e| anyhow::anyhow!("model `{name}`: policy: {e}"))?;
         if options.persist_policy {
             policy = policy.persist_to(persisted);
@@ -136,6 +144,7 @@ impl ModelRuntime {
         })
         .await??;
         let load_seconds = started.elapsed().as_secs_f64();
+        let default_timeout = super::default_timeout(config.limits.default_timeout_ms);
         model_metrics.load_seconds.set(load_seconds);
         Ok(ModelRuntime {
             interface: ModelInterface::from_config(config),
@@ -146,8 +155,14 @@ impl ModelRuntime {
             stats: InferStats::default(),
             load_seconds,
             instances,
+            default_timeout,
             _engines: engines,
         })
+    }
+
+    /// Whether an engine runs its loop (false while every engine restarts after a panic).
+    pub fn is_ready(&self) -> bool {
+        self.scheduler.live_engines() > 0
     }
 
     /// The Triton-style configuration clients such as perf_analyzer read.
@@ -171,7 +186,7 @@ impl ModelRuntime {
         change: &PolicyChange,
         kind: ChangeKind,
         who: &str,
-    ) -> Result<Arc<GatePolicy>, PolicyError> {
+    ) -> Result<Arc<GatePolicy>, ChangeError> {
         let new = self.policy.change(change, kind, who)?;
         self.metrics.set_policy(&new);
         Ok(new)

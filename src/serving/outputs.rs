@@ -2,9 +2,9 @@
 //! classes, per-input FLOPs, exits) and the compute parameters every answer carries.
 
 use super::model::ModelRuntime;
-use crate::protocol::prepare::{OutputKind, OutputPlan};
-use crate::protocol::{InferOutput, InferRequest, InferResponse, OutputData, ParamValue, Parameters};
 use crate::scheduling::EngineAnswer;
+use crate::serving::prepare::{OutputKind, OutputPlan};
+use crate::serving::{InferOutput, InferRequest, InferResponse, OutputData, ParamValue, Parameters};
 
 /// Response parameters (docs/gating.md).
 pub const PARAM_FLOPS_EXECUTED: &str = "sluice_flops_executed";

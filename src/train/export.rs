@@ -61,6 +61,8 @@ pub fn export_model(
         gates: trainer.config.gates.clone(),
         batching: Default::default(),
         policy: Default::default(),
+        limits: Default::default(),
+        requests: Default::default(),
     };
     std::fs::write(dir.join(CONFIG_FILE), toml::to_string_pretty(&config)?)?;
     Ok(())

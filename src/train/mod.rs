@@ -5,6 +5,7 @@
 //! sampled per step, and exit heads by a weighted sum of their cross-entropies.
 
 pub mod augment;
+pub mod calibrate;
 pub mod export;
 pub mod net;
 pub mod optim;

@@ -15,7 +15,7 @@ use crate::control::policy::parse_mode;
 use crate::control::{ChangeKind, PolicyChange};
 use crate::engine::{ChannelMode, GatePolicy};
 use crate::observability::Metrics;
-use crate::protocol::ApiError;
+use crate::serving::ApiError;
 use crate::serving::{ModelRuntime, ServingCore};
 
 /// The service implementation.
@@ -120,7 +120,7 @@ fn change(c: Option<pb::PolicyChange>, actor: &str) -> Result<PolicyChange, Stat
 }
 
 impl GatingAdminService {
-    fn model(&self, name: &str) -> Result<&Arc<ModelRuntime>, Status> {
+    fn model(&self, name: &str) -> Result<Arc<ModelRuntime>, Status> {
         Ok(self.core.model(name, None)?)
     }
 
@@ -138,10 +138,8 @@ impl GatingAdminService {
             change.actor.as_deref().unwrap_or("anonymous"),
             peer.map_or("?".into(), |p| p.to_string())
         );
-        let new = m
-            .change_policy(&change, kind, &who)
-            .map_err(|e| Status::from(ApiError::BadRequest(e.to_string())))?;
-        Ok(Response::new(state(m, &new)))
+        let new = m.change_policy(&change, kind, &who).map_err(|e| Status::from(ApiError::from(e)))?;
+        Ok(Response::new(state(&m, &new)))
     }
 }
 
@@ -154,7 +152,7 @@ impl GatingAdmin for GatingAdminService {
         r: Request<pb::GetGatingRequest>,
     ) -> Result<Response<pb::GatingState>, Status> {
         let m = self.model(&r.into_inner().model)?;
-        Ok(Response::new(state(m, &m.policy.snapshot())))
+        Ok(Response::new(state(&m, &m.policy.snapshot())))
     }
 
     async fn set_gating(

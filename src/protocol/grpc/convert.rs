@@ -2,8 +2,10 @@
 
 use super::pb;
 use super::pb::infer_parameter::ParameterChoice;
-use crate::protocol::{
-    ApiError, InferInput, InferRequest, InferResponse, InputData, ParamValue, Parameters, RequestedOutput,
+use crate::serving::prepare::{ModelInterface, check_input_header};
+use crate::serving::{
+    ApiError, DataType, InferInput, InferRequest, InferResponse, InputData, ParamValue, Parameters,
+    RequestedOutput,
 };
 
 fn param(p: &pb::InferParameter) -> Option<ParamValue> {
@@ -30,38 +32,40 @@ fn to_pb(p: &ParamValue) -> pb::InferParameter {
     pb::InferParameter { parameter_choice: Some(choice) }
 }
 
-/// A `ModelInferRequest` as plain data; raw contents (one per input) win over typed ones.
-pub fn request(msg: pb::ModelInferRequest) -> Result<InferRequest, ApiError> {
+/// A `ModelInferRequest` to `model` as plain data; raw contents (one per input) win over
+/// typed ones. Each input's name, datatype and shape are checked before its contents are
+/// touched, and typed contents are moved, never widened or copied.
+pub fn request(msg: pb::ModelInferRequest, model: &ModelInterface) -> Result<InferRequest, ApiError> {
+    let bad = |m: String| ApiError::BadRequest(m);
     let raw = msg.raw_input_contents;
     if !raw.is_empty() && raw.len() != msg.inputs.len() {
-        return Err(ApiError::BadRequest(format!(
+        return Err(bad(format!(
             "raw_input_contents has {} entries for {} inputs (one per input, in order)",
             raw.len(),
+            msg.inputs.len()
+        )));
+    }
+    if msg.inputs.len() > 1 {
+        return Err(bad(format!(
+            "model `{}` takes one input (`{}`); the request has {}",
+            model.name,
+            model.input_name,
             msg.inputs.len()
         )));
     }
     let mut raw = raw.into_iter();
     let mut inputs = Vec::with_capacity(msg.inputs.len());
     for t in msg.inputs {
+        check_input_header(model, &t.name, &t.datatype, &t.shape)?;
         let field = format!("input `{}`", t.name);
         let data = match (raw.next(), t.contents) {
             (Some(_), Some(_)) => {
-                return Err(ApiError::BadRequest(format!(
-                    "{field}: both contents and raw_input_contents are set"
-                )));
+                return Err(bad(format!("{field}: both contents and raw_input_contents are set")));
             }
-            (Some(bytes), None) => {
-                if t.datatype == "BYTES" {
-                    let parts = crate::protocol::prepare::split_length_prefixed(&bytes)
-                        .map_err(|e| ApiError::BadRequest(format!("{field}: {e}")))?;
-                    InputData::Bytes(parts.into_iter().map(<[u8]>::to_vec).collect())
-                } else {
-                    InputData::Raw(bytes.into())
-                }
-            }
-            (None, Some(c)) => typed(c),
+            (Some(bytes), None) => InputData::Raw(bytes.into()),
+            (None, Some(c)) => typed(c, model.input_datatype, &field)?,
             (None, None) => {
-                return Err(ApiError::BadRequest(format!("{field}: no contents and no raw_input_contents")));
+                return Err(bad(format!("{field}: no contents and no raw_input_contents")));
             }
         };
         inputs.push(InferInput { name: t.name, datatype: t.datatype, shape: t.shape, data });
@@ -91,26 +95,37 @@ pub fn request(msg: pb::ModelInferRequest) -> Result<InferRequest, ApiError> {
         parameters: params(&msg.parameters),
         inputs,
         outputs,
+        timeout: None,
     })
 }
 
-fn typed(c: pb::InferTensorContents) -> InputData {
-    if !c.fp32_contents.is_empty() {
-        return InputData::F32(c.fp32_contents);
+/// Typed contents for an input of `datatype` (already checked against the model): the one
+/// matching field, moved out of the message.
+fn typed(c: pb::InferTensorContents, datatype: DataType, field: &str) -> Result<InputData, ApiError> {
+    let others = [
+        ("bool_contents", c.bool_contents.len()),
+        ("int_contents", c.int_contents.len()),
+        ("int64_contents", c.int64_contents.len()),
+        ("uint_contents", c.uint_contents.len()),
+        ("uint64_contents", c.uint64_contents.len()),
+        ("fp64_contents", c.fp64_contents.len()),
+        ("fp32_contents", c.fp32_contents.len()),
+        ("bytes_contents", c.bytes_contents.len()),
+    ];
+    let wanted = match datatype {
+        DataType::Bytes => "bytes_contents",
+        _ => "fp32_contents",
+    };
+    if let Some((name, _)) = others.iter().find(|(name, n)| *n > 0 && *name != wanted) {
+        return Err(ApiError::BadRequest(format!(
+            "{field}: {name} given for a {} tensor (use {wanted})",
+            datatype.name()
+        )));
     }
-    if !c.bytes_contents.is_empty() {
-        return InputData::Bytes(c.bytes_contents);
-    }
-    let numbers: Vec<f64> = c
-        .fp64_contents
-        .into_iter()
-        .chain(c.int_contents.into_iter().map(f64::from))
-        .chain(c.int64_contents.into_iter().map(|v| v as f64))
-        .chain(c.uint_contents.into_iter().map(f64::from))
-        .chain(c.uint64_contents.into_iter().map(|v| v as f64))
-        .chain(c.bool_contents.into_iter().map(|b| f64::from(u8::from(b))))
-        .collect();
-    InputData::Numbers(numbers)
+    Ok(match datatype {
+        DataType::Bytes => InputData::Bytes(c.bytes_contents),
+        _ => InputData::F32(c.fp32_contents),
+    })
 }
 
 /// A response as a `ModelInferResponse`, every output in `raw_output_contents`.
@@ -141,8 +156,8 @@ pub fn response(resp: InferResponse) -> pb::ModelInferResponse {
 }
 
 /// Triton's config datatype enum.
-pub fn config_datatype(d: crate::protocol::DataType) -> pb::DataType {
-    use crate::protocol::DataType as D;
+pub fn config_datatype(d: DataType) -> pb::DataType {
+    use DataType as D;
     match d {
         D::Bool => pb::DataType::TypeBool,
         D::Uint8 => pb::DataType::TypeUint8,

@@ -1,7 +1,10 @@
 //! `inference.GRPCInferenceService` on top of the serving core.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use prost::Message;
 
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -9,8 +12,8 @@ use tracing::instrument;
 use super::convert;
 use super::pb;
 use super::pb::grpc_inference_service_server::GrpcInferenceService;
-use crate::protocol::http::EXTENSIONS;
-use crate::serving::{ModelRuntime, Protocol, ServingCore};
+use crate::protocol::EXTENSIONS;
+use crate::serving::{ApiError, ModelRuntime, Protocol, ServingCore, check_body_size};
 
 /// The service implementation.
 pub struct InferenceService {
@@ -22,14 +25,58 @@ impl InferenceService {
         InferenceService { core }
     }
 
-    fn model(&self, name: &str, version: &str) -> Result<&Arc<ModelRuntime>, Status> {
+    fn model(&self, name: &str, version: &str) -> Result<Arc<ModelRuntime>, Status> {
         Ok(self.core.model(name, (!version.is_empty()).then_some(version))?)
     }
+
+    /// One inference call after its message was decoded (its bytes reserved before, by
+    /// [`super::admit_messages`]): checks the message against its model's limit, takes a
+    /// place in the model's queue, converts, infers.
+    async fn infer(
+        &self,
+        msg: pb::ModelInferRequest,
+        timeout: Option<Duration>,
+        started: Instant,
+        model_slot: &mut Option<Arc<ModelRuntime>>,
+    ) -> Result<pb::ModelInferResponse, ApiError> {
+        let version = (!msg.model_version.is_empty()).then_some(msg.model_version.as_str());
+        let model = self.core.model(&msg.model_name, version)?;
+        *model_slot = Some(model.clone());
+        check_body_size(&model, msg.encoded_len())?;
+        let admission = self.core.admit_reserved(model.clone(), None, started)?;
+        let mut req = convert::request(msg, &model.interface)?;
+        req.timeout = timeout;
+        let resp = self.core.infer(admission, req).await?;
+        Ok(convert::response(resp))
+    }
+}
+
+/// Marks a call whose outcome the service recorded itself (the layer counts the others:
+/// messages that failed to decode or were too large).
+#[derive(Clone, Default)]
+pub struct Recorded(pub Arc<AtomicBool>);
+
+/// The `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn tensor(
     name: String,
-    dt: crate::protocol::DataType,
+    dt: crate::serving::DataType,
     shape: Vec<i64>,
 ) -> pb::model_metadata_response::TensorMetadata {
     pb::model_metadata_response::TensorMetadata { name, datatype: dt.name().into(), shape }
@@ -84,8 +131,8 @@ impl GrpcInferenceService for InferenceService {
         r: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = r.into_inner();
-        self.model(&r.name, &r.version)?;
-        Ok(Response::new(pb::ModelReadyResponse { ready: self.core.is_ready() }))
+        let m = self.model(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelReadyResponse { ready: self.core.model_ready(&m) }))
     }
 
     async fn server_metadata(
@@ -104,7 +151,8 @@ impl GrpcInferenceService for InferenceService {
         r: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = r.into_inner();
-        let m = &self.model(&r.name, &r.version)?.interface;
+        let m = self.model(&r.name, &r.version)?;
+        let m = &m.interface;
         let batched = |dims: Vec<i64>| std::iter::once(-1).chain(dims).collect::<Vec<i64>>();
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
@@ -120,9 +168,19 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let req = convert::request(r.into_inner())?;
-        let resp = self.core.infer(req, Protocol::Grpc).await?;
-        Ok(Response::new(convert::response(resp)))
+        let started = Instant::now();
+        if let Some(recorded) = r.extensions().get::<Recorded>() {
+            recorded.0.store(true, Ordering::Release);
+        }
+        let timeout = r.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(grpc_timeout);
+        let mut model = None;
+        let result = self.infer(r.into_inner(), timeout, started, &mut model).await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        };
+        self.core.record(Protocol::Grpc, model.as_deref(), outcome, started);
+        Ok(Response::new(result?))
     }
 
     async fn model_config(
@@ -131,13 +189,13 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = r.into_inner();
         let c = self.model(&r.name, &r.version)?.triton_config();
-        let input = |(name, dt, dims): (String, crate::protocol::DataType, Vec<i64>)| pb::ModelInput {
+        let input = |(name, dt, dims): (String, crate::serving::DataType, Vec<i64>)| pb::ModelInput {
             name,
             data_type: convert::config_datatype(dt) as i32,
             dims,
             ..Default::default()
         };
-        let output = |(name, dt, dims): (String, crate::protocol::DataType, Vec<i64>)| pb::ModelOutput {
+        let output = |(name, dt, dims): (String, crate::serving::DataType, Vec<i64>)| pb::ModelOutput {
             name,
             data_type: convert::config_datatype(dt) as i32,
             dims,
@@ -173,9 +231,10 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = r.into_inner();
         let model_stats = if r.name.is_empty() {
-            self.core.models().map(|m| statistics(m)).collect()
+            self.core.models().iter().map(|m| statistics(m)).collect()
         } else {
-            vec![statistics(self.model(&r.name, &r.version)?)]
+            let m = self.model(&r.name, &r.version)?;
+            vec![statistics(&m)]
         };
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::HttpState;
 use crate::control::{ChangeKind, PolicyChange};
 use crate::engine::GatePolicy;
-use crate::protocol::ApiError;
+use crate::serving::ApiError;
 use crate::serving::ModelRuntime;
 
 /// Checks the caller against the listener's access rule (and counts refusals).
@@ -53,7 +53,7 @@ pub async fn get_gating(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&s, &headers, Some(peer))?;
     let m = s.core.model(&model, None)?;
-    Ok(Json(state_json(m)))
+    Ok(Json(state_json(&m)))
 }
 
 pub async fn put_gating(
@@ -89,6 +89,6 @@ async fn change(
     let change: PolicyChange = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid gating change: {e}")))?;
     let who = format!("{} via http from {peer}", change.actor.as_deref().unwrap_or("anonymous"));
-    m.change_policy(&change, kind, &who).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    Ok(Json(state_json(m)))
+    m.change_policy(&change, kind, &who).map_err(ApiError::from)?;
+    Ok(Json(state_json(&m)))
 }

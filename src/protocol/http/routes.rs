@@ -2,38 +2,62 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 use tracing::instrument;
 
 use super::codec::{HEADER_LENGTH, decode_request, encode_response};
 use super::{HttpState, admin};
 use crate::control::auth::AdminAccess;
-use crate::protocol::ApiError;
+use crate::protocol::EXTENSIONS;
+use crate::protocol::conn::ConnectionLimits;
+use crate::serving::ApiError;
 use crate::serving::{ModelRuntime, Protocol, ServingCore};
 
-/// The extensions this server really implements (server metadata lists exactly these).
-pub const EXTENSIONS: [&str; 5] =
-    ["binary_tensor_data", "classification", "model_configuration", "parameters", "statistics"];
-
-/// Limits of the HTTP front door.
+/// Limits of the HTTP front door (docs/security.md).
 #[derive(Clone, Copy, Debug)]
 pub struct HttpLimits {
-    /// Largest request body accepted (413 beyond).
-    pub max_body_bytes: usize,
+    /// A cap on every model's body limit (413 beyond); `None`: each model's own limit.
+    pub max_body_bytes: Option<usize>,
+    /// Time a client has to send a request's whole body (408 beyond).
+    pub body_read_timeout: Duration,
+    pub connections: ConnectionLimits,
+}
+
+/// Largest body of a control-API call.
+pub const ADMIN_MAX_BODY_BYTES: usize = 64 << 10;
+
+/// Largest response encoded on the async runtime (more goes to the decode pool).
+const INLINE_ENCODE_VALUES: usize = 16 << 10;
+
+/// The HTTP status of an error.
+pub fn status_of(e: &ApiError) -> StatusCode {
+    match e {
+        ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        ApiError::PermissionDenied(_) => StatusCode::FORBIDDEN,
+        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+        ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+        ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+        ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+    }
 }
 
 impl IntoResponse for ApiError {
+    /// The error as a response: its status and `{"error": "..."}`.
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(json!({ "error": self.public_message() }))).into_response()
+        (status_of(&self), Json(json!({ "error": self.public_message() }))).into_response()
     }
 }
 
@@ -45,7 +69,7 @@ pub fn admin_router(core: Arc<ServingCore>, limits: HttpLimits) -> Router {
             "/v2/models/{model}/gating",
             get(admin::get_gating).put(admin::put_gating).patch(admin::patch_gating),
         )
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(DefaultBodyLimit::max(ADMIN_MAX_BODY_BYTES))
         .with_state(HttpState { core, limits, admin: AdminAccess::Open })
 }
 
@@ -71,7 +95,7 @@ pub fn router(core: Arc<ServingCore>, limits: HttpLimits, admin: AdminAccess) ->
         .fallback(|| async {
             ApiError::NotFound("no such route (see the KServe v2 protocol: /v2/...)".into())
         })
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(DefaultBodyLimit::max(ADMIN_MAX_BODY_BYTES))
         .with_state(HttpState { core, limits, admin })
 }
 
@@ -82,7 +106,7 @@ struct ModelPath {
     version: Option<String>,
 }
 
-fn lookup<'a>(core: &'a ServingCore, p: &ModelPath) -> Result<&'a Arc<ModelRuntime>, ApiError> {
+fn lookup(core: &ServingCore, p: &ModelPath) -> Result<Arc<ModelRuntime>, ApiError> {
     core.model(&p.model, p.version.as_deref())
 }
 
@@ -99,15 +123,16 @@ async fn ready(State(s): State<HttpState>) -> StatusCode {
 }
 
 async fn model_ready(State(s): State<HttpState>, Path(p): Path<ModelPath>) -> Result<StatusCode, ApiError> {
-    lookup(&s.core, &p)?;
-    Ok(if s.core.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
+    let m = lookup(&s.core, &p)?;
+    Ok(if s.core.model_ready(&m) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
 }
 
 async fn model_metadata(
     State(s): State<HttpState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Json<Value>, ApiError> {
-    let m = &lookup(&s.core, &p)?.interface;
+    let m = lookup(&s.core, &p)?;
+    let m = &m.interface;
     let mut input_shape = vec![-1i64];
     input_shape.extend(m.item_shape());
     let outputs: Vec<Value> = m
@@ -129,7 +154,7 @@ async fn model_metadata(
 
 async fn model_config(State(s): State<HttpState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, ApiError> {
     let c = lookup(&s.core, &p)?.triton_config();
-    let tensor = |(name, dt, dims): &(String, crate::protocol::DataType, Vec<i64>)| json!({ "name": name, "data_type": dt.config_name(), "dims": dims });
+    let tensor = |(name, dt, dims): &(String, crate::serving::DataType, Vec<i64>)| json!({ "name": name, "data_type": dt.config_name(), "dims": dims });
     Ok(Json(json!({
         "name": c.name,
         "platform": c.platform,
@@ -144,11 +169,11 @@ async fn model_config(State(s): State<HttpState>, Path(p): Path<ModelPath>) -> R
 
 async fn model_stats(State(s): State<HttpState>, Path(p): Path<ModelPath>) -> Result<Json<Value>, ApiError> {
     let m = lookup(&s.core, &p)?;
-    Ok(Json(json!({ "model_stats": [stats_json(m)] })))
+    Ok(Json(json!({ "model_stats": [stats_json(&m)] })))
 }
 
 async fn all_stats(State(s): State<HttpState>) -> Json<Value> {
-    Json(json!({ "model_stats": s.core.models().map(|m| stats_json(m)).collect::<Vec<_>>() }))
+    Json(json!({ "model_stats": s.core.models().iter().map(|m| stats_json(m)).collect::<Vec<_>>() }))
 }
 
 fn stats_json(m: &ModelRuntime) -> Value {
@@ -178,37 +203,80 @@ fn stats_json(m: &ModelRuntime) -> Value {
     })
 }
 
+/// `POST …/infer`: admitted before its body is read, the body read under the model's size
+/// limit and the body timeout, decoded (large bodies on the decode pool), inferred, encoded.
+/// Every request is counted, whatever happens to it.
 #[instrument(skip_all, fields(model = %p.model))]
-async fn infer(
-    State(s): State<HttpState>,
-    Path(p): Path<ModelPath>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!(
-                "request body exceeds the limit of {} bytes (--http-max-body-bytes)",
-                s.limits.max_body_bytes
-            ))
-        } else {
-            ApiError::BadRequest(format!("cannot read the request body: {e}"))
-        }
-    })?;
-    let model = lookup(&s.core, &p)?;
-    let header_length = match headers.get(HEADER_LENGTH) {
-        None => None,
-        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
-            ApiError::BadRequest(
-                "header `Inference-Header-Content-Length` must be a non-negative integer".into(),
-            )
-        })?),
+async fn infer(State(s): State<HttpState>, Path(p): Path<ModelPath>, request: Request) -> Response {
+    let started = Instant::now();
+    let mut model = None;
+    let result = infer_request(&s, &p, request, &mut model).await;
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(e) => e.outcome(),
     };
-    let (mut req, _raw) = decode_request(body, header_length, &model.interface)?;
+    s.core.record(Protocol::Http, model.as_deref(), outcome, started);
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A header holding a non-negative integer, if present.
+fn length_header(headers: &HeaderMap, name: &str, shown: &str) -> Result<Option<usize>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => {
+            v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).map(Some).ok_or_else(|| {
+                ApiError::BadRequest(format!("header `{shown}` must be a non-negative integer"))
+            })
+        }
+    }
+}
+
+async fn infer_request(
+    s: &HttpState,
+    p: &ModelPath,
+    request: Request,
+    model_slot: &mut Option<Arc<ModelRuntime>>,
+) -> Result<Response, ApiError> {
+    let headers = request.headers();
+    let content_length = length_header(headers, header::CONTENT_LENGTH.as_str(), "Content-Length")?;
+    let header_length = length_header(headers, HEADER_LENGTH, "Inference-Header-Content-Length")?;
+    if let (Some(json), Some(body)) = (header_length, content_length)
+        && json > body
+    {
+        return Err(ApiError::BadRequest(format!(
+            "header `Inference-Header-Content-Length` is {json}, but the body has only {body} bytes"
+        )));
+    }
+    let model = s.core.model(&p.model, p.version.as_deref())?;
+    *model_slot = Some(model.clone());
+    let limit = s
+        .limits
+        .max_body_bytes
+        .map_or(model.interface.limits.max_body_bytes, |cap| cap.min(model.interface.limits.max_body_bytes));
+    if let Some(n) = content_length
+        && n > limit
+    {
+        return Err(too_large(&model, n, limit));
+    }
+    let admission = s.core.admit(&p.model, p.version.as_deref(), Some(content_length.unwrap_or(limit)))?;
+    let body = read_body(request.into_body(), limit, s.limits.body_read_timeout)
+        .await
+        .map_err(|e| e.unwrap_or_else(|| too_large(&model, limit + 1, limit)))?;
+    let mut req = if s.core.decode_offloaded(body.len()) {
+        let m = model.clone();
+        s.core.decode(move || decode_request(body, header_length, &m.interface)).await??
+    } else {
+        decode_request(body, header_length, &model.interface)?
+    };
     req.model = p.model.clone();
     req.version = p.version.clone();
-    let resp = s.core.infer(req, Protocol::Http).await?;
-    let (bytes, json_length) = encode_response(&resp);
+    let resp = s.core.infer(admission, req).await?;
+    let values: usize = resp.outputs.iter().map(|o| o.shape.iter().product::<i64>().max(0) as usize).sum();
+    let (bytes, json_length) = if values > INLINE_ENCODE_VALUES {
+        s.core.decode(move || encode_response(&resp)).await?
+    } else {
+        encode_response(&resp)
+    };
     let mut response = bytes.into_response();
     let headers = response.headers_mut();
     match json_length {
@@ -221,4 +289,26 @@ async fn infer(
         }
     }
     Ok(response)
+}
+
+fn too_large(model: &ModelRuntime, bytes: usize, limit: usize) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "the request body ({bytes} bytes or more) exceeds the limit of {limit} bytes for model `{}` \
+         (max_batch_size × the item's size, limits.max_body_bytes, --http-max-body-bytes)",
+        model.interface.name
+    ))
+}
+
+/// Reads a body of at most `limit` bytes within `timeout`. `Err(None)`: over the limit.
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, Option<ApiError>> {
+    let read = Limited::new(body, limit).collect();
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(Some(ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} s (--body-read-timeout)",
+            timeout.as_secs_f64()
+        )))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(None),
+        Ok(Err(e)) => Err(Some(ApiError::BadRequest(format!("cannot read the request body: {e}")))),
+    }
 }

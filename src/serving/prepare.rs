@@ -1,9 +1,12 @@
 //! From a decoded request to what the engine runs: checks every input, output and
 //! parameter against the model's interface and names the field at fault.
 
+use std::time::Duration;
+
 use super::error::ApiError;
 use super::image;
-use super::types::{DataType, InferRequest, InputData, ParamValue};
+use super::limits::ModelLimits;
+use super::request::{DataType, InferRequest, InputData, ParamValue};
 use crate::control::PolicyRequest;
 use crate::engine::ChannelMode;
 use crate::repository::{ImageConfig, InputDatatype, ModelConfig};
@@ -19,6 +22,8 @@ pub const PARAM_CHANNEL: &str = "sluice_channel_threshold";
 pub const PARAM_BLOCK: &str = "sluice_block_threshold";
 pub const PARAM_EXIT: &str = "sluice_exit_threshold";
 pub const PARAM_MODE: &str = "sluice_channel_mode";
+/// Triton's request timeout parameter, in microseconds (queue time included).
+pub const PARAM_TIMEOUT: &str = "timeout";
 
 /// What clients see of a model.
 #[derive(Clone, Debug)]
@@ -33,6 +38,8 @@ pub struct ModelInterface {
     pub output_name: String,
     pub labels: Vec<String>,
     pub max_batch_size: usize,
+    /// What one request may hold.
+    pub limits: ModelLimits,
 }
 
 impl ModelInterface {
@@ -50,6 +57,7 @@ impl ModelInterface {
             output_name: config.output.name.clone(),
             labels: config.output.labels.clone(),
             max_batch_size: config.max_batch_size,
+            limits: ModelLimits::from_config(config),
         }
     }
 
@@ -98,10 +106,68 @@ pub struct PreparedRequest {
     pub items: usize,
     pub policy: PolicyRequest,
     pub outputs: Vec<OutputPlan>,
+    /// Triton's `timeout` parameter.
+    pub timeout: Option<Duration>,
 }
 
-/// Checks `req` against `model` and decodes its input.
-pub fn prepare(req: &InferRequest, model: &ModelInterface) -> Result<PreparedRequest, ApiError> {
+/// What an input's header (name, datatype, shape) says it holds, checked against the model
+/// before any of its data is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputShape {
+    /// Batch rows.
+    pub items: usize,
+    /// Elements the data must hold: values (FP32) or encoded images (BYTES).
+    pub elements: usize,
+}
+
+/// Checks an input's name, datatype and shape against `model`: front doors call it as soon
+/// as they have read them, so no data is decoded for a request that cannot run.
+pub fn check_input_header(
+    model: &ModelInterface,
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+) -> Result<InputShape, ApiError> {
+    let bad = |m: String| Err(ApiError::BadRequest(m));
+    if name != model.input_name {
+        return bad(format!(
+            "unknown input `{name}`: model `{}` has input `{}`",
+            model.name, model.input_name
+        ));
+    }
+    let field = format!("input `{name}`");
+    if datatype != model.input_datatype.name() {
+        return bad(format!(
+            "{field}: datatype {datatype} given, the model expects {}",
+            model.input_datatype.name()
+        ));
+    }
+    let item = model.item_shape();
+    let shape_ok = shape.len() == item.len() + 1 && shape[1..] == item[..];
+    let items = shape.first().copied().unwrap_or(0);
+    if !shape_ok || items < 1 {
+        let expected = std::iter::once("N".to_string())
+            .chain(item.iter().map(|d| d.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return bad(format!("{field}: shape {shape:?} given, the model expects [{expected}] with N ≥ 1"));
+    }
+    if items as u64 > model.max_batch_size as u64 {
+        return bad(format!(
+            "{field}: batch {items} exceeds the model's max_batch_size {}",
+            model.max_batch_size
+        ));
+    }
+    let items = items as usize;
+    let elements = match model.input_datatype {
+        DataType::Bytes => items,
+        _ => items * model.limits.item_values,
+    };
+    Ok(InputShape { items, elements })
+}
+
+/// Checks `req` against `model` and decodes its input (taking the input's data out of `req`).
+pub fn prepare(req: &mut InferRequest, model: &ModelInterface) -> Result<PreparedRequest, ApiError> {
     let bad = |m: String| Err(ApiError::BadRequest(m));
     let input = match req.inputs.as_slice() {
         [one] => one,
@@ -120,69 +186,46 @@ pub fn prepare(req: &InferRequest, model: &ModelInterface) -> Result<PreparedReq
             ));
         }
     };
-    if input.name != model.input_name {
-        return bad(format!(
-            "unknown input `{}`: model `{}` has input `{}`",
-            input.name, model.name, model.input_name
-        ));
-    }
+    let InputShape { items, elements } =
+        check_input_header(model, &input.name, &input.datatype, &input.shape)?;
     let field = format!("input `{}`", input.name);
-    if input.datatype != model.input_datatype.name() {
-        return bad(format!(
-            "{field}: datatype {} given, the model expects {}",
-            input.datatype,
-            model.input_datatype.name()
-        ));
-    }
-    let item = model.item_shape();
-    let shape_ok = input.shape.len() == item.len() + 1 && input.shape[1..] == item[..];
-    let items = input.shape.first().copied().unwrap_or(0);
-    if !shape_ok || items < 1 {
-        let expected = std::iter::once("N".to_string())
-            .chain(item.iter().map(|d| d.to_string()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return bad(format!(
-            "{field}: shape {:?} given, the model expects [{expected}] with N ≥ 1",
-            input.shape
-        ));
-    }
-    let items = items as usize;
-    if items > model.max_batch_size {
-        return bad(format!(
-            "{field}: batch {items} exceeds the model's max_batch_size {}",
-            model.max_batch_size
-        ));
-    }
-    let per_item: usize = model.dims.iter().product::<i64>() as usize;
+    let req = &mut *req;
+    // Cheap checks first: a request with a bad parameter decodes no image.
+    let policy = policy_request(req)?;
+    let outputs = output_plans(req, model)?;
+    let timeout = timeout(req)?;
+    let data = std::mem::replace(&mut req.inputs[0].data, InputData::F32(Vec::new()));
     let values = match model.input_datatype {
-        DataType::Bytes => decode_images(&input.data, items, model, &field)?,
-        _ => decode_f32(&input.data, items * per_item, &field)?,
+        DataType::Bytes => decode_images(&data, items, model, &field)?,
+        _ => decode_f32(data, elements, &field)?,
     };
-    Ok(PreparedRequest { values, items, policy: policy_request(req)?, outputs: output_plans(req, model)? })
+    Ok(PreparedRequest { values, items, policy, outputs, timeout })
 }
 
-fn decode_f32(data: &InputData, count: usize, field: &str) -> Result<Vec<f32>, ApiError> {
-    let bad = |m: String| ApiError::BadRequest(format!("{field}: {m}"));
-    let values = match data {
-        InputData::F32(v) => v.clone(),
-        InputData::Numbers(v) => v.iter().map(|&x| x as f32).collect(),
-        InputData::Raw(bytes) => {
-            if bytes.len() != count * 4 {
-                return Err(bad(format!(
-                    "{} bytes of data, the shape needs {} (FP32)",
-                    bytes.len(),
-                    count * 4
-                )));
-            }
-            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-        }
-        InputData::Bytes(_) => return Err(bad("string data given for an FP32 tensor".into())),
-    };
-    if values.len() != count {
-        return Err(bad(format!("{} values given, the shape needs {count}", values.len())));
+/// Triton's `timeout` parameter: microseconds, a non-negative integer (0: none).
+fn timeout(req: &InferRequest) -> Result<Option<Duration>, ApiError> {
+    match req.parameters.get(PARAM_TIMEOUT) {
+        None | Some(ParamValue::Int(0)) => Ok(None),
+        Some(ParamValue::Int(us)) if *us > 0 => Ok(Some(Duration::from_micros(*us as u64))),
+        Some(v) => Err(ApiError::BadRequest(format!(
+            "parameter `{PARAM_TIMEOUT}` must be a non-negative integer (microseconds), got {v:?}"
+        ))),
     }
-    Ok(values)
+}
+
+fn decode_f32(data: InputData, count: usize, field: &str) -> Result<Vec<f32>, ApiError> {
+    let bad = |m: String| ApiError::BadRequest(format!("{field}: {m}"));
+    match data {
+        InputData::F32(v) if v.len() == count => Ok(v),
+        InputData::F32(v) => Err(bad(format!("{} values given, the shape needs {count}", v.len()))),
+        InputData::Raw(bytes) if bytes.len() as u64 == count as u64 * 4 => {
+            Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        }
+        InputData::Raw(bytes) => {
+            Err(bad(format!("{} bytes of data, the shape needs {} (FP32)", bytes.len(), count as u64 * 4)))
+        }
+        InputData::Bytes(_) => Err(bad("string data given for an FP32 tensor".into())),
+    }
 }
 
 fn decode_images(
@@ -194,7 +237,7 @@ fn decode_images(
     let bad = |m: String| ApiError::BadRequest(format!("{field}: {m}"));
     let elements: Vec<&[u8]> = match data {
         InputData::Bytes(v) => v.iter().map(|b| b.as_slice()).collect(),
-        InputData::Raw(raw) => split_length_prefixed(raw).map_err(bad)?,
+        InputData::Raw(raw) => split_length_prefixed(raw, items).map_err(bad)?,
         _ => return Err(bad("numbers given for a BYTES (encoded image) tensor".into())),
     };
     if elements.len() != items {
@@ -213,10 +256,14 @@ fn decode_images(
 }
 
 /// Triton's BYTES serialization: each element is a 4-byte little-endian length and its bytes.
-pub fn split_length_prefixed(raw: &[u8]) -> Result<Vec<&[u8]>, String> {
+/// More than `max_elements` elements is an error (found before they are collected).
+pub fn split_length_prefixed(raw: &[u8], max_elements: usize) -> Result<Vec<&[u8]>, String> {
     let mut out = Vec::new();
     let mut rest = raw;
     while !rest.is_empty() {
+        if out.len() == max_elements {
+            return Err(format!("more than the {max_elements} BYTES elements the shape declares"));
+        }
         if rest.len() < 4 {
             return Err("truncated BYTES element length".into());
         }
@@ -343,7 +390,7 @@ fn kind_of(name: &str, model: &ModelInterface, classification: Option<usize>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::types::{InferInput, RequestedOutput};
+    use crate::serving::request::{InferInput, RequestedOutput};
 
     fn model() -> ModelInterface {
         ModelInterface {
@@ -356,6 +403,13 @@ mod tests {
             output_name: "logits".into(),
             labels: vec!["a".into(), "b".into(), "c".into()],
             max_batch_size: 4,
+            limits: ModelLimits {
+                max_items: 4,
+                item_values: 4,
+                max_image_bytes: 0,
+                max_image_pixels: 0,
+                max_body_bytes: 1 << 20,
+            },
         }
     }
 
@@ -368,62 +422,68 @@ mod tests {
     }
 
     fn err(req: &InferRequest) -> String {
-        prepare(req, &model()).unwrap_err().to_string()
+        prepare(&mut req.clone(), &model()).unwrap_err().to_string()
     }
 
     #[test]
     fn accepts_json_numbers_and_raw_bytes() {
         let ok =
-            prepare(&request("FP32", vec![2, 1, 2, 2], InputData::Numbers(vec![0.5; 8])), &model()).unwrap();
+            prepare(&mut request("FP32", vec![2, 1, 2, 2], InputData::F32(vec![0.5; 8])), &model()).unwrap();
         assert_eq!((ok.items, ok.values.len(), ok.outputs.len()), (2, 8, 3));
         let raw: Vec<u8> = (0..4).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let ok = prepare(&request("FP32", vec![1, 1, 2, 2], InputData::Raw(raw.into())), &model()).unwrap();
+        let ok =
+            prepare(&mut request("FP32", vec![1, 1, 2, 2], InputData::Raw(raw.into())), &model()).unwrap();
         assert_eq!(ok.values, vec![0.0, 1.0, 2.0, 3.0]);
     }
 
     #[test]
     fn errors_name_the_field_and_the_problem() {
         assert!(
-            err(&request("FP64", vec![1, 1, 2, 2], InputData::Numbers(vec![0.0; 4])))
+            err(&request("FP64", vec![1, 1, 2, 2], InputData::F32(vec![0.0; 4])))
                 .contains("datatype FP64 given")
         );
         assert!(
-            err(&request("FP32", vec![1, 2, 2], InputData::Numbers(vec![0.0; 4])))
+            err(&request("FP32", vec![1, 2, 2], InputData::F32(vec![0.0; 4])))
                 .contains("shape [1, 2, 2] given")
         );
         assert!(
-            err(&request("FP32", vec![5, 1, 2, 2], InputData::Numbers(vec![0.0; 20])))
+            err(&request("FP32", vec![5, 1, 2, 2], InputData::F32(vec![0.0; 20])))
                 .contains("max_batch_size 4")
         );
         assert!(
-            err(&request("FP32", vec![1, 1, 2, 2], InputData::Numbers(vec![0.0; 3])))
-                .contains("3 values given")
+            err(&request("FP32", vec![1, 1, 2, 2], InputData::F32(vec![0.0; 3]))).contains("3 values given")
         );
         assert!(
             err(&request("FP32", vec![1, 1, 2, 2], InputData::Raw(vec![0u8; 15].into())))
                 .contains("15 bytes")
         );
-        let mut r = request("FP32", vec![1, 1, 2, 2], InputData::Numbers(vec![0.0; 4]));
+        let mut r = request("FP32", vec![1, 1, 2, 2], InputData::F32(vec![0.0; 4]));
         r.inputs[0].name = "x".into();
         assert!(err(&r).contains("unknown input `x`"));
-        let mut r = request("FP32", vec![1, 1, 2, 2], InputData::Numbers(vec![0.0; 4]));
+        let mut r = request("FP32", vec![1, 1, 2, 2], InputData::F32(vec![0.0; 4]));
         r.outputs = vec![RequestedOutput { name: "probs".into(), ..Default::default() }];
         assert!(err(&r).contains("unknown output `probs`"));
         r.outputs =
             vec![RequestedOutput { name: "logits".into(), classification: Some(9), ..Default::default() }];
         assert!(err(&r).contains("classification count 9"));
-        let mut r = request("FP32", vec![1, 1, 2, 2], InputData::Numbers(vec![0.0; 4]));
+        let mut r = request("FP32", vec![1, 1, 2, 2], InputData::F32(vec![0.0; 4]));
         r.parameters.insert(PARAM_BUDGET.into(), ParamValue::Double(1.5));
         assert!(err(&r).contains("sluice_budget"));
         r.parameters.insert(PARAM_BUDGET.into(), ParamValue::Str("x".into()));
         assert!(err(&r).contains("must be a number"));
+        let mut r = request("FP32", vec![1, 1, 2, 2], InputData::F32(vec![0.0; 4]));
+        r.parameters.insert(PARAM_TIMEOUT.into(), ParamValue::Int(-5));
+        assert!(err(&r).contains("parameter `timeout`"));
+        r.parameters.insert(PARAM_TIMEOUT.into(), ParamValue::Int(2500));
+        assert_eq!(prepare(&mut r, &model()).unwrap().timeout, Some(Duration::from_micros(2500)));
     }
 
     #[test]
     fn length_prefixed_bytes_split_and_reject_truncation() {
         let raw = [2u8, 0, 0, 0, b'h', b'i', 0, 0, 0, 0];
-        assert_eq!(split_length_prefixed(&raw).unwrap(), vec![b"hi".as_slice(), b"".as_slice()]);
-        assert!(split_length_prefixed(&raw[..5]).is_err());
-        assert!(split_length_prefixed(&raw[..3]).is_err());
+        assert_eq!(split_length_prefixed(&raw, 2).unwrap(), vec![b"hi".as_slice(), b"".as_slice()]);
+        assert!(split_length_prefixed(&raw, 1).unwrap_err().contains("more than the 1"));
+        assert!(split_length_prefixed(&raw[..5], 2).is_err());
+        assert!(split_length_prefixed(&raw[..3], 2).is_err());
     }
 }

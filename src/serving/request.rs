@@ -1,6 +1,7 @@
 //! Requests and responses as plain data, independent of the wire format.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// A KServe v2 tensor datatype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,12 +108,11 @@ impl ParamValue {
 /// Named parameters.
 pub type Parameters = BTreeMap<String, ParamValue>;
 
-/// An input tensor's contents as they arrived.
+/// An input tensor's contents as they arrived. Front doors decode typed data straight into
+/// its buffer, after checking the declared datatype and element count against the model.
 #[derive(Clone, Debug, PartialEq)]
 pub enum InputData {
-    /// Numbers from JSON or typed protobuf contents (checked against the datatype later).
-    Numbers(Vec<f64>),
-    /// FP32 values decoded by the front door (typed gRPC contents).
+    /// FP32 values (JSON numbers, typed gRPC contents).
     F32(Vec<f32>),
     /// Variable-length elements (BYTES), JSON strings or typed contents.
     Bytes(Vec<Vec<u8>>),
@@ -149,6 +149,9 @@ pub struct InferRequest {
     pub inputs: Vec<InferInput>,
     /// Empty means every output.
     pub outputs: Vec<RequestedOutput>,
+    /// How long the client will wait, from the wire (gRPC's `grpc-timeout`); the core also
+    /// reads Triton's `timeout` parameter and the model's default.
+    pub timeout: Option<Duration>,
 }
 
 /// An output tensor's contents.

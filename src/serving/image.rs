@@ -15,12 +15,35 @@ pub fn decode(
     width: u32,
     config: &ImageConfig,
 ) -> Result<Vec<f32>, String> {
+    if bytes.len() > config.max_bytes {
+        return Err(format!(
+            "{} bytes of encoded image; this model accepts at most {} (input.image.max_bytes)",
+            bytes.len(),
+            config.max_bytes
+        ));
+    }
     let format = image::guess_format(bytes).map_err(|_| "not a PNG or JPEG image".to_string())?;
     if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
         return Err(format!("{format:?} images are not accepted (PNG or JPEG)"));
     }
-    let img = image::load_from_memory_with_format(bytes, format)
-        .map_err(|e| format!("cannot decode image: {e}"))?;
+    // The header says how large the image is; refuse before a pixel is decoded.
+    let reader = || image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let (w, h) = reader().into_dimensions().map_err(|e| format!("cannot read the image header: {e}"))?;
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > config.max_pixels {
+        return Err(format!(
+            "the image is {w}×{h} = {pixels} pixels; this model accepts at most {} (input.image.max_pixels)",
+            config.max_pixels
+        ));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // Decoded pixels (at most 16 bits × 4 channels) plus the decoder's own buffers.
+    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(1 << 20));
+    let mut reader = reader();
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| format!("cannot decode image: {e}"))?;
     let img = if img.width() != width || img.height() != height {
         img.resize_exact(width, height, FilterType::Triangle)
     } else {
@@ -52,18 +75,28 @@ mod tests {
 
     #[test]
     fn decodes_resizes_and_normalises() {
-        let cfg = ImageConfig { mean: vec![0.5], std: vec![0.5] };
+        let cfg = ImageConfig::new(vec![0.5], vec![0.5]);
         let v = decode(&png(56, 56, 255), 1, 28, 28, &cfg).unwrap();
         assert_eq!(v.len(), 784);
         assert!(v.iter().all(|&x| (x - 1.0).abs() < 1e-6));
-        let rgb = decode(&png(28, 28, 0), 3, 28, 28, &ImageConfig { mean: vec![0.0; 3], std: vec![1.0; 3] })
-            .unwrap();
+        let rgb = decode(&png(28, 28, 0), 3, 28, 28, &ImageConfig::new(vec![0.0; 3], vec![1.0; 3])).unwrap();
         assert_eq!(rgb.len(), 3 * 784);
     }
 
     #[test]
+    fn refuses_large_images_before_decoding() {
+        let mut cfg = ImageConfig::new(vec![0.0], vec![1.0]);
+        cfg.max_pixels = 100 * 100;
+        assert!(decode(&png(100, 100, 3), 1, 28, 28, &cfg).is_ok());
+        let err = decode(&png(101, 100, 3), 1, 28, 28, &cfg).unwrap_err();
+        assert!(err.contains("10100 pixels") && err.contains("max_pixels"), "{err}");
+        cfg.max_bytes = 10;
+        assert!(decode(&png(8, 8, 3), 1, 28, 28, &cfg).unwrap_err().contains("max_bytes"));
+    }
+
+    #[test]
     fn rejects_non_images() {
-        let cfg = ImageConfig { mean: vec![0.0], std: vec![1.0] };
+        let cfg = ImageConfig::new(vec![0.0], vec![1.0]);
         assert!(decode(b"hello", 1, 28, 28, &cfg).unwrap_err().contains("PNG or JPEG"));
         let mut broken = png(8, 8, 1);
         broken.truncate(30);
