@@ -189,7 +189,7 @@ fn serve_metrics_apart(
         runtime.block_on(async move {
             match TcpListener::from_std(listener) {
                 Ok(l) => {
-                    let app = crate::observability::metrics_router(metrics);
+                    let app = http::metrics_router(metrics);
                     if let Err(e) = conn::serve(l, app, limits, gauges, shutdown).await {
                         warn!(error = %e, "the metrics listener stopped");
                     }

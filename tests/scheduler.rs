@@ -75,10 +75,16 @@ fn image(seed: usize) -> Vec<f32> {
 
 #[tokio::test]
 async fn concurrent_requests_share_a_batch_and_get_their_own_rows() {
-    let (_scheduler, handle, metrics) = start(4, Duration::from_secs(30), 16);
+    // Trained weights from a file: random ones would depend on the global RNG, which tests
+    // running in parallel share.
+    let source = || ModelSource {
+        weights: Some(common::fixture("resnet20_weights.safetensors")),
+        ..ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 0)
+    };
+    let (_scheduler, handle, metrics) = start_with(source(), 4, Duration::from_secs(30), 16, Duration::ZERO);
     // Each alone, one after the other.
     let alone: Vec<Vec<f32>> = {
-        let (_s, h, _) = start(1, Duration::ZERO, 4);
+        let (_s, h, _) = start_with(source(), 1, Duration::ZERO, 4, Duration::ZERO);
         let mut out = Vec::new();
         for seed in 0..4 {
             out.push(ask(&h, image(seed), 1).await.unwrap().logits);

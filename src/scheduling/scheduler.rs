@@ -232,9 +232,16 @@ pub fn start(
     let mut scheduler = Scheduler { shared: shared.clone(), engines: Vec::with_capacity(engines.len()) };
     for engine in engines {
         let shared = shared.clone();
-        scheduler
-            .engines
-            .push(worker::start_engine(source.clone(), engine, move |model| shared.serve(model))?);
+        // Counted live before its loop starts, so the model is ready once `start` returns.
+        shared.live_engines.fetch_add(1, Ordering::AcqRel);
+        let counted = shared.clone();
+        match worker::start_engine(source.clone(), engine, move |model| shared.serve(model)) {
+            Ok(thread) => scheduler.engines.push(thread),
+            Err(e) => {
+                counted.live_engines.fetch_sub(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        }
     }
     Ok((scheduler, SchedulerHandle { shared, admission }))
 }
@@ -246,8 +253,9 @@ impl Drop for Scheduler {
             state.open = false;
             state.queue.drain()
         };
-        for job in waiting {
-            let _ = job.reply.send(Err(ScheduleError::Stopped(self.shared.model.clone())));
+        for Job { reply, admitted, .. } in waiting {
+            drop(admitted);
+            let _ = reply.send(Err(ScheduleError::Stopped(self.shared.model.clone())));
         }
         self.shared.events.fetch_add(1, Ordering::Release);
         self.shared.wake.notify_all();
@@ -280,9 +288,10 @@ impl Shared {
 
     /// An engine thread's life: run its loop until the scheduler closes, restarting the loop
     /// after a panic anywhere in it (the model's weights are read-only, so it stays whole).
+    /// The engine counts as live from its start (see [`start`]) until it ends, except while
+    /// it restarts.
     fn serve(&self, model: &Model) {
         loop {
-            self.live_engines.fetch_add(1, Ordering::AcqRel);
             let ended = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve_batches(model)));
             self.live_engines.fetch_sub(1, Ordering::AcqRel);
             match ended {
@@ -290,6 +299,7 @@ impl Shared {
                 Err(panic) => {
                     error!(model = %self.model, panic = panic_message(&*panic), "engine loop panicked; restarting it");
                     self.metrics.engine_restarts.inc();
+                    self.live_engines.fetch_add(1, Ordering::AcqRel);
                 }
             }
         }
@@ -320,8 +330,9 @@ impl Shared {
             if !expired.is_empty() {
                 self.metrics.deadline_dropped.inc_by(expired.len() as u64);
                 debug!(model = %self.model, expired = expired.len(), "requests past their deadline dropped uncomputed");
-                for job in expired {
-                    let _ = job.reply.send(Err(ScheduleError::DeadlineExceeded(self.model.clone())));
+                for Job { reply, admitted, .. } in expired {
+                    drop(admitted); // out of the queue before the client hears of it
+                    let _ = reply.send(Err(ScheduleError::DeadlineExceeded(self.model.clone())));
                 }
             }
             if !state.open {

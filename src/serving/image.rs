@@ -6,35 +6,55 @@ use image::imageops::FilterType;
 
 use crate::repository::ImageConfig;
 
+/// Why an image was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRefusal {
+    /// Over `max_bytes` or `max_pixels` (found before decoding).
+    TooLarge(String),
+    /// Not a PNG or JPEG, or broken.
+    Invalid(String),
+}
+
+impl std::fmt::Display for ImageRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageRefusal::TooLarge(m) | ImageRefusal::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
 /// Decodes one encoded image into `channels × height × width` normalised values, or says
-/// why it cannot (for the error message of the input element `index`).
+/// why it cannot. Size limits are checked from the byte count and the header before a pixel
+/// is decoded.
 pub fn decode(
     bytes: &[u8],
     channels: usize,
     height: u32,
     width: u32,
     config: &ImageConfig,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<f32>, ImageRefusal> {
     if bytes.len() > config.max_bytes {
-        return Err(format!(
+        return Err(ImageRefusal::TooLarge(format!(
             "{} bytes of encoded image; this model accepts at most {} (input.image.max_bytes)",
             bytes.len(),
             config.max_bytes
-        ));
+        )));
     }
-    let format = image::guess_format(bytes).map_err(|_| "not a PNG or JPEG image".to_string())?;
+    let invalid = |m: String| ImageRefusal::Invalid(m);
+    let format = image::guess_format(bytes).map_err(|_| invalid("not a PNG or JPEG image".to_string()))?;
     if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
-        return Err(format!("{format:?} images are not accepted (PNG or JPEG)"));
+        return Err(invalid(format!("{format:?} images are not accepted (PNG or JPEG)")));
     }
     // The header says how large the image is; refuse before a pixel is decoded.
     let reader = || image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
-    let (w, h) = reader().into_dimensions().map_err(|e| format!("cannot read the image header: {e}"))?;
+    let (w, h) =
+        reader().into_dimensions().map_err(|e| invalid(format!("cannot read the image header: {e}")))?;
     let pixels = u64::from(w) * u64::from(h);
     if pixels > config.max_pixels {
-        return Err(format!(
+        return Err(ImageRefusal::TooLarge(format!(
             "the image is {w}×{h} = {pixels} pixels; this model accepts at most {} (input.image.max_pixels)",
             config.max_pixels
-        ));
+        )));
     }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(w);
@@ -43,7 +63,7 @@ pub fn decode(
     limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(1 << 20));
     let mut reader = reader();
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| format!("cannot decode image: {e}"))?;
+    let img = reader.decode().map_err(|e| invalid(format!("cannot decode image: {e}")))?;
     let img = if img.width() != width || img.height() != height {
         img.resize_exact(width, height, FilterType::Triangle)
     } else {
@@ -88,16 +108,18 @@ mod tests {
         let mut cfg = ImageConfig::new(vec![0.0], vec![1.0]);
         cfg.max_pixels = 100 * 100;
         assert!(decode(&png(100, 100, 3), 1, 28, 28, &cfg).is_ok());
-        let err = decode(&png(101, 100, 3), 1, 28, 28, &cfg).unwrap_err();
+        let err = decode(&png(101, 100, 3), 1, 28, 28, &cfg).unwrap_err().to_string();
         assert!(err.contains("10100 pixels") && err.contains("max_pixels"), "{err}");
         cfg.max_bytes = 10;
-        assert!(decode(&png(8, 8, 3), 1, 28, 28, &cfg).unwrap_err().contains("max_bytes"));
+        assert!(
+            matches!(decode(&png(8, 8, 3), 1, 28, 28, &cfg), Err(ImageRefusal::TooLarge(m)) if m.contains("max_bytes"))
+        );
     }
 
     #[test]
     fn rejects_non_images() {
         let cfg = ImageConfig::new(vec![0.0], vec![1.0]);
-        assert!(decode(b"hello", 1, 28, 28, &cfg).unwrap_err().contains("PNG or JPEG"));
+        assert!(decode(b"hello", 1, 28, 28, &cfg).unwrap_err().to_string().contains("PNG or JPEG"));
         let mut broken = png(8, 8, 1);
         broken.truncate(30);
         assert!(decode(&broken, 1, 28, 28, &cfg).is_err());

@@ -248,8 +248,12 @@ fn decode_images(
     let [c, h, w] = model.dims;
     let mut values = Vec::with_capacity(items * (c * h * w) as usize);
     for (i, bytes) in elements.iter().enumerate() {
-        let decoded = image::decode(bytes, c as usize, h as u32, w as u32, config)
-            .map_err(|e| bad(format!("element {i}: {e}")))?;
+        let decoded = image::decode(bytes, c as usize, h as u32, w as u32, config).map_err(|e| match e {
+            image::ImageRefusal::TooLarge(m) => {
+                ApiError::PayloadTooLarge(format!("{field}: element {i}: {m}"))
+            }
+            image::ImageRefusal::Invalid(m) => bad(format!("element {i}: {m}")),
+        })?;
         values.extend(decoded);
     }
     Ok(values)

@@ -277,7 +277,7 @@ mod tests {
             matches!(e, Err(ApiError::BadRequest(m)) if m.contains("more data elements than the shape's 2"))
         );
         // Data first: the model's largest request (4 × 2 values) bounds it.
-        let many = vec!["0"; 9].join(",");
+        let many = ["0"; 9].join(",");
         let e = decode(&format!(
             r#"{{"inputs":[{{"data":[{many}],"name":"input","datatype":"FP32","shape":[1,1,1,2]}}]}}"#
         ));

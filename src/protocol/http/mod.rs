@@ -9,6 +9,11 @@ mod routes;
 
 use std::sync::Arc;
 
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
 pub use routes::{ADMIN_MAX_BODY_BYTES, HttpLimits, admin_router, router};
 
 use crate::control::auth::AdminAccess;
@@ -21,4 +26,17 @@ pub struct HttpState {
     pub limits: HttpLimits,
     /// Who may call the control API on this listener.
     pub admin: AdminAccess,
+}
+
+/// The metrics listener's routes: `/metrics` in the Prometheus text format.
+pub fn metrics_router(metrics: Arc<crate::observability::Metrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()).into_response()
+            }
+        }),
+    )
 }

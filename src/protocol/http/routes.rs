@@ -237,6 +237,8 @@ async fn infer_request(
     request: Request,
     model_slot: &mut Option<Arc<ModelRuntime>>,
 ) -> Result<Response, ApiError> {
+    let model = s.core.model(&p.model, p.version.as_deref())?;
+    *model_slot = Some(model.clone());
     let headers = request.headers();
     let content_length = length_header(headers, header::CONTENT_LENGTH.as_str(), "Content-Length")?;
     let header_length = length_header(headers, HEADER_LENGTH, "Inference-Header-Content-Length")?;
@@ -247,8 +249,6 @@ async fn infer_request(
             "header `Inference-Header-Content-Length` is {json}, but the body has only {body} bytes"
         )));
     }
-    let model = s.core.model(&p.model, p.version.as_deref())?;
-    *model_slot = Some(model.clone());
     let limit = s
         .limits
         .max_body_bytes
