@@ -1,13 +1,21 @@
 //! sluice: an inference server for dynamically pruned CNNs.
 //!
-//! Layers, with dependencies pointing one way (front doors → scheduling/control → engine):
-//! - `engine`: tch models, gates, FLOP accounting, weights;
-//! - `scheduling`: engine threads (queues and batching with the serving layer);
-//! - `control`: the gating policy's calibration (and, with serving, live control);
-//! - `repository`: model folders and their configuration;
-//! - `train`: training gated models (sandwich rule, gates, exits) and exporting them;
+//! Layers, each importing only the ones below it (checked by `tests/layering.rs`):
+//! - `engine`: tch models, gates, FLOP accounting, weights; knows no protocol, queue, metrics
+//!   registry or command line;
 //! - `data`: datasets;
-//! - `cli`: the `sluice` command line.
+//! - `observability`: the Prometheus registry and its typed handles, logging set-up;
+//! - `control`: the live gating policy, its runtime calibration table, admin credentials;
+//! - `repository`: model folders and their configuration;
+//! - `scheduling`: engine threads, per-model batching queues, admission, deadlines,
+//!   supervision;
+//! - `train`: training gated models, exporting them, the offline calibration sweep;
+//! - `serving`: the core both front doors call — the request model (requests, responses,
+//!   `ApiError`, `prepare`), limits and admission, loaded models; knows no wire format;
+//! - `protocol`: the front doors, `http` (axum) and `grpc` (tonic), which only translate wire
+//!   formats (neither imports the other), and the connection limits they share;
+//! - `server`: the composition root of `sluice serve`;
+//! - `bench`, `cli`: benchmarks and the `sluice` command line.
 
 pub mod bench;
 pub mod cli;

@@ -176,3 +176,50 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deadlines_budgets_and_packed_ints_are_enforced_over_grpc() {
+    let repo = tempfile::tempdir().unwrap();
+    // Batches wait 3 s for company; the model's deadline is 100 ms. (A client's own gRPC
+    // deadline reaches the same code as `grpc-timeout`, but the client's timer fires first.)
+    let slow = add_model(repo.path(), "gated", &["--seed", "3"], "");
+    let path = slow.join("config.toml");
+    let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    for (section, key, value) in
+        [("batching", "max_queue_delay_us", 3_000_000), ("limits", "default_timeout_ms", 100)]
+    {
+        let table = config.entry(section).or_insert_with(|| toml::Table::new().into());
+        table.as_table_mut().unwrap().insert(key.into(), value.into());
+    }
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let s = Server::start(repo.path(), &["--max-inflight-body-bytes", "20000"]);
+    let mut c = client(&s).await;
+    let started = std::time::Instant::now();
+    let err = c.model_infer(infer_request(vec![1, 1, 28, 28], None, Some(input(1)))).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(err.message().contains("deadline"), "{}", err.message());
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "answered at the deadline");
+    // Packed integers for an FP32 input: refused by name, never widened.
+    let mut ints = infer_request(vec![1, 1, 28, 28], None, None);
+    ints.inputs[0].contents =
+        Some(pb::InferTensorContents { int_contents: vec![7; 784], ..Default::default() });
+    let err = c.model_infer(ints).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("int_contents given for a FP32 tensor"), "{}", err.message());
+    // A message larger than the server's whole in-flight byte budget.
+    let big = infer_request(vec![8, 1, 28, 28], None, Some(input(8)));
+    let err = c.model_infer(big).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(err.message().contains("--max-inflight-body-bytes"), "{}", err.message());
+    let scrape =
+        String::from_utf8(common::server::request(s.metrics, "GET", "/metrics", &[], b"").body).unwrap();
+    for (outcome, n) in [("timeout", 1), ("client_error", 1)] {
+        let line =
+            format!("sluice_requests_total{{model=\"gated\",outcome=\"{outcome}\",protocol=\"grpc\"}} {n}");
+        assert!(scrape.contains(&line), "{line} in\n{scrape}");
+    }
+    assert!(
+        scrape.contains("sluice_requests_total{model=\"_none\",outcome=\"too_large\",protocol=\"grpc\"} 1"),
+        "{scrape}"
+    );
+}

@@ -167,7 +167,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
             connections,
         },
-        grpc: GrpcLimits { max_message_bytes: args.grpc_max_message_bytes, connections },
+        grpc: GrpcLimits {
+            max_message_bytes: args.grpc_max_message_bytes,
+            body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
+            connections,
+        },
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -292,13 +292,13 @@ pub const NO_MODEL: &str = "_none";
 
 /// Every request outcome label, in the order [`RequestMetrics`] keeps them; the last one
 /// also takes any unknown label.
-pub const OUTCOMES: [&str; 6] =
-    ["success", "client_error", "too_large", "rejected", "timeout", "server_error"];
+pub const OUTCOMES: [&str; 7] =
+    ["success", "client_error", "too_large", "rejected", "timeout", "cancelled", "server_error"];
 
 /// Request counters and latency of one model and protocol, per outcome.
 #[derive(Clone)]
 pub struct RequestMetrics {
-    outcomes: [(IntCounter, Histogram); 6],
+    outcomes: [(IntCounter, Histogram); OUTCOMES.len()],
 }
 
 impl RequestMetrics {

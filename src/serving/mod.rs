@@ -206,10 +206,11 @@ impl ServingCore {
         self.admit_reserved(model, Some(reservation), started)
     }
 
-    /// Reserves the largest message of any model before a message whose model is not known
-    /// yet is read (gRPC); [`ServingCore::admit_reserved`] completes the admission.
-    pub fn reserve_message(&self) -> Result<Reservation, ApiError> {
-        self.budget.reserve(self.max_body_bytes)
+    /// Reserves `bytes` of the server's budget (and a request slot) for a message whose model
+    /// is not known until it is decoded (gRPC); [`ServingCore::admit_reserved`] completes the
+    /// admission once it is.
+    pub fn reserve(&self, bytes: usize) -> Result<Reservation, ApiError> {
+        self.budget.reserve(bytes)
     }
 
     /// Completes an admission whose bytes are already reserved (here, or by the caller for
@@ -244,6 +245,13 @@ impl ServingCore {
     /// Whether decoding `bytes` of a request belongs on the decode pool.
     pub fn decode_offloaded(&self, bytes: usize) -> bool {
         bytes >= self.budget.limits().inline_decode_bytes
+    }
+
+    /// Starts counting one request: [`RequestRecord::finish`] records its outcome; a record
+    /// dropped unfinished (the client went away and its call was dropped) counts as
+    /// `cancelled`.
+    pub fn begin_request(&self, protocol: Protocol) -> RequestRecord<'_> {
+        RequestRecord { core: self, protocol, started: Instant::now(), model: None, done: false }
     }
 
     /// Counts one finished request of `protocol` (every request, whatever happened to it).
@@ -330,6 +338,36 @@ impl ServingCore {
         span.record("batch_size", answer.batch_size);
         span.record("policy_version", answer.policy_version);
         Ok(response)
+    }
+}
+
+/// One request being counted (see [`ServingCore::begin_request`]).
+pub struct RequestRecord<'a> {
+    core: &'a ServingCore,
+    protocol: Protocol,
+    pub started: Instant,
+    /// The model the request named, once it is known to be served.
+    pub model: Option<Arc<ModelRuntime>>,
+    done: bool,
+}
+
+impl RequestRecord<'_> {
+    /// Records the outcome of `result`.
+    pub fn finish<T>(mut self, result: &Result<T, ApiError>) {
+        let outcome = match result {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        };
+        self.core.record(self.protocol, self.model.as_deref(), outcome, self.started);
+        self.done = true;
+    }
+}
+
+impl Drop for RequestRecord<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.core.record(self.protocol, self.model.as_deref(), "cancelled", self.started);
+        }
     }
 }
 

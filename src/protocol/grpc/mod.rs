@@ -38,6 +38,8 @@ use crate::serving::{ApiError, Protocol, ServingCore};
 pub struct GrpcLimits {
     /// A cap on the message limit (by default the largest any model accepts).
     pub max_message_bytes: Option<usize>,
+    /// Time a client has to send a whole message.
+    pub body_read_timeout: std::time::Duration,
     pub connections: ConnectionLimits,
 }
 
@@ -65,30 +67,43 @@ pub async fn serve(
         .add_service(inference)
         .add_service(control)
         .into_axum_router()
-        .layer(axum::middleware::from_fn_with_state(core.clone(), admit_messages));
+        .layer(axum::middleware::from_fn_with_state(
+            MessageGate { core: core.clone(), body_timeout: limits.body_read_timeout },
+            admit_messages,
+        ));
     let (open, refused) = core.metrics.listener("grpc");
     conn::serve(listener, app, limits.connections, ListenerMetrics { open, refused }, shutdown).await
 }
 
-/// Admission of inference calls before their message is read: a share of the server's byte
-/// budget the size of the largest message (refused at once with RESOURCE_EXHAUSTED when
-/// the budget is spent), held until the call is answered. Calls that never reach the
-/// service (a message too large or malformed) are counted here.
+/// Admission of inference calls before their message is read: the message's length is read
+/// from its 5-byte gRPC frame header, and that many bytes of the server's budget are
+/// reserved (refused at once with RESOURCE_EXHAUSTED when the budget is spent) and held
+/// until the call is answered; the whole message must arrive within the body timeout.
+/// Calls that never reach the service (a message too large, slow or malformed) are counted
+/// here.
 async fn admit_messages(
-    State(core): State<Arc<ServingCore>>,
-    mut req: axum::extract::Request,
+    State(gate): State<MessageGate>,
+    req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     if req.uri().path() != MODEL_INFER {
         return next.run(req).await;
     }
     let started = Instant::now();
-    let reservation = match core.reserve_message() {
+    let core = &gate.core;
+    let refuse = |e: ApiError| {
+        core.record(Protocol::Grpc, None, e.outcome(), started);
+        tonic::Status::from(e).into_http()
+    };
+    let deadline = tokio::time::Instant::now() + gate.body_timeout;
+    let (mut req, declared) = match peek_message_length(req, deadline).await {
+        Ok(peeked) => peeked,
+        Err(e) => return refuse(e),
+    };
+    // A length over the limit is refused by the decoder (OUT_OF_RANGE) without being read.
+    let reservation = match core.reserve(declared.min(core.max_body_bytes()).saturating_add(5)) {
         Ok(r) => r,
-        Err(e) => {
-            core.record(Protocol::Grpc, None, e.outcome(), started);
-            return tonic::Status::from(e).into_http();
-        }
+        Err(e) => return refuse(e),
     };
     let recorded = service::Recorded::default();
     req.extensions_mut().insert(recorded.clone());
@@ -102,6 +117,7 @@ async fn admit_messages(
             .map(tonic::Code::from);
         let outcome = match code {
             Some(tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => "too_large",
+            Some(tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) => "timeout",
             Some(tonic::Code::Unavailable) => "server_error",
             _ => "client_error",
         };
@@ -109,6 +125,64 @@ async fn admit_messages(
     }
     drop(reservation);
     response
+}
+
+/// What the admission layer needs.
+#[derive(Clone)]
+struct MessageGate {
+    core: Arc<ServingCore>,
+    body_timeout: std::time::Duration,
+}
+
+/// Reads the request body up to the first message's 5-byte header and returns the request
+/// with its body whole again (what was read, then the rest, which must arrive by
+/// `deadline`) and the message length the header declares.
+async fn peek_message_length(
+    req: axum::extract::Request,
+    deadline: tokio::time::Instant,
+) -> Result<(axum::extract::Request, usize), ApiError> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+
+    let timed_out =
+        || ApiError::RequestTimeout("the gRPC message did not arrive within --body-read-timeout".into());
+    let (parts, mut body) = req.into_parts();
+    let mut head = bytes::BytesMut::new();
+    while head.len() < 5 {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(timed_out()),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::BadRequest(format!("cannot read the gRPC message: {e}")));
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    head.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    let declared = match head.get(..5) {
+        Some(h) => u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize,
+        None => 0, // no whole header: the decoder reports the malformed call
+    };
+    let first = futures_util::stream::once(async move { Ok(http_body::Frame::data(head.freeze())) });
+    let rest = futures_util::stream::unfold(Some(body), move |body| async move {
+        let mut body = body?;
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => Some((frame, Some(body))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(axum::Error::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the gRPC message did not arrive within --body-read-timeout",
+                ))),
+                None,
+            )),
+        }
+    });
+    let body = axum::body::Body::new(http_body_util::StreamBody::new(first.chain(rest)));
+    Ok((axum::extract::Request::from_parts(parts, body), declared))
 }
 
 impl From<ApiError> for tonic::Status {

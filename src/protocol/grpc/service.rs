@@ -168,18 +168,14 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let started = Instant::now();
+        let mut record = self.core.begin_request(Protocol::Grpc);
         if let Some(recorded) = r.extensions().get::<Recorded>() {
             recorded.0.store(true, Ordering::Release);
         }
         let timeout = r.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(grpc_timeout);
-        let mut model = None;
-        let result = self.infer(r.into_inner(), timeout, started, &mut model).await;
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(e) => e.outcome(),
-        };
-        self.core.record(Protocol::Grpc, model.as_deref(), outcome, started);
+        let started = record.started;
+        let result = self.infer(r.into_inner(), timeout, started, &mut record.model).await;
+        record.finish(&result);
         Ok(Response::new(result?))
     }
 
@@ -237,5 +233,23 @@ impl GrpcInferenceService for InferenceService {
             vec![statistics(&m)]
         };
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit_and_refuse_the_rest() {
+        assert_eq!(grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "100", "123456789m", "1x", "-1S", "1.5S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -208,14 +208,9 @@ fn stats_json(m: &ModelRuntime) -> Value {
 /// Every request is counted, whatever happens to it.
 #[instrument(skip_all, fields(model = %p.model))]
 async fn infer(State(s): State<HttpState>, Path(p): Path<ModelPath>, request: Request) -> Response {
-    let started = Instant::now();
-    let mut model = None;
-    let result = infer_request(&s, &p, request, &mut model).await;
-    let outcome = match &result {
-        Ok(_) => "success",
-        Err(e) => e.outcome(),
-    };
-    s.core.record(Protocol::Http, model.as_deref(), outcome, started);
+    let mut record = s.core.begin_request(Protocol::Http);
+    let result = infer_request(&s, &p, request, &mut record.model).await;
+    record.finish(&result);
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
