@@ -186,6 +186,8 @@ fn serve_metrics_apart(
     let (done_tx, done) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        // A scrape is small and should not wait behind bulk work for a core.
+        crate::serving::raise_priority(5);
         runtime.block_on(async move {
             match TcpListener::from_std(listener) {
                 Ok(l) => {

@@ -303,3 +303,75 @@ async fn the_core_is_not_ready_until_its_models_load() {
     core.begin_shutdown();
     assert!(!core.is_ready());
 }
+
+/// Reads one HTTP/1.1 response (head and a `Content-Length` body) from a kept-alive stream.
+fn read_response(s: &mut TcpStream) -> (u16, Vec<(String, String)>) {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "the connection closed before an answer");
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))
+        .collect();
+    let length: usize =
+        headers.iter().find(|(k, _)| k == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).unwrap();
+    (status, headers)
+}
+
+#[test]
+fn refused_requests_keep_their_connection_usable_or_say_it_closes() {
+    let repo = repo();
+    let s = Server::start(repo.path(), &[]);
+    let mut conn = TcpStream::connect(s.http).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let valid = json_infer("input", &[1, 1, 28, 28], &x());
+    let send = |conn: &mut TcpStream, model: &str, body: &[u8]| {
+        let head = format!(
+            "POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(body).unwrap();
+    };
+    // Refused before its (small) body was read: the body is drained, the connection lives on.
+    send(&mut conn, "nope", &valid);
+    assert_eq!(read_response(&mut conn).0, 404);
+    send(&mut conn, "gated", &valid);
+    assert_eq!(read_response(&mut conn).0, 200, "the same connection serves the next request");
+    // Refused from a large declared length: not read, and the answer says the connection ends.
+    let head = "POST /v2/models/gated/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n";
+    conn.write_all(head.as_bytes()).unwrap();
+    let (status, headers) = read_response(&mut conn);
+    assert_eq!(status, 413);
+    assert!(headers.iter().any(|(k, v)| k == "connection" && v == "close"), "{headers:?}");
+}
+
+#[test]
+fn a_slow_body_holds_no_queue_place() {
+    let repo = tempfile::tempdir().unwrap();
+    let tight = add_model(repo.path(), "tight", &["--seed", "1"], "");
+    set_config(&tight, "batching", "queue_capacity", 1.into());
+    let s = Server::start(repo.path(), &[]);
+    // Two clients that sent their headers and a first byte of a body, and stopped.
+    let slow: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = TcpStream::connect(s.http).unwrap();
+            c.write_all(post_head(s.http, "tight", 5000, "").as_bytes()).unwrap();
+            c.write_all(b"{").unwrap();
+            c
+        })
+        .collect();
+    // The queue has one place, and it is free for a client whose body is complete.
+    let r =
+        request(s.http, "POST", "/v2/models/tight/infer", &[], &json_infer("input", &[1, 1, 28, 28], &x()));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    drop(slow);
+}

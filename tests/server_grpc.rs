@@ -103,7 +103,8 @@ async fn errors_map_to_status_codes_that_name_the_problem() {
     assert_eq!(err.code(), Code::NotFound);
     let err =
         c.model_infer(infer_request(vec![8, 1, 28, 28], Some(vec![0u8; 8 * 3136]), None)).await.unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange, "over --grpc-max-message-bytes: {}", err.message());
+    assert_eq!(err.code(), Code::ResourceExhausted, "over --grpc-max-message-bytes: {}", err.message());
+    assert!(err.message().contains("exceeds the limit of 20000 bytes"), "{}", err.message());
     let err =
         c.model_ready(pb::ModelReadyRequest { name: "gated".into(), version: "9".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -219,7 +220,7 @@ async fn deadlines_budgets_and_packed_ints_are_enforced_over_grpc() {
         assert!(scrape.contains(&line), "{line} in\n{scrape}");
     }
     assert!(
-        scrape.contains("sluice_requests_total{model=\"_none\",outcome=\"too_large\",protocol=\"grpc\"} 1"),
+        scrape.contains("sluice_requests_total{model=\"_none\",outcome=\"rejected\",protocol=\"grpc\"} 1"),
         "{scrape}"
     );
 }

@@ -295,29 +295,39 @@ pub const NO_MODEL: &str = "_none";
 pub const OUTCOMES: [&str; 7] =
     ["success", "client_error", "too_large", "rejected", "timeout", "cancelled", "server_error"];
 
-/// Request counters and latency of one model and protocol, per outcome.
+/// Request counters and latency of one model and protocol, per outcome. Every counter
+/// exists from the start (so rates and alerts see zeros); the latency histograms of failed
+/// requests appear when the first such request does, which keeps a scrape small.
 #[derive(Clone)]
 pub struct RequestMetrics {
-    outcomes: [(IntCounter, Histogram); OUTCOMES.len()],
+    counts: [IntCounter; OUTCOMES.len()],
+    success: Histogram,
+    durations: HistogramVec,
+    labels: [String; 2],
 }
 
 impl RequestMetrics {
     fn new(m: &Metrics, model: &str, protocol: &str) -> Self {
-        let handles = |o: &str| {
-            (
-                m.requests.with_label_values(&[model, protocol, o]),
-                m.request_duration.with_label_values(&[model, protocol, o]),
-            )
-        };
-        RequestMetrics { outcomes: OUTCOMES.map(handles) }
+        RequestMetrics {
+            counts: OUTCOMES.map(|o| m.requests.with_label_values(&[model, protocol, o])),
+            success: m.request_duration.with_label_values(&[model, protocol, "success"]),
+            durations: m.request_duration.clone(),
+            labels: [model.to_string(), protocol.to_string()],
+        }
     }
 
     /// Counts one finished request by outcome label and observes its duration.
     pub fn finished(&self, outcome: &str, seconds: f64) {
         let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(OUTCOMES.len() - 1);
-        let (count, duration) = &self.outcomes[i];
-        count.inc();
-        duration.observe(seconds);
+        self.counts[i].inc();
+        if i == 0 {
+            self.success.observe(seconds);
+        } else {
+            let [model, protocol] = &self.labels;
+            self.durations
+                .with_label_values(&[model.as_str(), protocol.as_str(), OUTCOMES[i]])
+                .observe(seconds);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
+use super::pool::DecodePool;
 use crate::repository::{InputDatatype, ModelConfig};
 
 /// Bytes of JSON text allowed per tensor value when a model's body limit is derived: a float
@@ -69,9 +70,8 @@ impl ModelLimits {
 pub struct ServerLimits {
     /// Requests admitted and not yet answered, over every model.
     pub max_inflight_requests: usize,
-    /// Request bytes (bodies, messages) held at once, over every request: each admitted
-    /// request reserves its declared length, or its model's body limit when the length is
-    /// unknown, before the body is read.
+    /// Request bytes (bodies, messages) held at once, over every request: each request
+    /// reserves its bytes as they arrive, before they are buffered.
     pub max_inflight_body_bytes: usize,
     /// Threads that decode request data, images and large responses.
     pub decode_threads: usize,
@@ -82,7 +82,7 @@ pub struct ServerLimits {
 impl Default for ServerLimits {
     fn default() -> Self {
         ServerLimits {
-            max_inflight_requests: 1024,
+            max_inflight_requests: 4096,
             max_inflight_body_bytes: 256 << 20,
             decode_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             inline_decode_bytes: 32 << 10,
@@ -95,15 +95,46 @@ pub struct Budget {
     limits: ServerLimits,
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
-    /// Bounds CPU-heavy decoding and encoding to `decode_threads` at a time.
-    decode: Arc<Semaphore>,
+    /// CPU-heavy decoding and encoding, off the async runtime.
+    decode: DecodePool,
 }
 
-/// A server-wide admission: held from before the body is read until the answer is built.
+/// A server-wide admission: a request slot held from before the body is read until the
+/// answer is built, and the body bytes reserved so far.
 #[derive(Debug)]
 pub struct Reservation {
     _request: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    bytes: Option<OwnedSemaphorePermit>,
+    pool: Arc<Semaphore>,
+    budget: usize,
+}
+
+impl Reservation {
+    /// Reserves `n` more bytes before they are buffered, or refuses at once (429 /
+    /// RESOURCE_EXHAUSTED) when the server's byte budget is spent.
+    pub fn grow(&mut self, n: usize) -> Result<(), ApiError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let exhausted = || {
+            ApiError::Busy(format!(
+                "the server holds its limit of {} request bytes in flight (--max-inflight-body-bytes); retry later",
+                self.budget
+            ))
+        };
+        let n = u32::try_from(n).map_err(|_| exhausted())?;
+        let more = self.pool.clone().try_acquire_many_owned(n).map_err(|_| exhausted())?;
+        match &mut self.bytes {
+            Some(held) => held.merge(more),
+            None => self.bytes = Some(more),
+        }
+        Ok(())
+    }
+
+    /// Bytes reserved so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes.as_ref().map_or(0, |b| b.num_permits())
+    }
 }
 
 impl Budget {
@@ -112,7 +143,8 @@ impl Budget {
         Budget {
             requests: Arc::new(Semaphore::new(limits.max_inflight_requests.max(1))),
             bytes: Arc::new(Semaphore::new(byte_permits)),
-            decode: Arc::new(Semaphore::new(limits.decode_threads.max(1))),
+            decode: DecodePool::new(limits.decode_threads, limits.max_inflight_requests)
+                .expect("the decode threads start"),
             limits,
         }
     }
@@ -130,46 +162,29 @@ impl Budget {
                 self.limits.max_inflight_requests
             ))
         })?;
-        let bytes = match u32::try_from(body_bytes) {
-            Ok(0) => None,
-            Ok(n) if (n as usize) <= self.limits.max_inflight_body_bytes => {
-                Some(self.bytes.clone().try_acquire_many_owned(n).map_err(|_| {
-                    ApiError::Busy(format!(
-                        "the server holds its limit of {} request bytes in flight \
-                         (--max-inflight-body-bytes); retry later",
-                        self.limits.max_inflight_body_bytes
-                    ))
-                })?)
-            }
-            _ => {
-                return Err(ApiError::PayloadTooLarge(format!(
-                    "a request of {body_bytes} bytes exceeds the server's in-flight byte budget of {} \
-                     (--max-inflight-body-bytes)",
-                    self.limits.max_inflight_body_bytes
-                )));
-            }
+        if body_bytes > self.limits.max_inflight_body_bytes {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "a request of {body_bytes} bytes exceeds the server's in-flight byte budget of {} \
+                 (--max-inflight-body-bytes)",
+                self.limits.max_inflight_body_bytes
+            )));
+        }
+        let mut reservation = Reservation {
+            _request: request,
+            bytes: None,
+            pool: self.bytes.clone(),
+            budget: self.limits.max_inflight_body_bytes,
         };
-        Ok(Reservation { _request: request, _bytes: bytes })
+        reservation.grow(body_bytes)?;
+        Ok(reservation)
     }
 
-    /// Runs `work` on the bounded decode pool: at most `decode_threads` run at once, the rest
-    /// wait their turn (every waiter holds a [`Reservation`], so the wait is bounded too).
+    /// Runs `work` on the decode pool (`decode_threads` threads at a lower priority).
     pub async fn decode<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let turn = self
-            .decode
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
-        tokio::task::spawn_blocking(move || {
-            let _turn = turn;
-            work()
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("a decoding task failed: {e}")))
+        self.decode.run(work).await
     }
 
     /// Requests admitted server-wide and not yet answered.
@@ -198,11 +213,15 @@ mod tests {
             decode_threads: 1,
             inline_decode_bytes: 0,
         });
-        let a = budget.reserve(60).unwrap();
+        let mut a = budget.reserve(0).unwrap();
+        a.grow(30).unwrap();
+        a.grow(30).unwrap();
+        assert_eq!(a.bytes(), 60);
         assert!(
             matches!(budget.reserve(60), Err(ApiError::Busy(m)) if m.contains("max-inflight-body-bytes"))
         );
-        let b = budget.reserve(40).unwrap();
+        let mut b = budget.reserve(40).unwrap();
+        assert!(matches!(b.grow(1), Err(ApiError::Busy(_))), "the budget is spent");
         assert!(matches!(budget.reserve(0), Err(ApiError::Busy(m)) if m.contains("max-inflight-requests")));
         assert_eq!(budget.inflight(), 2);
         drop((a, b));

@@ -6,6 +6,8 @@
 pub mod error;
 pub mod image;
 pub mod limits;
+mod pool;
+pub use pool::raise_priority;
 mod model;
 mod outputs;
 pub mod prepare;
@@ -72,14 +74,26 @@ pub struct ServingCore {
     unmatched: [RequestMetrics; 2],
 }
 
-/// A request let in: its model, its place in the model's queue and its share of the
-/// server's budget, held from before its body is read until its answer is built.
+/// A request let in: its model and its share of the server's budget (a request slot, and
+/// body bytes as they arrive), held from before its body is read until its answer is built.
+/// Its place in the model's queue is taken when its body is complete
+/// ([`ServingCore::infer`]), so clients that send slowly hold bytes they sent, not queue
+/// places others need.
 pub struct Admission {
     pub model: Arc<ModelRuntime>,
-    ticket: QueueTicket,
-    _reservation: Option<Reservation>,
+    reservation: Option<Reservation>,
     /// When the request arrived (its deadline counts from here).
     pub started: Instant,
+}
+
+impl Admission {
+    /// Reserves `n` more body bytes before they are buffered (429 when the budget is spent).
+    pub fn reserve_bytes(&mut self, n: usize) -> Result<(), ApiError> {
+        match &mut self.reservation {
+            Some(r) => r.grow(n),
+            None => Ok(()),
+        }
+    }
 }
 
 impl ServingCore {
@@ -185,9 +199,9 @@ impl ServingCore {
     }
 
     /// Lets a request to `name` in before its body is read: checks the declared body length
-    /// against the model's limit, reserves `body_bytes` (or the model's limit when the length
-    /// is unknown) of the server's budget and takes a place in the model's queue. Refuses at
-    /// once (404, 413, 429, 503), never waits.
+    /// against the model's limit and takes a request slot of the server's budget; the body's
+    /// bytes are reserved as they arrive ([`Admission::reserve_bytes`]). Refuses at once
+    /// (404, 413, 429, 503), never waits.
     pub fn admit(
         &self,
         name: &str,
@@ -202,7 +216,7 @@ impl ServingCore {
         {
             return Err(too_large(&model, n));
         }
-        let reservation = self.budget.reserve(body_bytes.unwrap_or(limit))?;
+        let reservation = self.budget.reserve(0)?;
         self.admit_reserved(model, Some(reservation), started)
     }
 
@@ -214,7 +228,7 @@ impl ServingCore {
     }
 
     /// Completes an admission whose bytes are already reserved (here, or by the caller for
-    /// as long as the request lives): the model must be ready and have room in its queue.
+    /// as long as the request lives): the model must be ready.
     pub fn admit_reserved(
         &self,
         model: Arc<ModelRuntime>,
@@ -230,8 +244,7 @@ impl ServingCore {
                 model.interface.name
             )));
         }
-        let ticket = model.scheduler.admit().map_err(schedule_error)?;
-        Ok(Admission { model, ticket, _reservation: reservation, started })
+        Ok(Admission { model, reservation, started })
     }
 
     /// Runs CPU-heavy decoding or encoding on the bounded decode pool, off the async runtime.
@@ -271,18 +284,21 @@ impl ServingCore {
         }
     }
 
-    /// Runs one admitted request: checks and decodes its input (images on the decode pool),
-    /// queues it under its deadline, and builds its response.
+    /// Runs one admitted request whose body is complete: takes its place in the model's queue
+    /// (429 when full), checks and decodes its input (images on the decode pool), queues it
+    /// under its deadline, and builds its response.
     #[instrument(skip_all, fields(model = %admission.model.interface.name, batch_size, policy_version, flops_executed))]
     pub async fn infer(
         &self,
         admission: Admission,
         mut req: InferRequest,
     ) -> Result<InferResponse, ApiError> {
-        let Admission { model, ticket, _reservation, started } = admission;
+        let Admission { model, reservation: _reservation, started } = admission;
         if self.stopping.load(Ordering::Acquire) {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
+        // The body is complete: take a place in the model's queue before decoding it.
+        let ticket: QueueTicket = model.scheduler.admit().map_err(schedule_error)?;
         let input_started = Instant::now();
         let prepared = if model.interface.input_datatype == DataType::Bytes {
             let m = model.clone();

@@ -21,7 +21,8 @@ pub mod admin_pb {
 }
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use axum::extract::State;
@@ -31,6 +32,7 @@ pub use service::{InferenceService, grpc_timeout};
 
 use crate::control::auth::AdminAccess;
 use crate::protocol::conn::{self, ConnectionLimits, ListenerMetrics};
+use crate::serving::limits::Reservation;
 use crate::serving::{ApiError, Protocol, ServingCore};
 
 /// Limits of the gRPC front door (docs/security.md).
@@ -68,19 +70,19 @@ pub async fn serve(
         .add_service(control)
         .into_axum_router()
         .layer(axum::middleware::from_fn_with_state(
-            MessageGate { core: core.clone(), body_timeout: limits.body_read_timeout },
+            MessageGate { core: core.clone(), body_timeout: limits.body_read_timeout, max_message },
             admit_messages,
         ));
     let (open, refused) = core.metrics.listener("grpc");
     conn::serve(listener, app, limits.connections, ListenerMetrics { open, refused }, shutdown).await
 }
 
-/// Admission of inference calls before their message is read: the message's length is read
-/// from its 5-byte gRPC frame header, and that many bytes of the server's budget are
-/// reserved (refused at once with RESOURCE_EXHAUSTED when the budget is spent) and held
-/// until the call is answered; the whole message must arrive within the body timeout.
-/// Calls that never reach the service (a message too large, slow or malformed) are counted
-/// here.
+/// Admission of inference calls before their message is read: a request slot of the
+/// server's budget, then the message's bytes reserved as they arrive (refused at once with
+/// RESOURCE_EXHAUSTED when the budget is spent), all held until the call is answered. A
+/// message whose 5-byte gRPC header declares more than the limit is refused unread, and the
+/// whole message must arrive within the body timeout. Calls that never reach the service
+/// are counted here.
 async fn admit_messages(
     State(gate): State<MessageGate>,
     req: axum::extract::Request,
@@ -95,20 +97,35 @@ async fn admit_messages(
         core.record(Protocol::Grpc, None, e.outcome(), started);
         tonic::Status::from(e).into_http()
     };
+    let reservation = match core.reserve(0) {
+        Ok(r) => Arc::new(Mutex::new(r)),
+        Err(e) => return refuse(e),
+    };
+    let exhausted = Arc::new(AtomicBool::new(false));
     let deadline = tokio::time::Instant::now() + gate.body_timeout;
-    let (mut req, declared) = match peek_message_length(req, deadline).await {
+    let budget = BodyBudget { reservation: reservation.clone(), exhausted: exhausted.clone() };
+    let (mut req, declared) = match peek_message_length(req, deadline, budget).await {
         Ok(peeked) => peeked,
         Err(e) => return refuse(e),
     };
-    // A length over the limit is refused by the decoder (OUT_OF_RANGE) without being read.
-    let reservation = match core.reserve(declared.min(core.max_body_bytes()).saturating_add(5)) {
-        Ok(r) => r,
-        Err(e) => return refuse(e),
-    };
+    let limit = gate.max_message;
+    if declared > limit {
+        return refuse(ApiError::PayloadTooLarge(format!(
+            "a message of {declared} bytes exceeds the limit of {limit} bytes (the largest model's \
+             max_batch_size × item size; --grpc-max-message-bytes)"
+        )));
+    }
     let recorded = service::Recorded::default();
     req.extensions_mut().insert(recorded.clone());
     let response = next.run(req).await;
-    if !recorded.0.load(std::sync::atomic::Ordering::Acquire) {
+    if exhausted.load(Ordering::Acquire) {
+        // The message was cut off when the byte budget ran out: say so, not "bad message".
+        return refuse(ApiError::Busy(
+            "the server holds its limit of request bytes in flight (--max-inflight-body-bytes); retry later"
+                .into(),
+        ));
+    }
+    if !recorded.0.load(Ordering::Acquire) {
         let code = response
             .headers()
             .get("grpc-status")
@@ -132,14 +149,34 @@ async fn admit_messages(
 struct MessageGate {
     core: Arc<ServingCore>,
     body_timeout: std::time::Duration,
+    max_message: usize,
+}
+
+/// A call's reservation, grown by its body as bytes arrive.
+#[derive(Clone)]
+struct BodyBudget {
+    reservation: Arc<Mutex<Reservation>>,
+    exhausted: Arc<AtomicBool>,
+}
+
+impl BodyBudget {
+    fn grow(&self, n: usize) -> Result<(), ApiError> {
+        let grown = self.reservation.lock().unwrap_or_else(PoisonError::into_inner).grow(n);
+        if grown.is_err() {
+            self.exhausted.store(true, Ordering::Release);
+        }
+        grown
+    }
 }
 
 /// Reads the request body up to the first message's 5-byte header and returns the request
-/// with its body whole again (what was read, then the rest, which must arrive by
-/// `deadline`) and the message length the header declares.
+/// with its body whole again (what was read, then the rest, which must arrive by `deadline`
+/// and whose bytes are reserved in `budget` as they come) and the message length the
+/// header declares.
 async fn peek_message_length(
     req: axum::extract::Request,
     deadline: tokio::time::Instant,
+    budget: BodyBudget,
 ) -> Result<(axum::extract::Request, usize), ApiError> {
     use futures_util::StreamExt;
     use http_body_util::BodyExt;
@@ -157,6 +194,7 @@ async fn peek_message_length(
             }
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
+                    budget.grow(data.len())?;
                     head.extend_from_slice(&data);
                 }
             }
@@ -167,18 +205,23 @@ async fn peek_message_length(
         None => 0, // no whole header: the decoder reports the malformed call
     };
     let first = futures_util::stream::once(async move { Ok(http_body::Frame::data(head.freeze())) });
-    let rest = futures_util::stream::unfold(Some(body), move |body| async move {
-        let mut body = body?;
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(frame)) => Some((frame, Some(body))),
-            Ok(None) => None,
-            Err(_) => Some((
-                Err(axum::Error::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the gRPC message did not arrive within --body-read-timeout",
-                ))),
-                None,
-            )),
+    let failed = |message: &str| Err(axum::Error::new(std::io::Error::other(message.to_string())));
+    let rest = futures_util::stream::unfold(Some(body), move |body| {
+        let budget = budget.clone();
+        async move {
+            let mut body = body?;
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    let size = frame.data_ref().map_or(0, |d| d.len());
+                    match budget.grow(size) {
+                        Ok(()) => Some((Ok(frame), Some(body))),
+                        Err(_) => Some((failed("the server's in-flight byte budget is spent"), None)),
+                    }
+                }
+                Ok(Some(Err(e))) => Some((Err(e), None)),
+                Ok(None) => None,
+                Err(_) => Some((failed("the gRPC message did not arrive within --body-read-timeout"), None)),
+            }
         }
     });
     let body = axum::body::Body::new(http_body_util::StreamBody::new(first.chain(rest)));

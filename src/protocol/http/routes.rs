@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 use tracing::instrument;
 
@@ -20,7 +20,7 @@ use crate::control::auth::AdminAccess;
 use crate::protocol::EXTENSIONS;
 use crate::protocol::conn::ConnectionLimits;
 use crate::serving::ApiError;
-use crate::serving::{ModelRuntime, Protocol, ServingCore};
+use crate::serving::{Admission, ModelRuntime, Protocol, ServingCore};
 
 /// Limits of the HTTP front door (docs/security.md).
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +34,10 @@ pub struct HttpLimits {
 
 /// Largest body of a control-API call.
 pub const ADMIN_MAX_BODY_BYTES: usize = 64 << 10;
+
+/// Largest unread body of a refused request that is read and dropped to keep its
+/// connection open (larger ones close the connection).
+const DRAIN_MAX_BYTES: usize = 64 << 10;
 
 /// Largest response encoded on the async runtime (more goes to the decode pool).
 const INLINE_ENCODE_VALUES: usize = 16 << 10;
@@ -209,9 +213,39 @@ fn stats_json(m: &ModelRuntime) -> Value {
 #[instrument(skip_all, fields(model = %p.model))]
 async fn infer(State(s): State<HttpState>, Path(p): Path<ModelPath>, request: Request) -> Response {
     let mut record = s.core.begin_request(Protocol::Http);
-    let result = infer_request(&s, &p, request, &mut record.model).await;
+    let (parts, body) = request.into_parts();
+    let mut body = Some(body);
+    let result = infer_request(&s, &p, &parts.headers, &mut body, &mut record.model).await;
     record.finish(&result);
-    result.unwrap_or_else(IntoResponse::into_response)
+    match result {
+        Ok(response) => response,
+        Err(e) => {
+            let mut response = e.into_response();
+            if let Some(unread) = body {
+                let declared =
+                    length_header(&parts.headers, header::CONTENT_LENGTH.as_str(), "").ok().flatten();
+                settle_unread_body(unread, declared, s.limits.body_read_timeout, &mut response).await;
+            }
+            response
+        }
+    }
+}
+
+/// A refused request whose body was not read: a small one is read and dropped so the
+/// connection stays usable; a large or unknown one is not read, and the connection closes
+/// after the answer (`Connection: close`), so the client learns it at once rather than from
+/// a reset on its next request.
+async fn settle_unread_body(body: Body, declared: Option<usize>, timeout: Duration, response: &mut Response) {
+    let drained = match declared {
+        Some(n) if n <= DRAIN_MAX_BYTES => {
+            let read = Limited::new(body, DRAIN_MAX_BYTES).collect();
+            matches!(tokio::time::timeout(timeout, read).await, Ok(Ok(_)))
+        }
+        _ => false,
+    };
+    if !drained {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// A header holding a non-negative integer, if present.
@@ -229,12 +263,12 @@ fn length_header(headers: &HeaderMap, name: &str, shown: &str) -> Result<Option<
 async fn infer_request(
     s: &HttpState,
     p: &ModelPath,
-    request: Request,
+    headers: &HeaderMap,
+    body: &mut Option<Body>,
     model_slot: &mut Option<Arc<ModelRuntime>>,
 ) -> Result<Response, ApiError> {
     let model = s.core.model(&p.model, p.version.as_deref())?;
     *model_slot = Some(model.clone());
-    let headers = request.headers();
     let content_length = length_header(headers, header::CONTENT_LENGTH.as_str(), "Content-Length")?;
     let header_length = length_header(headers, HEADER_LENGTH, "Inference-Header-Content-Length")?;
     if let (Some(json), Some(body)) = (header_length, content_length)
@@ -253,8 +287,18 @@ async fn infer_request(
     {
         return Err(too_large(&model, n, limit));
     }
-    let admission = s.core.admit(&p.model, p.version.as_deref(), Some(content_length.unwrap_or(limit)))?;
-    let body = read_body(request.into_body(), limit, s.limits.body_read_timeout)
+    // A raw body for an image model is one encoded image: its size limit applies unread.
+    if let (Some(0), Some(n), Some(image)) = (header_length, content_length, &model.interface.image)
+        && n > image.max_bytes
+    {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "{n} bytes of encoded image; model `{}` accepts at most {} (input.image.max_bytes)",
+            model.interface.name, image.max_bytes
+        )));
+    }
+    let mut admission = s.core.admit(&p.model, p.version.as_deref(), content_length)?;
+    let unread = body.take().ok_or_else(|| ApiError::Internal("the request body was taken twice".into()))?;
+    let body = read_body(unread, limit, s.limits.body_read_timeout, &mut admission)
         .await
         .map_err(|e| e.unwrap_or_else(|| too_large(&model, limit + 1, limit)))?;
     let mut req = if s.core.decode_offloaded(body.len()) {
@@ -294,16 +338,47 @@ fn too_large(model: &ModelRuntime, bytes: usize, limit: usize) -> ApiError {
     ))
 }
 
-/// Reads a body of at most `limit` bytes within `timeout`. `Err(None)`: over the limit.
-async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, Option<ApiError>> {
-    let read = Limited::new(body, limit).collect();
-    match tokio::time::timeout(timeout, read).await {
-        Err(_) => Err(Some(ApiError::RequestTimeout(format!(
-            "the request body did not arrive within {} s (--body-read-timeout)",
-            timeout.as_secs_f64()
-        )))),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(None),
-        Ok(Err(e)) => Err(Some(ApiError::BadRequest(format!("cannot read the request body: {e}")))),
+/// Reads a body of at most `limit` bytes within `timeout`, reserving each chunk's bytes in
+/// the server's budget before keeping it (the buffer never holds bytes not reserved; the
+/// chunks are joined once at the end). `Err(None)`: over the limit.
+async fn read_body(
+    mut body: Body,
+    limit: usize,
+    timeout: Duration,
+    admission: &mut Admission,
+) -> Result<Bytes, Option<ApiError>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(Some(ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} s (--body-read-timeout)",
+                    timeout.as_secs_f64()
+                ))));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(Some(ApiError::BadRequest(format!("cannot read the request body: {e}"))));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        total += data.len();
+        if total > limit {
+            return Err(None);
+        }
+        admission.reserve_bytes(data.len()).map_err(Some)?;
+        chunks.push(data);
     }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut joined = bytes::BytesMut::with_capacity(total);
+            chunks.iter().for_each(|c| joined.extend_from_slice(c));
+            joined.freeze()
+        }
+    })
 }
