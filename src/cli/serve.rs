@@ -55,7 +55,7 @@ pub struct ServeArgs {
     pub grpc_max_message_bytes: Option<usize>,
     /// Requests admitted and not yet answered, over every model (429 / RESOURCE_EXHAUSTED
     /// beyond).
-    #[arg(long, env = "SLUICE_MAX_INFLIGHT_REQUESTS", default_value_t = 1024)]
+    #[arg(long, env = "SLUICE_MAX_INFLIGHT_REQUESTS", default_value_t = 4096)]
     pub max_inflight_requests: usize,
     /// Request bytes held at once over every request: each request reserves its body's
     /// declared length (or its model's limit) before the body is read.
