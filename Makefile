@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: setup build run test test-env lint bench bench-server
+.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz
 
 ## Fetch libtorch (PyPI wheel → .libtorch/) and the dataset; idempotent and cached.
 setup:
@@ -40,3 +40,35 @@ bench: setup
 ## perf_analyzer against the shipped model over HTTP and gRPC (docs/benchmarks.md).
 bench-server: build test-env
 	benches/server.sh
+
+## Soak (not in CI): 30 minutes at saturation over HTTP and gRPC (valid, invalid, image and
+## over-limit requests), a policy change every 10 s, SIGTERM at the end; RSS/fd plot and
+## figures in runs/soak/ (benches/soak.py --help).
+soak: build test-env
+	$(PYTHON) benches/soak.py
+
+## Robustness benchmarks (not in CI): hostile requests from 64 clients, 1 000 slowloris
+## connections, health/metrics latency under PNG load. All three run; fails if one did.
+bench-hostile: build test-env
+	@rc=0; \
+	$(PYTHON) benches/hostile.py || rc=1; \
+	$(PYTHON) benches/slowloris.py || rc=1; \
+	$(PYTHON) benches/health_latency.py || rc=1; \
+	exit $$rc
+
+## Fuzz the request decoders with cargo-fuzz (fuzz/README.md; not part of `make test`):
+## each target for FUZZ_SECONDS seconds, one after another, from its committed seed corpus
+## (new inputs go to fuzz/target/corpus/, crashes to fuzz/artifacts/). The stable toolchain
+## runs cargo-fuzz through RUSTC_BOOTSTRAP=1; cargo-fuzz is installed on first use.
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS = -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
+fuzz: setup
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build
+	@set -e; for t in binary_split http_json grpc_convert grpc_structured image_decode; do \
+	  len=65536; [ $$t = image_decode ] && len=262144; \
+	  mkdir -p fuzz/target/corpus/$$t fuzz/corpus/$$t; \
+	  echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t fuzz/target/corpus/$$t fuzz/corpus/$$t -- \
+	    -max_len=$$len $(FUZZ_FLAGS); \
+	done
