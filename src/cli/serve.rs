@@ -57,8 +57,8 @@ pub struct ServeArgs {
     /// beyond).
     #[arg(long, env = "SLUICE_MAX_INFLIGHT_REQUESTS", default_value_t = 4096)]
     pub max_inflight_requests: usize,
-    /// Request bytes held at once over every request: each request reserves its body's
-    /// declared length (or its model's limit) before the body is read.
+    /// Request bytes held at once over every request: each request reserves its body's bytes
+    /// as they arrive, before they are buffered (429 / RESOURCE_EXHAUSTED when spent).
     #[arg(long, env = "SLUICE_MAX_INFLIGHT_BODY_BYTES", default_value_t = 256 << 20)]
     pub max_inflight_body_bytes: usize,
     /// Threads that decode large bodies and images and encode large responses (default: cores).
@@ -67,7 +67,8 @@ pub struct ServeArgs {
     /// Open connections per listener; more are closed at once.
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
-    /// Seconds a client has to send a request's headers (HTTP/1.1).
+    /// Seconds a client has to send a request's headers (HTTP/1.1); also how long an idle
+    /// keep-alive connection is kept.
     #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value_t = 10.0)]
     pub header_read_timeout: f64,
     /// Seconds a client has to send a request's whole body (408 beyond).
