@@ -220,11 +220,20 @@ async fn infer(State(s): State<HttpState>, Path(p): Path<ModelPath>, request: Re
     match result {
         Ok(response) => response,
         Err(e) => {
+            // A body cut off part-way (over the limit, too slow) leaves the connection
+            // unusable: say so.
+            let cut_off = matches!(e, ApiError::PayloadTooLarge(_) | ApiError::RequestTimeout(_));
             let mut response = e.into_response();
-            if let Some(unread) = body {
-                let declared =
-                    length_header(&parts.headers, header::CONTENT_LENGTH.as_str(), "").ok().flatten();
-                settle_unread_body(unread, declared, s.limits.body_read_timeout, &mut response).await;
+            match body {
+                Some(unread) => {
+                    let declared =
+                        length_header(&parts.headers, header::CONTENT_LENGTH.as_str(), "").ok().flatten();
+                    settle_unread_body(unread, declared, s.limits.body_read_timeout, &mut response).await;
+                }
+                None if cut_off => {
+                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                None => {}
             }
             response
         }
