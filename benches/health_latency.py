@@ -124,10 +124,7 @@ def summarize(records, t_from, t_to):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--binary", default=str(L.DEFAULT_BINARY), help="sluice binary (default: %(default)s)")
-    ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra argument for `sluice serve` (repeatable; use --server-arg=--flag=value)")
-    ap.add_argument("--json", help="write a JSON summary here")
+    L.add_server_args(ap)
     ap.add_argument("--window", type=float, default=20, help="saturated window, seconds (default: 20)")
     ap.add_argument("--idle", type=float, default=5, help="probing without load first, seconds (default: 5)")
     ap.add_argument("--warmup", type=float, default=10, help="valid load before the idle probes, s (default: 10)")

@@ -232,10 +232,7 @@ def run_clients(n: int, fn, limit_s: float) -> tuple[Counter, list, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--binary", default=str(L.DEFAULT_BINARY), help="sluice binary (default: %(default)s)")
-    ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra argument for `sluice serve` (repeatable; use --server-arg=--flag=value)")
-    ap.add_argument("--json", help="write a JSON summary here")
+    L.add_server_args(ap)
     ap.add_argument("--kinds", default=",".join(KINDS), help="which kinds, comma-separated (default: %(default)s)")
     ap.add_argument("--clients", type=int, default=64, help="concurrent hostile clients per kind (default: 64)")
     ap.add_argument("--json-zeros", type=int, default=30_000_000, help="zeros in kind a's data (default: 30 M)")

@@ -1055,3 +1055,12 @@ def machine_load() -> str:
 
 def fmt_counts(counter: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))) or "-"
+
+
+def add_server_args(ap) -> None:
+    """The arguments every benchmark takes: the binary, extra `sluice serve` flags, a JSON
+    summary path."""
+    ap.add_argument("--binary", default=str(DEFAULT_BINARY), help="sluice binary (default: %(default)s)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra argument for `sluice serve` (repeatable; use --server-arg=--flag=value)")
+    ap.add_argument("--json", help="write a JSON summary here")

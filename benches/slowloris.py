@@ -264,10 +264,7 @@ def measure(port: int, threads: int, window: float, timeout: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--binary", default=str(L.DEFAULT_BINARY), help="sluice binary (default: %(default)s)")
-    ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra argument for `sluice serve` (repeatable; use --server-arg=--flag=value)")
-    ap.add_argument("--json", help="write a JSON summary here")
+    L.add_server_args(ap)
     ap.add_argument("--rounds", type=int, default=3, help="baseline/attack pairs (default: 3)")
     ap.add_argument("--window", type=float, default=10, help="measured window, seconds (default: 10)")
     ap.add_argument("--threads", type=int, default=4, help="well-formed client threads (default: 4)")

@@ -305,7 +305,7 @@ async fn the_core_is_not_ready_until_its_models_load() {
 }
 
 /// Reads one HTTP/1.1 response (head and a `Content-Length` body) from a kept-alive stream.
-fn read_response(s: &mut TcpStream) -> (u16, Vec<(String, String)>) {
+fn read_response(s: &mut TcpStream) -> (u16, Vec<(String, String)>, String) {
     let mut raw = Vec::new();
     let mut byte = [0u8; 1];
     while !raw.ends_with(b"\r\n\r\n") {
@@ -323,7 +323,7 @@ fn read_response(s: &mut TcpStream) -> (u16, Vec<(String, String)>) {
         headers.iter().find(|(k, _)| k == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
     let mut body = vec![0u8; length];
     s.read_exact(&mut body).unwrap();
-    (status, headers)
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[test]
@@ -349,7 +349,7 @@ fn refused_requests_keep_their_connection_usable_or_say_it_closes() {
     // Refused from a large declared length: not read, and the answer says the connection ends.
     let head = "POST /v2/models/gated/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n";
     conn.write_all(head.as_bytes()).unwrap();
-    let (status, headers) = read_response(&mut conn);
+    let (status, headers, _) = read_response(&mut conn);
     assert_eq!(status, 413);
     assert!(headers.iter().any(|(k, v)| k == "connection" && v == "close"), "{headers:?}");
 }
@@ -374,4 +374,35 @@ fn a_slow_body_holds_no_queue_place() {
         request(s.http, "POST", "/v2/models/tight/infer", &[], &json_infer("input", &[1, 1, 28, 28], &x()));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     drop(slow);
+}
+
+#[test]
+fn connections_past_the_limit_are_closed_and_a_model_may_lower_its_body_limit() {
+    let repo = repo();
+    set_config(&repo.path().join("gated"), "limits", "max_body_bytes", 1000.into());
+    let s = Server::start(repo.path(), &["--max-connections", "2"]);
+    // Two idle connections hold the HTTP listener's two slots; a third is closed unanswered.
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(s.http).unwrap()).collect();
+    // A request on a held connection proves both were accepted before the third arrives.
+    let mut first = held[0].try_clone().unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    first.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut first).0, 200);
+    let mut second = held[1].try_clone().unwrap();
+    second.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    second.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut second).0, 200);
+    assert!(raw_exchange(s.http, "GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n", b"").is_none());
+    assert_eq!(metric(&s.scrape(), "sluice_connections_refused_total{listener=\"http\"}"), 1.0);
+    // [limits] max_body_bytes = 1000 for `gated`: a 100 000-byte body is refused unread.
+    let (status, text) = raw_exchange_on(&mut first, &post_head(s.http, "gated", 100_000, ""));
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("limit of 1000 bytes"), "{text}");
+}
+
+/// Sends `head` on an open connection and reads the answer.
+fn raw_exchange_on(conn: &mut TcpStream, head: &str) -> (u16, String) {
+    conn.write_all(head.as_bytes()).unwrap();
+    let (status, _, body) = read_response(conn);
+    (status, body)
 }
