@@ -12,9 +12,9 @@ load generator's Python threads), each looping POSTs of one PNG per request with
 `Inference-Header-Content-Length: 0` on a keep-alive connection, alternating a 512x512 noisy
 grayscale PNG generated here (decoding and resizing it costs the server something) and
 deploy/examples/ankle-boot.png (the noisy one is shrunk by 10% steps until the server accepts
-it, when it limits image sizes). Meanwhile two probe threads in the main process GET
-/v2/health/ready (HTTP port) and /metrics (metrics port) every 20 ms, each on its own
-keep-alive connection (reconnecting after an error), and time them.
+it, when it limits image sizes). Meanwhile two probe processes (one per endpoint, so neither
+waits for the other's GIL) GET /v2/health/ready (HTTP port) and /metrics (metrics port) every
+20 ms, each on its own keep-alive connection (reconnecting after an error), and time them.
 
 Reported: per endpoint and phase the probe count, failures, p50/p99/max latency; the PNG
 throughput reached and its statuses. The load generator, the probes and the server share the
@@ -78,7 +78,12 @@ def load_process(port: int, threads: int, go, stop, out, noisy_side: int, timeou
     out.close()
 
 
-def prober(port: int, path: str, period: float, until: float, timeout: float, records: list):
+def probe_process(port: int, path: str, period: float, start: float, until: float, timeout: float, out):
+    """GET `path` every `period` s from `start` to `until` on one keep-alive connection
+    (reconnecting after an error); sends back (start time, latency, outcome) per probe."""
+    L.child_process_init()
+    time.sleep(max(0.0, start - time.monotonic()))
+    records = []
     ka = L.KeepAlive(port, timeout=timeout)
     nxt = time.monotonic()
     while True:
@@ -94,7 +99,8 @@ def prober(port: int, path: str, period: float, until: float, timeout: float, re
         if nxt < time.monotonic():
             nxt = time.monotonic() + period  # we fell behind: don't burst
     ka.close()
-    return ka.connects
+    out.send({"records": records, "connects": ka.connects})
+    out.close()
 
 
 def choose_noisy_side(port: int, side: int) -> tuple[int, list[str]]:
@@ -160,27 +166,31 @@ def main() -> int:
     loader.start()
 
     period = args.period_ms / 1000
-    health: list = []
-    metrics: list = []
-    t_idle = time.monotonic()
+    t_idle = time.monotonic() + 1.0  # the probe processes start meanwhile
     t_load = t_idle + args.idle
     t_win = t_load + args.ramp
     t_end = t_win + args.window
-    connects = {}
-
-    def run_probe(name, port, path, rec):
-        connects[name] = prober(port, path, period, t_end, args.timeout, rec)
-
-    probes = [threading.Thread(target=run_probe, args=("health", server.http, "/v2/health/ready", health), daemon=True),
-              threading.Thread(target=run_probe, args=("metrics", server.metrics, "/metrics", metrics), daemon=True)]
-    for p in probes:
-        p.start()
+    # Each probe runs in a process of its own: two probe threads in one interpreter would
+    # wait for each other's GIL (reading a ~50 KB scrape takes the metrics probe a while),
+    # which is the harness's latency, not the server's.
+    probes = {}
+    for name, port, path in (("health", server.http, "/v2/health/ready"), ("metrics", server.metrics, "/metrics")):
+        rx, tx = mp.Pipe(duplex=False)
+        proc = mp.Process(target=probe_process, args=(port, path, period, t_idle, t_end, args.timeout, tx),
+                          daemon=True)
+        proc.start()
+        probes[name] = (proc, rx)
     time.sleep(max(0.0, t_load - time.monotonic()))
     go.set()
     print(f"idle probes done; PNG load from {args.load_threads} threads for {args.ramp + args.window:.0f} s",
           flush=True)
-    for p in probes:
-        p.join(args.idle + args.ramp + args.window + args.timeout + 10)
+    results = {}
+    for name, (proc, rx) in probes.items():
+        wait = max(0.0, t_end - time.monotonic()) + args.timeout + 10
+        results[name] = rx.recv() if rx.poll(wait) else {"records": [], "connects": None}
+        proc.join(10)
+    health, metrics = results["health"]["records"], results["metrics"]["records"]
+    connects = {name: r["connects"] for name, r in results.items()}
     stop.set()
     load = parent.recv() if parent.poll(args.timeout + 40) else {"records": [], "sizes": []}
     loader.join(10)

@@ -2,9 +2,11 @@
 //! (docs/metrics.md). Handlers and the scheduler record through typed handles.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::engine::{BlockDecision, ComputeReport, GatePolicy};
 
@@ -18,6 +20,8 @@ const WIDTH_BUCKETS: [f64; 8] = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.
 /// The registry and every metric family.
 pub struct Metrics {
     pub registry: Registry,
+    /// The length of the last scrape's text, to size the next one's buffer.
+    last_render_len: AtomicUsize,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     queue_duration: HistogramVec,
@@ -57,6 +61,7 @@ impl Metrics {
     pub fn new() -> Self {
         let m = Metrics {
             registry: Registry::new(),
+            last_render_len: AtomicUsize::new(0),
             requests: counter(
                 "sluice_requests_total",
                 "Inference requests by protocol and outcome, every request counted once (model \"_none\" \
@@ -275,9 +280,13 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        // Sized from the previous scrape (plus room to grow), so encoding does not reallocate
+        // and copy the text several times on the way to ~50 KB.
+        let hint = self.last_render_len.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(hint + hint / 8 + 1024);
+        let _ = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        self.last_render_len.store(out.len(), Ordering::Relaxed);
+        out
     }
 }
 
