@@ -61,7 +61,7 @@ bench-hostile: build test-env
 ## (new inputs go to fuzz/target/corpus/, crashes to fuzz/artifacts/). The stable toolchain
 ## runs cargo-fuzz through RUSTC_BOOTSTRAP=1; cargo-fuzz is installed on first use.
 FUZZ_SECONDS ?= 60
-FUZZ_FLAGS = -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
+FUZZ_FLAGS = -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=60 -print_final_stats=1
 fuzz: setup
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build
