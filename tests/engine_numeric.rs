@@ -6,16 +6,16 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{fixture, fixture_tensor, max_abs_diff};
-use sluice::engine::folded::{FoldedResNet, Layout};
+use sluice::engine::folded::{FoldedResNet, Format, Layout, Precision};
 use sluice::engine::params::ResNetParams;
 use sluice::engine::{ArchSpec, EngineError, GatePolicy, Model, ModelSource, weights};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-fn resnet20_source(layout: Layout) -> ModelSource {
+fn resnet20_source(format: impl Into<Format>) -> ModelSource {
     ModelSource {
         weights: Some(fixture("resnet20_weights.safetensors")),
-        layout,
+        format: format.into(),
         ..ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 0)
     }
 }
@@ -25,10 +25,27 @@ fn resnet20_matches_pytorch_eval_logits() {
     let _guard = tch::no_grad_guard();
     let input = fixture_tensor("resnet20_io.safetensors", "input");
     let expected = fixture_tensor("resnet20_io.safetensors", "logits");
-    for layout in [Layout::ChannelsLast, Layout::Nchw] {
+    for layout in [Layout::ChannelsLast, Layout::Nchw, Layout::Onednn] {
         let model = Model::build(&resnet20_source(layout)).unwrap();
         let diff = max_abs_diff(&model.forward(&input, &GatePolicy::dense()).unwrap().0, &expected);
         assert!(diff <= 1e-4, "{layout:?}: max abs diff {diff}");
+    }
+    // bf16 (where the CPU has it): 8 bits of mantissa through 20 layers, so agreement is
+    // measured against the logits' scale, and the predicted classes must be PyTorch's.
+    if Precision::Bf16.check().is_ok() {
+        let scale = expected.abs().max().double_value(&[]);
+        for layout in [Layout::ChannelsLast, Layout::Onednn] {
+            let model = Model::build(&resnet20_source(Format::new(layout, Precision::Bf16))).unwrap();
+            let logits = model.forward(&input, &GatePolicy::dense()).unwrap().0;
+            assert_eq!(logits.kind(), Kind::Float, "logits stay FP32");
+            let diff = max_abs_diff(&logits, &expected);
+            assert!(diff <= 0.05 * scale, "bf16 {layout:?}: max abs diff {diff} at |logit| ≤ {scale}");
+            assert_eq!(
+                Vec::<i64>::try_from(logits.argmax(1, false)).unwrap(),
+                Vec::<i64>::try_from(expected.argmax(1, false)).unwrap(),
+                "bf16 {layout:?}: predicted classes"
+            );
+        }
     }
     // The unfolded reference path (used for training) agrees too.
     let (_vs, params) = sluice::engine::model::load_params(&resnet20_source(Layout::Nchw)).unwrap();

@@ -23,6 +23,9 @@ pub struct ForwardArgs {
     pub input: Option<std::path::PathBuf>,
     #[arg(long, env = "SLUICE_BENCH_ITERATIONS", default_value_t = 500)]
     pub iterations: usize,
+    /// Untimed forwards first (the first calls after loading are slow).
+    #[arg(long, env = "SLUICE_BENCH_WARMUP", default_value_t = 20)]
+    pub warmup: usize,
     /// Run at this calibrated budget instead of the model's configured policy.
     #[arg(long, env = "SLUICE_BENCH_BUDGET")]
     pub budget: Option<f64>,
@@ -74,7 +77,7 @@ fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
         let path = dir.calibration_path().ok_or_else(|| anyhow::anyhow!("no calibration table"))?;
         policy = crate::control::calibration::CalibrationTable::load(&path)?.policy_for(b)?;
     }
-    for _ in 0..20 {
+    for _ in 0..args.warmup {
         let _ = model.forward(&x, &policy)?;
     }
     let gap = std::time::Duration::from_micros(args.gap_us);

@@ -71,6 +71,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
         weights: "model.safetensors".into(),
         calibration: None,
         max_batch_size: args.max_batch_size,
+        precision: Default::default(),
         input: InputConfig {
             name: if args.image { "image".into() } else { "input".into() },
             dims: [c, h, w],

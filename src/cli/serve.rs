@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::control::auth::AdminToken;
 
-use crate::engine::Layout;
+use crate::engine::{Layout, Precision};
 use crate::protocol::conn::ConnectionLimits;
 use crate::protocol::grpc::GrpcLimits;
 use crate::protocol::http::HttpLimits;
@@ -43,9 +43,14 @@ pub struct ServeArgs {
     /// models that are busy at the same time share the cores).
     #[arg(long, env = "SLUICE_ENGINE_THREADS")]
     pub engine_threads: Option<usize>,
-    /// Activation and weight memory layout: channels-last or nchw.
+    /// Activation and weight memory layout: channels-last, nchw or onednn (oneDNN's blocked
+    /// layout, weights reordered once at load).
     #[arg(long, env = "SLUICE_LAYOUT", default_value = "channels-last")]
     pub layout: Layout,
+    /// Number format for every model, overriding each config's `precision`: fp32 or bf16
+    /// (bf16 needs AVX512-BF16 or AMX; a model that cannot have it fails to load).
+    #[arg(long, env = "SLUICE_PRECISION")]
+    pub precision: Option<Precision>,
     /// A cap on every model's HTTP body limit, in bytes (by default each model's own limit:
     /// max_batch_size × the item's size; docs/security.md).
     #[arg(long, env = "SLUICE_HTTP_MAX_BODY_BYTES")]
@@ -158,6 +163,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             instances: args.instances,
             min_request_budget: args.min_request_budget,
             layout: args.layout,
+            precision: args.precision,
             persist_policy: !args.no_persist_policy,
         },
         admin_token: admin_token(args)?,

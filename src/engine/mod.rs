@@ -13,7 +13,7 @@ pub mod report;
 pub mod weights;
 
 pub use arch::{ArchSpec, BlockKind, StemKind};
-pub use folded::Layout;
+pub use folded::{Format, Layout, Precision};
 pub use gated::{ExitTrace, GatedResNet};
 pub use gates::{BlockGates, GateConfig};
 pub use model::{Model, ModelSource};

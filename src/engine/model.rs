@@ -7,7 +7,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::arch::ArchSpec;
-use super::folded::Layout;
+use super::folded::Format;
 use super::gated::GatedResNet;
 use super::gates::{GateConfig, GateLayout, GateParams};
 use super::params::ResNetParams;
@@ -23,13 +23,13 @@ pub struct ModelSource {
     /// Safetensors weights; `None` means random initialisation from `seed`.
     pub weights: Option<PathBuf>,
     pub seed: i64,
-    pub layout: Layout,
+    pub format: Format,
 }
 
 impl ModelSource {
     /// A randomly initialised dense model (benchmarks, tests, `model info`).
     pub fn random(spec: ArchSpec, seed: i64) -> Self {
-        ModelSource { spec, gates: GateConfig::default(), weights: None, seed, layout: Layout::default() }
+        ModelSource { spec, gates: GateConfig::default(), weights: None, seed, format: Format::default() }
     }
 }
 
@@ -52,12 +52,12 @@ impl Model {
     /// Loads (or randomly initialises) the parameters and builds the inference network.
     pub fn build(source: &ModelSource) -> Result<Self, EngineError> {
         let (_vs, params) = load_params(source)?;
-        Ok(Model::from_params(&params, source.layout))
+        Ok(Model::from_params(&params, source.format))
     }
 
     /// Builds the inference network from parameters already in memory.
-    pub fn from_params(params: &NetworkParams, layout: Layout) -> Self {
-        let net = GatedResNet::build(&params.backbone, &params.gates, layout);
+    pub fn from_params(params: &NetworkParams, format: impl Into<Format>) -> Self {
+        let net = GatedResNet::build(&params.backbone, &params.gates, format);
         let gate_ids = params.gates.layout.gate_ids(&params.backbone.spec);
         Model { spec: params.backbone.spec.clone(), net, gate_ids }
     }

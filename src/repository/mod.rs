@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::control::RequestBounds;
-use crate::engine::{ArchSpec, EngineError, GateConfig, GatePolicy, Layout, ModelSource};
+use crate::engine::{ArchSpec, EngineError, Format, GateConfig, GatePolicy, Layout, ModelSource, Precision};
 
 /// File name of a model folder's configuration.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -30,6 +30,10 @@ pub struct ModelConfig {
     /// Largest batch a request or a dynamic batch may hold.
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: usize,
+    /// Number format of weights and activations: `fp32` (default) or `bf16` (needs
+    /// AVX512-BF16 or AMX; `sluice serve --precision` overrides it for every model).
+    #[serde(default)]
+    pub precision: Precision,
     pub input: InputConfig,
     pub output: OutputConfig,
     /// Which gates the model has (none: a dense model).
@@ -244,14 +248,14 @@ impl ModelDir {
         Ok(ModelDir { dir: dir.to_path_buf(), config, spec })
     }
 
-    /// How to build this model on an engine thread.
+    /// How to build this model on an engine thread, in `layout` and the configured precision.
     pub fn source(&self, layout: Layout) -> ModelSource {
         ModelSource {
             spec: self.spec.clone(),
             gates: self.config.gates.clone(),
             weights: Some(self.dir.join(&self.config.weights)),
             seed: 0,
-            layout,
+            format: Format::new(layout, self.config.precision),
         }
     }
 

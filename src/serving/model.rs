@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::control::calibration::CalibrationTable;
 use crate::control::{ChangeError, ChangeKind, PolicyChange, PolicyStore};
 use crate::engine::gates::GateLayout;
-use crate::engine::{GatePolicy, Layout, ModelSource};
+use crate::engine::{GatePolicy, Layout, Precision};
 
 /// Where a model's live policy is persisted across restarts.
 pub const POLICY_FILE: &str = "policy.json";
@@ -32,6 +32,8 @@ pub struct LoadOptions {
     /// `requests.min_budget`).
     pub min_request_budget: Option<f64>,
     pub layout: Layout,
+    /// Overrides every model's `precision`.
+    pub precision: Option<Precision>,
     /// Keep policy changes in `policy.json` beside the model and start from it.
     pub persist_policy: bool,
 }
@@ -43,6 +45,7 @@ impl Default for LoadOptions {
             instances: None,
             min_request_budget: None,
             layout: Layout::default(),
+            precision: None,
             persist_policy: true,
         }
     }
@@ -101,7 +104,11 @@ impl ModelRuntime {
             policy = policy.persist_to(persisted);
         }
         let instances = options.instances.unwrap_or(config.batching.instances).max(1);
-        let source = ModelSource { layout: options.layout, ..dir.source(options.layout) };
+        let mut source = dir.source(options.layout);
+        if let Some(precision) = options.precision {
+            source.format.precision = precision;
+        }
+        source.format.precision.check().map_err(|e| anyhow::anyhow!("model `{name}`: precision: {e}"))?;
         let threads = config.batching.threads.unwrap_or(options.intra_op_threads).max(1);
         let blocks: Vec<BlockGates> = dir
             .spec

@@ -48,6 +48,7 @@ pub fn export_model(
         weights: "model.safetensors".into(),
         calibration: None,
         max_batch_size: 32,
+        precision: Default::default(),
         input: InputConfig {
             name: "input".into(),
             dims: [1, 28, 28],

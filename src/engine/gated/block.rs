@@ -8,7 +8,7 @@ use tch::Tensor;
 
 use super::plan::Exec;
 use crate::engine::arch::{BlockSpec, ConvShape};
-use crate::engine::folded::{FoldedConv, Layout, fold_bn, residual};
+use crate::engine::folded::{FoldedConv, Format, Layout, fold_bn, residual};
 use crate::engine::gates::{BlockGateParams, BlockGateSlots};
 use crate::engine::params::{BN_EPS, BatchNormParams, BlockParams, ConvParams};
 
@@ -18,7 +18,13 @@ use crate::engine::params::{BN_EPS, BatchNormParams, BlockParams, ConvParams};
 /// per width variant the correction that turns it into that variant's folding.
 #[derive(Debug)]
 struct SelectWeights {
+    /// The full-width folded conv1 (weight in `plain`'s layout, bias), whose kept output
+    /// rows are gathered.
+    first: (Tensor, Tensor),
     convs: Vec<SelectConv>,
+    /// The strided format the gathered convolutions run in (the engine's, or channels-last
+    /// when the engine keeps oneDNN tensors, which cannot be gathered).
+    plain: Format,
     calls: AtomicU64,
 }
 
@@ -33,7 +39,7 @@ struct SelectConv {
 
 impl SelectConv {
     /// `stats[v]` are variant `v`'s `(mean, var)`; the last variant is the full width.
-    fn new(conv: &ConvParams, bn: &BatchNormParams, stats: &[(&Tensor, &Tensor)]) -> Self {
+    fn new(conv: &ConvParams, bn: &BatchNormParams, stats: &[(&Tensor, &Tensor)], kind: tch::Kind) -> Self {
         let (_, full_var) = stats[stats.len() - 1];
         let (weight, _) = fold_bn(conv, bn, Some(stats[stats.len() - 1]));
         let variants = stats
@@ -43,13 +49,13 @@ impl SelectConv {
                 // scale_v / scale_full, from the variances alone (independent of gamma).
                 let factor = ((full_var + BN_EPS) / (var + BN_EPS)).sqrt();
                 if factor.eq(1.0).all().int64_value(&[]) != 0 {
-                    (bias, None)
+                    (bias.to_kind(kind), None)
                 } else {
-                    (bias / &factor, Some(factor.view([1, -1, 1, 1])))
+                    ((bias / &factor).to_kind(kind), Some(factor.view([1, -1, 1, 1]).to_kind(kind)))
                 }
             })
             .collect();
-        SelectConv { weight: weight.contiguous(), variants }
+        SelectConv { weight: weight.to_kind(kind).contiguous(), variants }
     }
 }
 
@@ -69,7 +75,7 @@ impl GatedBlock {
         params: &BlockParams,
         gate: &BlockGateParams,
         slots: &BlockGateSlots,
-        layout: Layout,
+        format: Format,
     ) -> Self {
         // Statistics of the batch-norms after width-reduced sums, for variant `v`.
         let stats = |v: usize, j: usize| -> Option<(&Tensor, &Tensor)> {
@@ -90,12 +96,21 @@ impl GatedBlock {
                         // Outputs: inner width except the last conv; inputs: inner except the first.
                         let (w, b) = if last { (w, b) } else { (w.narrow(0, 0, k), b.narrow(0, 0, k)) };
                         let w = if j == 0 { w } else { w.narrow(1, 0, k) };
-                        FoldedConv::new(&w, &b, layer.conv.shape.clone(), layout)
+                        FoldedConv::new(&w, &b, layer.conv.shape.clone(), format)
                     })
                     .collect()
             })
             .collect();
+        let plain = match format.layout {
+            Layout::Onednn => Format { layout: Layout::ChannelsLast, ..format },
+            _ => format,
+        };
         let select = slots.channel.as_ref().map(|_| SelectWeights {
+            first: {
+                let (w, b) = fold_bn(&params.layers[0].conv, &params.layers[0].bn, None);
+                (plain.apply(&w), b.to_kind(format.precision.kind()))
+            },
+            plain,
             convs: params.layers[1..]
                 .iter()
                 .enumerate()
@@ -103,7 +118,7 @@ impl GatedBlock {
                     let running = (&layer.bn.running_mean, &layer.bn.running_var);
                     let per_variant: Vec<_> =
                         (0..slots.widths.len()).map(|v| stats(v, j + 1).unwrap_or(running)).collect();
-                    SelectConv::new(&layer.conv, &layer.bn, &per_variant)
+                    SelectConv::new(&layer.conv, &layer.bn, &per_variant, format.precision.kind())
                 })
                 .collect(),
             calls: AtomicU64::new(0),
@@ -112,7 +127,7 @@ impl GatedBlock {
             spec: params.spec.clone(),
             slots: slots.clone(),
             variants,
-            downsample: params.downsample.as_ref().map(|d| FoldedConv::fold(d, layout)),
+            downsample: params.downsample.as_ref().map(|d| FoldedConv::fold(d, format)),
             select,
         }
     }
@@ -130,16 +145,16 @@ impl GatedBlock {
     }
 
     /// The residual branch for one execution (not `Skip`).
-    fn residual_for(&self, exec: &Exec, x: &Tensor, layout: Layout) -> Tensor {
+    fn residual_for(&self, exec: &Exec, x: &Tensor, format: Format) -> Tensor {
         match exec {
             Exec::Slice(v) => residual(&self.variants[*v], x),
-            Exec::Select { sets, stats } => self.residual_select(sets, stats, x, layout),
+            Exec::Select { sets, stats } => self.residual_select(sets, stats, x, format),
             Exec::Skip => unreachable!("skipped blocks have no residual"),
         }
     }
 
     /// Gathers exactly the kept channels' weights and runs the branch on them.
-    fn residual_select(&self, sets: &[Vec<i64>], stats: &[usize], x: &Tensor, layout: Layout) -> Tensor {
+    fn residual_select(&self, sets: &[Vec<i64>], stats: &[usize], x: &Tensor, format: Format) -> Tensor {
         let Some(select) = &self.select else {
             return residual(&self.variants[self.variants.len() - 1], x);
         };
@@ -149,10 +164,12 @@ impl GatedBlock {
             select.calls.fetch_add(1, Ordering::Relaxed);
             x.conv2d(w, Some(b), [shape.stride; 2], [shape.padding; 2], [1, 1], 1)
         };
+        let plain = select.plain;
+        let x = plain.apply(&format.plain(x));
         // conv1: the kept output rows of the folded full-width conv.
-        let first = &full[0];
-        let w1 = layout.gather(&first.weight, 0, &idx[0]);
-        let mut h = conv(x, &w1, &first.bias.index_select(0, &idx[0]), &first.shape).relu_();
+        let (w1, b1) = &select.first;
+        let w1 = plain.gather(w1, 0, &idx[0]);
+        let mut h = conv(&x, &w1, &b1.index_select(0, &idx[0]), &full[0].shape).relu_();
         let last = select.convs.len() - 1;
         for (j, sc) in select.convs.iter().enumerate() {
             let shape = &full[j + 1].shape;
@@ -180,11 +197,11 @@ impl GatedBlock {
                 h = h.relu_();
             }
         }
-        h
+        format.apply(&h)
     }
 
     /// Runs the block on a batch whose rows decided `execs` (one per row).
-    pub fn run(&self, x: &Tensor, execs: &[&Exec], layout: Layout) -> Tensor {
+    pub fn run(&self, x: &Tensor, execs: &[&Exec], format: Format) -> Tensor {
         let first = execs[0];
         if execs.iter().all(|e| *e == first) {
             return match first {
@@ -193,7 +210,7 @@ impl GatedBlock {
                     None => x.shallow_clone(),
                 },
                 exec => {
-                    let mut out = self.residual_for(exec, x, layout);
+                    let mut out = self.residual_for(exec, x, format);
                     let _ = out.g_add_(&self.shortcut(x));
                     out.relu_()
                 }
@@ -219,16 +236,12 @@ impl GatedBlock {
             .iter()
             .map(|exec| {
                 let rows = Tensor::from_slice(&groups[exec]);
-                let r = self.residual_for(exec, &layout.gather(x, 0, &rows), layout);
+                let r = self.residual_for(exec, &format.gather(x, 0, &rows), format);
                 (rows, r)
             })
             .collect();
         // For an identity shortcut this writes into `x` itself: nothing else reads it.
-        let mut out = self.shortcut(x);
-        for (rows, r) in &residuals {
-            layout.add_rows_(&out, rows, r);
-        }
-        out.relu_()
+        format.add_rows(self.shortcut(x), &residuals).relu_()
     }
 }
 
@@ -267,16 +280,17 @@ mod tests {
                     .shallow_clone()
                     .copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
             }
-            for layout in [Layout::ChannelsLast, Layout::Nchw] {
-                let block = GatedBlock::build(bp, gp, slots, layout);
+            for layout in [Layout::ChannelsLast, Layout::Nchw, Layout::Onednn] {
+                let format = Format::from(layout);
+                let block = GatedBlock::build(bp, gp, slots, format);
                 let cin = bp.layers[0].conv.shape.in_ch;
-                let x = layout.apply(&Tensor::randn([2, cin, hw, hw], (Kind::Float, Device::Cpu)));
+                let x = format.apply(&Tensor::randn([2, cin, hw, hw], (Kind::Float, Device::Cpu)));
                 for (v, &width) in slots.widths.iter().enumerate().take(slots.widths.len() - 1) {
                     let groups = bp.layers.len() - 1;
                     let sets = vec![(0..width).collect::<Vec<i64>>(); groups];
-                    let select = block.run(&x, &[&Exec::Select { sets, stats: vec![v; groups] }; 2], layout);
-                    let slice = block.run(&x, &[&Exec::Slice(v); 2], layout);
-                    let diff = (&select - &slice).abs().max().double_value(&[]);
+                    let select = block.run(&x, &[&Exec::Select { sets, stats: vec![v; groups] }; 2], format);
+                    let slice = block.run(&x, &[&Exec::Slice(v); 2], format);
+                    let diff = (format.plain(&select) - format.plain(&slice)).abs().max().double_value(&[]);
                     assert!(diff < 1e-4, "{arch} {layout:?} width {width}: {diff}");
                 }
             }

@@ -12,7 +12,7 @@ use self::block::GatedBlock;
 use self::plan::{Exec, Thresholds, decide, exec_widths};
 use super::arch::ArchSpec;
 use super::flops::{conv_flops, linear_flops, residual_flops, shortcut_flops, stem_flops};
-use super::folded::{FoldedConv, FoldedLinear, Layout, global_pool, stem_forward};
+use super::folded::{FoldedConv, FoldedLinear, Format, stem_forward};
 use super::gates::{GateLayout, GateParams};
 use super::params::ResNetParams;
 use super::policy::{GatePolicy, passes};
@@ -27,8 +27,8 @@ struct FoldedTrunk {
 
 impl FoldedTrunk {
     /// Sigmoid scores `[n × outputs]`, row-major on the host.
-    fn scores(&self, stem_out: &Tensor) -> Vec<f32> {
-        let hidden = self.fc1.forward(&global_pool(stem_out)).relu_();
+    fn scores(&self, stem_out: &Tensor, format: Format) -> Vec<f32> {
+        let hidden = self.fc1.forward(&format.pool(stem_out)).relu_();
         let scores = self.fc2.forward(&hidden).sigmoid_();
         Vec::<f32>::try_from(scores.view(-1)).unwrap_or_default()
     }
@@ -51,12 +51,12 @@ struct FoldedExit {
 }
 
 impl FoldedExit {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, format: Format) -> Tensor {
         let x = match &self.conv {
             Some(conv) => conv.forward(x).relu_(),
             None => x.shallow_clone(),
         };
-        self.fc.forward(&global_pool(&x))
+        self.fc.forward(&format.pool(&x))
     }
 
     fn flops(&self, h: i64, w: i64) -> u64 {
@@ -86,7 +86,7 @@ pub struct ExitTrace {
 #[derive(Debug)]
 pub struct GatedResNet {
     pub spec: ArchSpec,
-    pub layout: Layout,
+    pub format: Format,
     pub gates: GateLayout,
     stem: FoldedConv,
     trunk: Option<FoldedTrunk>,
@@ -97,7 +97,8 @@ pub struct GatedResNet {
 
 impl GatedResNet {
     /// Folds batch-norm, pre-slices every allowed width and fuses the gate heads.
-    pub fn build(backbone: &ResNetParams, gates: &GateParams, layout: Layout) -> Self {
+    pub fn build(backbone: &ResNetParams, gates: &GateParams, format: impl Into<Format>) -> Self {
+        let format = format.into();
         let spec = backbone.spec.clone();
         let trunk = gates.trunk.as_ref().map(|fc1| {
             let (ws, bs): (Vec<Tensor>, Vec<Tensor>) = gates
@@ -116,7 +117,7 @@ impl GatedResNet {
             .iter()
             .zip(&gates.blocks)
             .zip(&gates.layout.blocks)
-            .map(|((params, gate), slots)| GatedBlock::build(params, gate, slots, layout))
+            .map(|((params, gate), slots)| GatedBlock::build(params, gate, slots, format))
             .collect();
         let mut last_block_of_stage = Vec::new();
         let mut seen = 0;
@@ -134,16 +135,16 @@ impl GatedResNet {
                     let (o, i) = (w.size()[0], w.size()[1]);
                     let shape =
                         super::arch::ConvShape { in_ch: i, out_ch: o, kernel: 3, stride: 2, padding: 1 };
-                    FoldedConv::new(&w.detach(), &b.detach(), shape, layout)
+                    FoldedConv::new(&w.detach(), &b.detach(), shape, format)
                 }),
                 fc: FoldedLinear::new(&e.fc.weight, &e.fc.bias),
             })
             .collect();
         GatedResNet {
             spec,
-            layout,
+            format,
             gates: gates.layout.clone(),
-            stem: FoldedConv::fold(&backbone.stem, layout),
+            stem: FoldedConv::fold(&backbone.stem, format),
             trunk,
             blocks,
             exits,
@@ -154,9 +155,9 @@ impl GatedResNet {
     /// The gate MLP's sigmoid scores `[N, outputs]` for a batch (calibration, benchmarks).
     pub fn gate_scores(&self, input: &Tensor) -> Option<Tensor> {
         let trunk = self.trunk.as_ref()?;
-        let stem = stem_forward(&self.stem, self.spec.stem, &self.layout.apply(input));
-        let n = stem.size()[0];
-        Some(Tensor::from_slice(&trunk.scores(&stem)).view([n, -1]))
+        let stem = stem_forward(&self.stem, self.spec.stem, &self.format.apply(input));
+        let n = input.size()[0];
+        Some(Tensor::from_slice(&trunk.scores(&stem, self.format)).view([n, -1]))
     }
 
     /// Residual-branch convolutions block `index` has run so far (all widths and modes).
@@ -197,7 +198,7 @@ impl GatedResNet {
         let size = input.size();
         let (n, h, w) = (size[0] as usize, size[2], size[3]);
         let thresholds = Thresholds::resolve(policy, &self.spec, &self.gates);
-        let stem = stem_forward(&self.stem, self.spec.stem, &self.layout.apply(input));
+        let stem = stem_forward(&self.stem, self.spec.stem, &self.format.apply(input));
         let (sh, sw) = (stem.size()[2], stem.size()[3]);
 
         let stem_flops = stem_flops(&self.spec, h, w);
@@ -213,7 +214,7 @@ impl GatedResNet {
             })
             .collect();
 
-        let scores = self.trunk.as_ref().map(|t| t.scores(&stem)).unwrap_or_default();
+        let scores = self.trunk.as_ref().map(|t| t.scores(&stem, self.format)).unwrap_or_default();
         let stride = self.gates.outputs;
         let plans: Vec<Vec<Exec>> = (0..n)
             .map(|i| {
@@ -248,7 +249,7 @@ impl GatedResNet {
                 reports[i].blocks[b] =
                     if widths.is_empty() { BlockDecision::Skipped } else { BlockDecision::Run { widths } };
             }
-            cur = block.run(&cur, &execs, self.layout);
+            cur = block.run(&cur, &execs, self.format);
             let s = block.spec.stride();
             (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
 
@@ -259,7 +260,7 @@ impl GatedResNet {
             if t >= 1.0 && trace.is_none() {
                 continue; // disabled: the head is not even evaluated
             }
-            let exit_logits = exit.forward(&cur);
+            let exit_logits = exit.forward(&cur, self.format);
             if let Some(trace) = trace.as_deref_mut() {
                 let head = exit.flops(ch, cw);
                 for &i in &active {
@@ -297,10 +298,10 @@ impl GatedResNet {
             if stay.is_empty() {
                 return (out.unwrap_or_else(|| Tensor::zeros([0], tch::kind::FLOAT_CPU)), reports);
             }
-            cur = self.layout.gather(&cur, 0, &Tensor::from_slice(&stay));
+            cur = self.format.gather(&cur, 0, &Tensor::from_slice(&stay));
             active = stay.iter().map(|&l| active[l as usize]).collect();
         }
-        let logits = self.fc.forward(&global_pool(&cur));
+        let logits = self.fc.forward(&self.format.pool(&cur));
         let fc = self.head_flops();
         for &i in &active {
             reports[i].executed_flops += fc;
