@@ -31,6 +31,8 @@ pub struct ForwardArgs {
     pub budget: Option<f64>,
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
     pub threads: usize,
+    #[command(flatten)]
+    pub format: super::FormatArgs,
     /// Also time forwards that follow this many microseconds of idling, as a lightly loaded
     /// server's do: every other iteration idles first and is reported as `after_gap_*`.
     #[arg(long, default_value_t = 0)]
@@ -56,7 +58,7 @@ fn forward(args: &ForwardArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads.max(1) as i32);
     let _guard = tch::no_grad_guard();
     let dir = crate::repository::ModelDir::open(&args.model)?;
-    let model = crate::engine::Model::build(&dir.source(Default::default()))?;
+    let model = crate::engine::Model::build(&args.format.source(&dir)?)?;
     let x = match &args.input {
         Some(path) => {
             #[derive(serde::Deserialize)]

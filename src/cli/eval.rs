@@ -37,6 +37,8 @@ pub struct EvalArgs {
     pub report: Option<PathBuf>,
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
     pub threads: usize,
+    #[command(flatten)]
+    pub format: super::FormatArgs,
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = crate::data::fashion_mnist::DEFAULT_DIR)]
     pub data_dir: PathBuf,
 }
@@ -78,7 +80,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads.max(1) as i32);
     let _guard = tch::no_grad_guard();
     let dir = ModelDir::open(&args.model)?;
-    let model = Model::build(&dir.source(Default::default()))?;
+    let model = Model::build(&args.format.source(&dir)?)?;
     let table = match dir.calibration_path() {
         Some(path) => Some(CalibrationTable::load(&path).with_context(|| path.display().to_string())?),
         None => {

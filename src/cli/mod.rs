@@ -95,3 +95,27 @@ impl std::str::FromStr for Shape {
         }
     }
 }
+
+/// How an offline command builds a model's network: `--layout` and `--precision`
+/// (default: channels-last and the model's configured precision).
+#[derive(Clone, Debug, clap::Args)]
+pub struct FormatArgs {
+    /// Memory layout: channels-last, nchw or onednn.
+    #[arg(long, env = "SLUICE_LAYOUT", default_value = "channels-last")]
+    pub layout: crate::engine::Layout,
+    /// Number format, overriding the model's `precision`: fp32 or bf16.
+    #[arg(long, env = "SLUICE_PRECISION")]
+    pub precision: Option<crate::engine::Precision>,
+}
+
+impl FormatArgs {
+    /// The model's source in this format; bf16 on a CPU without it is an error saying so.
+    pub fn source(&self, dir: &crate::repository::ModelDir) -> anyhow::Result<crate::engine::ModelSource> {
+        let mut source = dir.source(self.layout);
+        if let Some(p) = self.precision {
+            source.format.precision = p;
+        }
+        source.format.precision.check().map_err(anyhow::Error::msg)?;
+        Ok(source)
+    }
+}

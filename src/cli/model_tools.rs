@@ -106,6 +106,8 @@ pub struct PredictArgs {
     pub budget: Option<f64>,
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 1)]
     pub threads: usize,
+    #[command(flatten)]
+    pub format: super::FormatArgs,
 }
 
 #[derive(Deserialize)]
@@ -118,7 +120,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads.max(1) as i32);
     let _guard = tch::no_grad_guard();
     let dir = ModelDir::open(&args.model)?;
-    let model = Model::build(&dir.source(Default::default()))?;
+    let model = Model::build(&args.format.source(&dir)?)?;
     let text = std::fs::read_to_string(&args.input).with_context(|| args.input.display().to_string())?;
     let file: TensorFile = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected {{\"shape\", \"data\"}}", args.input.display()))?;
