@@ -53,7 +53,7 @@ fn start_with(
     let engine = WorkerConfig { name: "test-engine".into(), intra_op_threads: 1, warmup_batch: 0 };
     let dense = Arc::new(GatePolicy::dense());
     let live: LivePolicy = Arc::new(move || dense.clone());
-    let metrics = Metrics::new().model("test", &[]);
+    let metrics = Metrics::new().model("test", &[], "fp32");
     let (scheduler, handle) =
         scheduler::start("test", config, &source, &[engine], live, metrics.clone()).unwrap();
     (scheduler, handle, metrics)
@@ -228,7 +228,7 @@ fn a_model_that_cannot_load_fails_the_start() {
     let engine = WorkerConfig { name: "test-engine".into(), intra_op_threads: 1, warmup_batch: 0 };
     let dense = Arc::new(GatePolicy::dense());
     let live: LivePolicy = Arc::new(move || dense.clone());
-    let metrics = Metrics::new().model("test", &[]);
+    let metrics = Metrics::new().model("test", &[], "fp32");
     match scheduler::start("test", config, &source, &[engine], live, metrics) {
         Err(WorkerError::Engine(e)) => assert!(e.to_string().contains("does-not-exist"), "{e}"),
         Err(other) => panic!("unexpected error {other}"),

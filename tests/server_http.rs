@@ -356,6 +356,8 @@ fn concurrent_requests_are_batched_together() {
     let rows = value("sluice_batch_size_sum{model=\"batched\"}");
     assert_eq!(rows, 6.0);
     assert!(batches < 6.0, "6 requests within the 300 ms window ran in {batches} batches");
+    // FLOPs carry the model's number format.
+    assert!(value("sluice_flops_dense_total{model=\"batched\",precision=\"fp32\"}") > 0.0);
 }
 
 #[test]
@@ -370,10 +372,12 @@ fn sigterm_drains_in_flight_requests_then_exits() {
             .status
     });
     // Wait until the server holds the request (it waits 1.5 s for a batch to fill).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !String::from_utf8(request(metrics, "GET", "/metrics", &[], b"").body)
         .unwrap()
         .contains("sluice_inflight_requests{model=\"slow\"} 1")
     {
+        assert!(std::time::Instant::now() < deadline, "the request never showed as in flight");
         std::thread::yield_now();
     }
     s.terminate();

@@ -95,13 +95,14 @@ impl Metrics {
             inferences: counter("sluice_inferences_total", "Inputs (batch rows) computed.", &["model"]),
             flops: counter(
                 "sluice_flops_total",
-                "FLOPs executed (gate heads included) and skipped (dense minus executed, per input).",
-                &["model", "kind"],
+                "FLOPs executed (gate heads included) and skipped (dense minus executed, per input), \
+                 at the model's number format (precision: fp32 or bf16).",
+                &["model", "kind", "precision"],
             ),
             flops_dense: counter(
                 "sluice_flops_dense_total",
-                "Dense FLOPs of the computed inputs.",
-                &["model"],
+                "Dense FLOPs of the computed inputs, at the model's number format (precision).",
+                &["model", "precision"],
             ),
             gate_decisions: counter(
                 "sluice_gate_decisions_total",
@@ -220,7 +221,9 @@ impl Metrics {
     }
 
     /// Handles for one model, with its label values resolved once.
-    pub fn model(&self, model: &str, blocks: &[BlockGates]) -> ModelMetrics {
+    /// `precision` labels the FLOP counters (`fp32`, `bf16`): a FLOP is a FLOP in either,
+    /// but what it costs differs.
+    pub fn model(&self, model: &str, blocks: &[BlockGates], precision: &str) -> ModelMetrics {
         let gate = |id: &str, decision: &str| self.gate_decisions.with_label_values(&[model, id, decision]);
         ModelMetrics {
             model: model.to_string(),
@@ -230,9 +233,9 @@ impl Metrics {
             compute_duration: self.compute_duration.with_label_values(&[model]),
             batch_size: self.batch_size.with_label_values(&[model]),
             inferences: self.inferences.with_label_values(&[model]),
-            flops_executed: self.flops.with_label_values(&[model, "executed"]),
-            flops_skipped: self.flops.with_label_values(&[model, "skipped"]),
-            flops_dense: self.flops_dense.with_label_values(&[model]),
+            flops_executed: self.flops.with_label_values(&[model, "executed", precision]),
+            flops_skipped: self.flops.with_label_values(&[model, "skipped", precision]),
+            flops_dense: self.flops_dense.with_label_values(&[model, precision]),
             blocks: blocks
                 .iter()
                 .map(|b| BlockHandles {

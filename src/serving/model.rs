@@ -122,7 +122,7 @@ impl ModelRuntime {
                 inner_width: b.inner_width(),
             })
             .collect();
-        let model_metrics = metrics.model(&name, &blocks);
+        let model_metrics = metrics.model(&name, &blocks, &source.format.precision.to_string());
         model_metrics.set_policy(&policy.snapshot());
         let scheduler_config = SchedulerConfig {
             max_batch_size: config.max_batch_size,
