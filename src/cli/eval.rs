@@ -74,13 +74,16 @@ pub struct EvalRow {
     pub block_threshold: f32,
     pub exit_threshold: f32,
     pub images: usize,
+    /// The number format the network ran in (`fp32`, `bf16`).
+    pub precision: String,
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads.max(1) as i32);
     let _guard = tch::no_grad_guard();
     let dir = ModelDir::open(&args.model)?;
-    let model = Model::build(&args.format.source(&dir)?)?;
+    let source = args.format.source(&dir)?;
+    let model = Model::build(&source)?;
     let table = match dir.calibration_path() {
         Some(path) => Some(CalibrationTable::load(&path).with_context(|| path.display().to_string())?),
         None => {
@@ -118,13 +121,20 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             block_threshold: policy.block_threshold,
             exit_threshold: policy.exit_threshold,
             images: test.len(),
+            precision: source.format.precision.to_string(),
         };
         if args.json {
             println!("{}", serde_json::to_string(&row)?);
         }
         rows.push(row);
     }
-    let title = format!("Model `{}` on the Fashion-MNIST {}", dir.config.name, args.split.describe());
+    let title = format!(
+        "Model `{}` on the Fashion-MNIST {} ({}, {:?} layout)",
+        dir.config.name,
+        args.split.describe(),
+        source.format.precision,
+        source.format.layout
+    );
     if !args.json {
         println!("{}", markdown(&title, &rows));
     }
