@@ -80,8 +80,13 @@ impl CalibrationTable {
     }
 
     /// The policy that serves `budget` (version left at 0 for the caller to assign).
+    /// Budget 1.0 is the dense network whatever the table found cheaper at equal accuracy
+    /// (DESIGN.md): a client that asks for full compute gets it.
     pub fn policy_for(&self, budget: f64) -> Result<GatePolicy, BudgetError> {
         let e = &self.lookup(budget)?.point;
+        if budget >= 1.0 {
+            return Ok(GatePolicy { channel_mode: self.channel_mode, budget: Some(budget), ..GatePolicy::dense() });
+        }
         Ok(GatePolicy {
             channel_threshold: e.channel_threshold,
             block_threshold: e.block_threshold,
@@ -166,5 +171,9 @@ mod tests {
         assert_eq!(t.lookup(0.2), Err(BudgetError::OutOfRange { budget: 0.2, min: 0.3, max: 1.0 }));
         assert!(t.lookup(1.5).is_err());
         assert_eq!(t.policy_for(0.3).unwrap().budget, Some(0.3));
+        assert_eq!(t.policy_for(0.99).unwrap().channel_threshold, 0.5, "the 0.55 entry");
+        // Budget 1.0 is dense even though the table's 1.0 entry is cheaper.
+        let full = t.policy_for(1.0).unwrap();
+        assert_eq!(full, GatePolicy { budget: Some(1.0), ..GatePolicy::dense() });
     }
 }
