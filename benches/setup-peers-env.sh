@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Sets up the peer servers `make bench-peers` compares sluice with (issue 12), idempotently
+# and cached; not part of `make test`:
+#   - .cache/peers-venv/ with KServe's Python model server (kserve==0.21.0) and TorchServe
+#     (torchserve==0.12.0, torch-model-archiver==0.12.0), both serving PyTorch 2.11.0 (the
+#     PyPI wheel with its CUDA dependencies, ~4.5 GB; pip's cache shares it with
+#     benches/setup-bench-env.sh);
+#   - Java 17 (Debian's openjdk-17-jre-headless), which TorchServe's frontend needs.
+# A stamp (.cache/peers-venv/.sluice-stamp) skips pip while the pinned set is unchanged.
+#
+# Usage: benches/setup-peers-env.sh        (prints the interpreter's path when done)
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.cache/peers-venv"
+stamp="$venv/.sluice-stamp"
+requirements=(
+  "torch==2.11.0"
+  "kserve==0.21.0"
+  "torchserve==0.12.0"
+  "torch-model-archiver==0.12.0"
+  "safetensors==0.8.0"
+  "numpy==2.4.6"
+)
+
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "setup-peers-env: unknown option '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "setup-peers-env: $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v java >/dev/null || ! java -version 2>&1 | grep -q '"17\.'; then
+  log "installing Debian's openjdk-17-jre-headless (TorchServe's frontend)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      openjdk-17-jre-headless >/dev/null \
+    || { as_root apt-get update -q >/dev/null \
+         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+              openjdk-17-jre-headless >/dev/null; }
+fi
+
+want=$(printf '%s\n' "${requirements[@]}")
+if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "$venv/bin/python"
+  exit 0
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating $venv"
+  "$python" -m venv "$venv"
+fi
+log "installing ${requirements[*]} (first run: ~4.5 GB, several minutes)"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "${requirements[@]}"
+"$venv/bin/python" - <<'EOF'
+import kserve, torch, ts
+print(f"setup-peers-env: torch {torch.__version__}, kserve {kserve.__version__}, torchserve {ts.__version__}",
+      flush=True)
+EOF
+printf '%s\n' "${requirements[@]}" >"$stamp"
+echo "$venv/bin/python"
