@@ -16,6 +16,7 @@ venv="$root/.cache/peers-venv"
 stamp="$venv/.sluice-stamp"
 requirements=(
   "torch==2.11.0"
+  "torchvision==0.26.0"
   "kserve==0.21.0"
   "torchserve==0.12.0"
   "torch-model-archiver==0.12.0"
@@ -57,7 +58,8 @@ log "installing ${requirements[*]} (first run: ~4.5 GB, several minutes)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "${requirements[@]}"
 "$venv/bin/python" - <<'EOF'
 import kserve, torch, ts
-print(f"setup-peers-env: torch {torch.__version__}, kserve {kserve.__version__}, torchserve {ts.__version__}",
+from importlib.metadata import version
+print(f"setup-peers-env: torch {torch.__version__}, kserve {version('kserve')}, torchserve {version('torchserve')}",
       flush=True)
 EOF
 printf '%s\n' "${requirements[@]}" >"$stamp"
