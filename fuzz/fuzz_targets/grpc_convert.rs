@@ -11,6 +11,7 @@ use sluice::serving::prepare::prepare;
 use sluice_fuzz::models;
 
 fuzz_target!(|data: &[u8]| {
+    sluice_fuzz::leave_decoder_panics_to_sluice();
     let Ok(msg) = ModelInferRequest::decode(data) else { return };
     for model in models() {
         let Ok(mut req) = convert::request(msg.clone(), model) else { continue };

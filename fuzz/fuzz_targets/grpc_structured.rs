@@ -265,6 +265,7 @@ fn tensor(input: &Input, model: &ModelInterface) -> (InferInputTensor, Option<Ve
 }
 
 fuzz_target!(|data: &[u8]| {
+    sluice_fuzz::leave_decoder_panics_to_sluice();
     let Ok(r) = Request::arbitrary_take_rest(Unstructured::new(data)) else { return };
     let model = &models()[r.image_model as usize];
     let mut inputs = Vec::new();

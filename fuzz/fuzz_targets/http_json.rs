@@ -14,6 +14,7 @@ use sluice::serving::prepare::prepare;
 use sluice_fuzz::models;
 
 fuzz_target!(|data: &[u8]| {
+    sluice_fuzz::leave_decoder_panics_to_sluice();
     let [b0, b1, body @ ..] = data else { return };
     let model = &models()[(b0 & 1) as usize];
     let header_length = match (b0 >> 1) & 3 {

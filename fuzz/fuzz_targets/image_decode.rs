@@ -8,6 +8,7 @@ use sluice::repository::ImageConfig;
 use sluice::serving::image::{ImageRefusal, decode};
 
 fuzz_target!(|data: &[u8]| {
+    sluice_fuzz::leave_decoder_panics_to_sluice();
     let [b0, bytes @ ..] = data else { return };
     let channels = if b0 & 1 == 0 { 1 } else { 3 };
     let mut config = ImageConfig::new(vec![0.286; channels], vec![0.353; channels]);

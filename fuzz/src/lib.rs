@@ -53,3 +53,23 @@ pub fn models() -> &'static [ModelInterface; 2] {
     static MODELS: std::sync::OnceLock<[ModelInterface; 2]> = std::sync::OnceLock::new();
     MODELS.get_or_init(|| [fp32_model(), image_model()])
 }
+
+/// `serving::image::decode` catches panics inside the image decoders (third-party code;
+/// fuzzing found some, fuzz/RESULTS.md) and answers them as undecodable images. libFuzzer's
+/// panic hook would abort on them before that `catch_unwind` runs, so targets that decode
+/// images call this first: a panic whose location is in the `png`, `zune-jpeg`/`zune-core`
+/// or `image` crates is left to unwind into sluice's handler; every other panic aborts as
+/// before.
+pub fn leave_decoder_panics_to_sluice() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let abort_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let file = info.location().map(|l| l.file()).unwrap_or("");
+            let in_decoder = ["/png-", "/zune-jpeg-", "/zune-core-", "/image-0."].iter().any(|c| file.contains(c));
+            if !in_decoder {
+                abort_hook(info);
+            }
+        }));
+    });
+}

@@ -63,7 +63,15 @@ pub fn decode(
     limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(1 << 20));
     let mut reader = reader();
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| invalid(format!("cannot decode image: {e}")))?;
+    // The decoders are third-party code fed hostile bytes, and fuzzing found inputs that
+    // make them panic (png 0.18.1: a palette whose length is not a multiple of 3; fuzz/
+    // RESULTS.md). A panic there is this image's failure, answered like any undecodable
+    // image; it must not fail the request with a 500 or reach the thread's pool.
+    let decoded =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode())).map_err(|panic| {
+            invalid(format!("cannot decode image: the decoder failed on it ({})", panic_text(&panic)))
+        })?;
+    let img = decoded.map_err(|e| invalid(format!("cannot decode image: {e}")))?;
     let img = resize(img, width, height);
     let pixels: Vec<u8> = match channels {
         1 => img.to_luma8().into_raw(),
@@ -76,6 +84,15 @@ pub fn decode(
         out[c * plane + pos] = ((p as f64 / 255.0 - config.mean[c]) / config.std[c]) as f32;
     }
     Ok(out)
+}
+
+/// A panic's message, when it has one.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic")
 }
 
 /// Resizes to `width × height`. A filtered resize costs time in proportion to the source
@@ -146,6 +163,30 @@ mod tests {
             image::Luma([(x * 9 + y) as u8])
         }));
         assert_eq!(resize(exact.clone(), 28, 28).to_luma8(), exact.to_luma8());
+    }
+
+    /// Inputs on which the decoders panicked under fuzzing (fuzz/regressions/, RESULTS.md):
+    /// each is answered as an image, or refused as invalid, never a panic.
+    #[test]
+    fn decoder_panics_are_refusals() {
+        let cfg = ImageConfig::new(vec![0.5; 3], vec![0.5; 3]);
+        // png 0.18.1 indexes past a palette whose length is not a multiple of 3 (a panic in
+        // every build).
+        let png = include_bytes!("../../fuzz/regressions/png-palette-length.png");
+        match decode(png, 1, 28, 28, &cfg) {
+            Err(ImageRefusal::Invalid(m)) => assert!(m.contains("decoder failed"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // zune-jpeg 0.5.15 multiplies a DC coefficient past i32 (a panic where overflow is
+        // checked, as in test and fuzz builds; it wraps in release builds).
+        let jpeg = include_bytes!("../../fuzz/regressions/jpeg-dc-overflow.jpg");
+        for channels in [1, 3] {
+            match decode(jpeg, channels, 28, 28, &cfg) {
+                Ok(v) => assert!(v.len() == channels * 784 && v.iter().all(|x| x.is_finite())),
+                Err(ImageRefusal::Invalid(m)) => assert!(m.starts_with("cannot decode image"), "{m}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     #[test]
