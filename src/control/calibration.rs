@@ -85,7 +85,11 @@ impl CalibrationTable {
     pub fn policy_for(&self, budget: f64) -> Result<GatePolicy, BudgetError> {
         let e = &self.lookup(budget)?.point;
         if budget >= 1.0 {
-            return Ok(GatePolicy { channel_mode: self.channel_mode, budget: Some(budget), ..GatePolicy::dense() });
+            return Ok(GatePolicy {
+                channel_mode: self.channel_mode,
+                budget: Some(budget),
+                ..GatePolicy::dense()
+            });
         }
         Ok(GatePolicy {
             channel_threshold: e.channel_threshold,
