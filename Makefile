@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz
+.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers
 
 ## Fetch libtorch (PyPI wheel → .libtorch/) and the dataset; idempotent and cached.
 setup:
@@ -55,6 +55,19 @@ bench-hostile: build test-env
 	$(PYTHON) benches/slowloris.py || rc=1; \
 	$(PYTHON) benches/health_latency.py || rc=1; \
 	exit $$rc
+
+## sluice's dense engine (channels-last, onednn, bf16) against PyTorch eager/TorchScript, ONNX
+## Runtime and OpenVINO on the same weights (not in CI; benches/setup-bench-env.sh installs
+## the runtimes into .cache/bench-venv, ~4.5 GB).
+bench-reference: build
+	@py=$$(benches/setup-bench-env.sh) && $$py benches/pytorch_reference.py
+
+## sluice against KServe's Python server and TorchServe serving the same dense weights, one
+## neutral load generator (wrk), concurrency 1/8/32 (not in CI; benches/setup-peers-env.sh
+## installs them into .cache/peers-venv with Java 17 and wrk).
+bench-peers: build test-env
+	benches/setup-peers-env.sh >/dev/null
+	$(PYTHON) benches/peers.py
 
 ## Fuzz the request decoders with cargo-fuzz (fuzz/README.md; not part of `make test`):
 ## each target for FUZZ_SECONDS seconds, one after another, from its committed seed corpus

@@ -5,7 +5,8 @@
 #     (torchserve==0.12.0, torch-model-archiver==0.12.0), both serving PyTorch 2.11.0 (the
 #     PyPI wheel with its CUDA dependencies, ~4.5 GB; pip's cache shares it with
 #     benches/setup-bench-env.sh);
-#   - Java 17 (Debian's openjdk-17-jre-headless), which TorchServe's frontend needs.
+#   - Java 17 (Debian's openjdk-17-jre-headless), which TorchServe's frontend needs, and
+#     Debian's wrk, the load generator benches/peers.py drives every server with.
 # A stamp (.cache/peers-venv/.sluice-stamp) skips pip while the pinned set is unchanged.
 #
 # Usage: benches/setup-peers-env.sh        (prints the interpreter's path when done)
@@ -26,7 +27,7 @@ requirements=(
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "setup-peers-env: unknown option '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -34,14 +35,16 @@ done
 log() { echo "setup-peers-env: $*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v java >/dev/null || ! java -version 2>&1 | grep -q '"17\.'; then
-  log "installing Debian's openjdk-17-jre-headless (TorchServe's frontend)"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      openjdk-17-jre-headless >/dev/null \
+apt_install() {
+  log "installing Debian's $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null \
     || { as_root apt-get update -q >/dev/null \
-         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-              openjdk-17-jre-headless >/dev/null; }
+         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
+}
+if ! command -v java >/dev/null || ! java -version 2>&1 | grep -q '"17\.'; then
+  apt_install openjdk-17-jre-headless
 fi
+command -v wrk >/dev/null || apt_install wrk
 
 want=$(printf '%s\n' "${requirements[@]}")
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
