@@ -32,26 +32,15 @@ for arg in "$@"; do
 done
 
 log() { echo "setup-bench-env: $*" >&2; }
+# shellcheck source=deploy/lib.sh
+source "$root/deploy/lib.sh"
 
-want=$(printf '%s\n' "${requirements[@]}")
-if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  echo "$venv/bin/python"
-  exit 0
-fi
-
-python=${PYTHON:-python3}
-command -v "$python" >/dev/null || { log "needs python3"; exit 1; }
-if [ ! -x "$venv/bin/python" ]; then
-  log "creating $venv"
-  "$python" -m venv "$venv"
-fi
-log "installing ${requirements[*]} (first run: ~4.5 GB, several minutes)"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "${requirements[@]}"
-"$venv/bin/python" - <<'EOF'
-import onnxruntime, openvino, torch, torchvision
+if ! venv_current; then
+  log "first run: ~4.5 GB, several minutes"
+  install_venv
+  "$venv/bin/python" -c 'import onnxruntime, openvino, torch, torchvision
 print(f"setup-bench-env: torch {torch.__version__} (oneDNN: {torch.backends.mkldnn.is_available()}), "
       f"torchvision {torchvision.__version__}, onnxruntime {onnxruntime.__version__}, "
-      f"openvino {openvino.__version__}", flush=True)
-EOF
-printf '%s\n' "${requirements[@]}" >"$stamp"
+      f"openvino {openvino.__version__}")' >&2
+fi
 echo "$venv/bin/python"

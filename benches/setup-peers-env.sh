@@ -33,37 +33,20 @@ for arg in "$@"; do
 done
 
 log() { echo "setup-peers-env: $*" >&2; }
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# shellcheck source=deploy/lib.sh
+source "$root/deploy/lib.sh"
 
-apt_install() {
-  log "installing Debian's $*"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null \
-    || { as_root apt-get update -q >/dev/null \
-         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
-}
 if ! command -v java >/dev/null || ! java -version 2>&1 | grep -q '"17\.'; then
   apt_install openjdk-17-jre-headless
 fi
 command -v wrk >/dev/null || apt_install wrk
 
-want=$(printf '%s\n' "${requirements[@]}")
-if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  echo "$venv/bin/python"
-  exit 0
-fi
-
-python=${PYTHON:-python3}
-if [ ! -x "$venv/bin/python" ]; then
-  log "creating $venv"
-  "$python" -m venv "$venv"
-fi
-log "installing ${requirements[*]} (first run: ~4.5 GB, several minutes)"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "${requirements[@]}"
-"$venv/bin/python" - <<'EOF'
-import kserve, torch, ts
+if ! venv_current; then
+  log "first run: ~4.5 GB, several minutes"
+  install_venv
+  "$venv/bin/python" -c 'import kserve, torch, ts
 from importlib.metadata import version
-print(f"setup-peers-env: torch {torch.__version__}, kserve {version('kserve')}, torchserve {version('torchserve')}",
-      flush=True)
-EOF
-printf '%s\n' "${requirements[@]}" >"$stamp"
+k, t = version("kserve"), version("torchserve")
+print(f"setup-peers-env: torch {torch.__version__}, kserve {k}, torchserve {t}")' >&2
+fi
 echo "$venv/bin/python"

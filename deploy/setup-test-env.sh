@@ -41,36 +41,8 @@ done
 
 log() { echo "setup-test-env: $*" >&2; }
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-apt_install() {
-  log "installing Debian's $*"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null \
-    || { as_root apt-get update -q >/dev/null \
-         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
-}
-
-install_venv() {
-  local want
-  want=$(printf '%s\n' "${requirements[@]}" | sha256sum | cut -d' ' -f1)
-  if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return; fi
-  if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
-    local python=${PYTHON:-python3}
-    if ! command -v "$python" >/dev/null; then apt_install python3 python3-venv; python=python3; fi
-    log "creating $venv"
-    rm -rf "$venv"
-    if ! "$python" -m venv "$venv" >/dev/null 2>&1; then
-      # Debian's python3 lacks ensurepip until python3-venv is installed.
-      rm -rf "$venv"
-      apt_install python3-venv
-      "$python" -m venv "$venv"
-    fi
-  fi
-  log "installing ${requirements[*]} into .venv"
-  rm -f "$stamp"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "${requirements[@]}"
-  echo "$want" > "$stamp"
-}
+# shellcheck source=deploy/lib.sh
+source "$root/deploy/lib.sh"
 
 install_perf_analyzer() {
   if [ ! -f "$pa_home/.complete" ]; then
