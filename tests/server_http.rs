@@ -414,3 +414,36 @@ fn each_request_is_traced_from_protocol_through_queue_to_engine() {
     );
     assert!(event["fields"]["executed_flops"].as_u64().unwrap() > 0);
 }
+
+/// `precision` in config.toml, `--precision` over it, `--layout onednn`, and the FLOP
+/// counters' precision label.
+#[test]
+fn precision_comes_from_the_config_or_the_flag_and_labels_the_flops() {
+    let repo = tempfile::tempdir().unwrap();
+    let dir = add_model(repo.path(), "half", &["--seed", "1"], "");
+    let path = dir.join("config.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains("precision = \"fp32\""), "{config}");
+    std::fs::write(&path, config.replace("precision = \"fp32\"", "precision = \"bf16\"")).unwrap();
+    let body = json_infer("input", &[2, 1, 28, 28], &input(2));
+    // The flag overrides the config on any CPU.
+    let s = Server::start(repo.path(), &["--precision", "fp32", "--layout", "onednn"]);
+    assert_eq!(post(&s, "half", &[], &body).0, 200);
+    assert!(s.scrape().contains("sluice_flops_dense_total{model=\"half\",precision=\"fp32\"}"));
+    drop(s);
+    if sluice::engine::Precision::Bf16.check().is_ok() {
+        let s = Server::start(repo.path(), &[]);
+        assert_eq!(post(&s, "half", &[], &body).0, 200);
+        assert!(s.scrape().contains("sluice_flops_dense_total{model=\"half\",precision=\"bf16\"}"));
+    } else {
+        // Without bf16 instructions the model refuses to load, saying why.
+        let x = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(x.path(), json!({"shape": [1, 1, 28, 28], "data": input(1)}).to_string()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["model", "predict", dir.to_str().unwrap(), "--input", x.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("AVX512-BF16"));
+    }
+}
