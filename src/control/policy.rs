@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::broadcast;
 
 use super::calibration::{BudgetError, CalibrationTable};
 use crate::engine::{ChannelMode, GatePolicy};
@@ -143,11 +143,15 @@ impl Default for RequestBounds {
     }
 }
 
+/// How many changes a watcher may fall behind before it loses the oldest.
+pub const WATCH_BACKLOG: usize = 64;
+
 /// The live policy of a model, its calibration table and its limits.
 pub struct PolicyStore {
     current: ArcSwap<GatePolicy>,
-    /// Every change is published here too (gRPC watch streams).
-    changes: watch::Sender<Arc<GatePolicy>>,
+    /// Every change is published here too (gRPC watch streams), at most
+    /// [`WATCH_BACKLOG`] behind per reader.
+    changes: broadcast::Sender<Arc<GatePolicy>>,
     /// Where changes are persisted (`policy.json` beside the model), if anywhere.
     persist: Option<PathBuf>,
     calibration: Option<CalibrationTable>,
@@ -168,7 +172,7 @@ impl PolicyStore {
     ) -> Result<Self, PolicyError> {
         let store = PolicyStore {
             current: ArcSwap::from_pointee(GatePolicy::dense()),
-            changes: watch::Sender::new(Arc::new(GatePolicy::dense())),
+            changes: broadcast::Sender::new(WATCH_BACKLOG),
             persist: None,
             calibration,
             gate_ids,
@@ -177,8 +181,7 @@ impl PolicyStore {
         };
         let resolved = store.resolve_budget(initial)?;
         let first = Arc::new(GatePolicy { version: resolved.version.max(1), ..resolved });
-        store.current.store(first.clone());
-        store.changes.send_replace(first);
+        store.current.store(first);
         Ok(store)
     }
 
@@ -188,9 +191,12 @@ impl PolicyStore {
         self
     }
 
-    /// A receiver that sees every new version.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<GatePolicy>> {
-        self.changes.subscribe()
+    /// The live policy and a receiver of every later version, in order. A reader more than
+    /// [`WATCH_BACKLOG`] changes behind loses the oldest (`Lagged`); versions show the gap.
+    /// The receiver may also repeat versions up to the snapshot's; skip those.
+    pub fn subscribe(&self) -> (Arc<GatePolicy>, broadcast::Receiver<Arc<GatePolicy>>) {
+        let rx = self.changes.subscribe();
+        (self.snapshot(), rx)
     }
 
     /// Applies `change`: one atomic, versioned swap that batches pick up from the next one.
@@ -217,7 +223,8 @@ impl PolicyStore {
             })?;
         }
         self.current.store(new.clone());
-        self.changes.send_replace(new.clone());
+        // No receivers is not an error: nobody is watching.
+        let _ = self.changes.send(new.clone());
         tracing::info!(
             who,
             old_version = old.version,
@@ -353,15 +360,34 @@ mod tests {
     }
 
     #[test]
+    fn watchers_see_every_change_in_order_and_a_slow_one_loses_only_the_oldest() {
+        let s = store();
+        let (_, mut rx) = s.subscribe();
+        let patch = |t: f32| PolicyChange { block_threshold: Some(t), ..Default::default() };
+        for i in 0..3 {
+            s.change(&patch(0.1 * (i + 1) as f32), ChangeKind::Patch, "t").unwrap();
+        }
+        let seen: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).map(|p| p.version).collect();
+        assert_eq!(seen, [2, 3, 4], "rapid changes are not coalesced");
+        let (_, mut slow) = s.subscribe();
+        for _ in 0..WATCH_BACKLOG + 5 {
+            s.change(&patch(0.5), ChangeKind::Patch, "t").unwrap();
+        }
+        assert!(matches!(slow.try_recv(), Err(broadcast::error::TryRecvError::Lagged(5))));
+        let kept: Vec<u64> = std::iter::from_fn(|| slow.try_recv().ok()).map(|p| p.version).collect();
+        assert_eq!(kept.len(), WATCH_BACKLOG);
+        assert_eq!(kept.last().copied(), Some(s.snapshot().version));
+    }
+
+    #[test]
     fn changes_are_versioned_swaps_that_validate_fields() {
         let s = store();
-        let mut rx = s.subscribe();
-        assert_eq!(s.snapshot().version, 1);
+        let (now, mut rx) = s.subscribe();
+        assert_eq!((now.version, s.snapshot().version), (1, 1));
         let change = PolicyChange { block_threshold: Some(0.4), ..Default::default() };
         let v2 = s.change(&change, ChangeKind::Patch, "test").unwrap();
         assert_eq!((v2.version, v2.block_threshold), (2, 0.4));
-        assert!(rx.has_changed().unwrap());
-        assert_eq!(rx.borrow_and_update().version, 2);
+        assert_eq!(rx.try_recv().unwrap().version, 2);
         let v3 = s
             .change(
                 &PolicyChange { exit_threshold: Some(0.9), ..Default::default() },

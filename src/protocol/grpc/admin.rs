@@ -4,7 +4,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::broadcast::error::RecvError;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
@@ -173,14 +174,23 @@ impl GatingAdmin for GatingAdminService {
 
     async fn watch_gating(&self, r: Request<pb::GetGatingRequest>) -> Result<Response<WatchStream>, Status> {
         let m = self.model(&r.into_inner().model)?.clone();
-        let mut rx = m.policy.subscribe();
-        rx.mark_changed(); // the first message is the current state
-        let stream = futures_util::stream::unfold((rx, m), |(mut rx, m)| async move {
-            rx.changed().await.ok()?;
-            let p = rx.borrow_and_update().clone();
-            let item = Ok(state(&m, &p));
-            Some((item, (rx, m)))
+        // The current state first, then every later version in order; a reader more than
+        // WATCH_BACKLOG changes behind skips the oldest (the versions show the gap).
+        let (now, rx) = m.policy.subscribe();
+        let first = state(&m, &now);
+        let later = futures_util::stream::unfold((rx, m, now.version), |(mut rx, m, last)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(p) if p.version > last => {
+                        let item = Ok(state(&m, &p));
+                        return Some((item, (rx, m, p.version)));
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            }
         });
+        let stream = futures_util::stream::once(std::future::ready(Ok(first))).chain(later);
         Ok(Response::new(Box::pin(stream)))
     }
 }
