@@ -1,13 +1,11 @@
 //! Every Prometheus metric sluice exports, registered once here with help text
-//! (docs/metrics.md). Handlers and the scheduler record through typed handles.
-
-use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
-};
+//! (docs/metrics.md). Handlers and the scheduler record through typed handles; a scrape
+//! is written straight from them ([`super::exposition`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub use super::exposition::{Counter as IntCounter, FloatGauge, Gauge as IntGauge};
+use super::exposition::{Family, Histogram, ProcessCollector, Registry};
 use crate::engine::{BlockDecision, ComputeReport, GatePolicy};
 
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -19,204 +17,180 @@ const WIDTH_BUCKETS: [f64; 8] = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.
 
 /// The registry and every metric family.
 pub struct Metrics {
-    pub registry: Registry,
+    registry: Registry,
     /// The length of the last scrape's text, to size the next one's buffer.
     last_render_len: AtomicUsize,
-    requests: IntCounterVec,
-    request_duration: HistogramVec,
-    queue_duration: HistogramVec,
-    compute_duration: HistogramVec,
-    batch_size: HistogramVec,
-    inferences: IntCounterVec,
-    flops: IntCounterVec,
-    flops_dense: IntCounterVec,
-    gate_decisions: IntCounterVec,
-    channel_width: HistogramVec,
-    exits: IntCounterVec,
-    policy_version: IntGaugeVec,
-    policy_budget: GaugeVec,
-    policy_threshold: GaugeVec,
-    queue_depth: IntGaugeVec,
-    inflight: IntGaugeVec,
-    model_load: GaugeVec,
-    admin_rejections: IntCounterVec,
-    engine_restarts: IntCounterVec,
-    engines_live: IntGaugeVec,
-    deadline_dropped: IntCounterVec,
-    connections: IntGaugeVec,
-    connections_refused: IntCounterVec,
-}
-
-fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-        .expect("valid histogram")
-}
-
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
+    requests: Family<IntCounter, 3>,
+    request_duration: Family<Histogram, 3>,
+    queue_duration: Family<Histogram, 1>,
+    compute_duration: Family<Histogram, 1>,
+    batch_size: Family<Histogram, 1>,
+    inferences: Family<IntCounter, 1>,
+    flops: Family<IntCounter, 3>,
+    flops_dense: Family<IntCounter, 2>,
+    gate_decisions: Family<IntCounter, 3>,
+    channel_width: Family<Histogram, 2>,
+    exits: Family<IntCounter, 2>,
+    policy_version: Family<IntGauge, 1>,
+    policy_budget: Family<FloatGauge, 1>,
+    policy_threshold: Family<FloatGauge, 2>,
+    queue_depth: Family<IntGauge, 1>,
+    inflight: Family<IntGauge, 1>,
+    model_load: Family<FloatGauge, 1>,
+    admin_rejections: Family<IntCounter, 1>,
+    engine_restarts: Family<IntCounter, 1>,
+    engines_live: Family<IntGauge, 1>,
+    deadline_dropped: Family<IntCounter, 1>,
+    connections: Family<IntGauge, 1>,
+    connections_refused: Family<IntCounter, 1>,
 }
 
 impl Metrics {
-    /// Creates and registers every metric (and the process collector).
+    /// Creates and registers every metric (and the process's own).
     pub fn new() -> Self {
-        let m = Metrics {
-            registry: Registry::new(),
+        let mut m = Metrics {
+            registry: Registry::default(),
             last_render_len: AtomicUsize::new(0),
-            requests: counter(
+            requests: Family::new(
                 "sluice_requests_total",
                 "Inference requests by protocol and outcome, every request counted once (model \"_none\" \
                  when the request named no served model).",
-                &["model", "protocol", "outcome"],
+                ["model", "outcome", "protocol"],
             ),
-            request_duration: histogram(
+            request_duration: Family::histogram(
                 "sluice_request_duration_seconds",
                 "Time from a request's first byte handled to its response ready, by outcome.",
-                &["model", "protocol", "outcome"],
+                ["model", "outcome", "protocol"],
                 &LATENCY_BUCKETS,
             ),
-            queue_duration: histogram(
+            queue_duration: Family::histogram(
                 "sluice_queue_duration_seconds",
                 "Time a request waited before its batch started.",
-                &["model"],
+                ["model"],
                 &LATENCY_BUCKETS,
             ),
-            compute_duration: histogram(
+            compute_duration: Family::histogram(
                 "sluice_compute_duration_seconds",
                 "Engine time per batch.",
-                &["model"],
+                ["model"],
                 &LATENCY_BUCKETS,
             ),
-            batch_size: histogram(
+            batch_size: Family::histogram(
                 "sluice_batch_size",
                 "Inputs per executed batch.",
-                &["model"],
+                ["model"],
                 &BATCH_BUCKETS,
             ),
-            inferences: counter("sluice_inferences_total", "Inputs (batch rows) computed.", &["model"]),
-            flops: counter(
+            inferences: Family::new("sluice_inferences_total", "Inputs (batch rows) computed.", ["model"]),
+            flops: Family::new(
                 "sluice_flops_total",
                 "FLOPs executed (gate heads included) and skipped (dense minus executed, per input), \
                  at the model's number format (precision: fp32 or bf16).",
-                &["model", "kind", "precision"],
+                ["kind", "model", "precision"],
             ),
-            flops_dense: counter(
+            flops_dense: Family::new(
                 "sluice_flops_dense_total",
                 "Dense FLOPs of the computed inputs, at the model's number format (precision).",
-                &["model", "precision"],
+                ["model", "precision"],
             ),
-            gate_decisions: counter(
+            gate_decisions: Family::new(
                 "sluice_gate_decisions_total",
                 "Block-gate decisions of inputs that reached the block.",
-                &["model", "gate", "decision"],
+                ["decision", "gate", "model"],
             ),
-            channel_width: histogram(
+            channel_width: Family::histogram(
                 "sluice_channel_width_fraction",
                 "Kept inner width over full inner width, per input that ran the block.",
-                &["model", "gate"],
+                ["gate", "model"],
                 &WIDTH_BUCKETS,
             ),
-            exits: counter(
+            exits: Family::new(
                 "sluice_exits_total",
                 "Where inputs left the network (none: the final classifier).",
-                &["model", "exit"],
+                ["exit", "model"],
             ),
-            policy_version: IntGaugeVec::new(
-                Opts::new("sluice_policy_version", "Version of the live gating policy."),
-                &["model"],
-            )
-            .expect("gauge"),
-            policy_budget: GaugeVec::new(
-                Opts::new(
-                    "sluice_policy_budget",
-                    "Live compute budget (fraction of dense FLOPs); -1 for raw thresholds.",
-                ),
-                &["model"],
-            )
-            .expect("gauge"),
-            policy_threshold: GaugeVec::new(
-                Opts::new("sluice_policy_threshold", "Live default gate thresholds."),
-                &["model", "kind"],
-            )
-            .expect("gauge"),
-            queue_depth: IntGaugeVec::new(
-                Opts::new("sluice_queue_depth", "Requests waiting for a batch."),
-                &["model"],
-            )
-            .expect("gauge"),
-            inflight: IntGaugeVec::new(
-                Opts::new("sluice_inflight_requests", "Requests admitted and not yet answered."),
-                &["model"],
-            )
-            .expect("gauge"),
-            model_load: GaugeVec::new(
-                Opts::new("sluice_model_load_seconds", "Time to load and warm up the model."),
-                &["model"],
-            )
-            .expect("gauge"),
-            admin_rejections: counter(
+            policy_version: Family::new(
+                "sluice_policy_version",
+                "Version of the live gating policy.",
+                ["model"],
+            ),
+            policy_budget: Family::new(
+                "sluice_policy_budget",
+                "Live compute budget (fraction of dense FLOPs); -1 for raw thresholds.",
+                ["model"],
+            ),
+            policy_threshold: Family::new(
+                "sluice_policy_threshold",
+                "Live default gate thresholds.",
+                ["kind", "model"],
+            ),
+            queue_depth: Family::new("sluice_queue_depth", "Requests waiting for a batch.", ["model"]),
+            inflight: Family::new(
+                "sluice_inflight_requests",
+                "Requests admitted and not yet answered.",
+                ["model"],
+            ),
+            model_load: Family::new(
+                "sluice_model_load_seconds",
+                "Time to load and warm up the model.",
+                ["model"],
+            ),
+            admin_rejections: Family::new(
                 "sluice_admin_rejections_total",
                 "Refused calls to the control API.",
-                &["reason"],
+                ["reason"],
             ),
-            engine_restarts: counter(
+            engine_restarts: Family::new(
                 "sluice_engine_restarts_total",
                 "Engine loops restarted after a panic outside a batch's own guard.",
-                &["model"],
+                ["model"],
             ),
-            engines_live: IntGaugeVec::new(
-                Opts::new(
-                    "sluice_engines_live",
-                    "Engine threads running their loop (0: the model is not ready).",
-                ),
-                &["model"],
-            )
-            .expect("gauge"),
-            deadline_dropped: counter(
+            engines_live: Family::new(
+                "sluice_engines_live",
+                "Engine threads running their loop (0: the model is not ready).",
+                ["model"],
+            ),
+            deadline_dropped: Family::new(
                 "sluice_deadline_dropped_total",
                 "Requests dropped from the queue uncomputed because their deadline had passed.",
-                &["model"],
+                ["model"],
             ),
-            connections: IntGaugeVec::new(
-                Opts::new("sluice_open_connections", "Open client connections per listener."),
-                &["listener"],
-            )
-            .expect("gauge"),
-            connections_refused: counter(
+            connections: Family::new(
+                "sluice_open_connections",
+                "Open client connections per listener.",
+                ["listener"],
+            ),
+            connections_refused: Family::new(
                 "sluice_connections_refused_total",
                 "Connections closed at once because the listener had its maximum open.",
-                &["listener"],
+                ["listener"],
             ),
         };
-        let r = &m.registry;
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(m.requests.clone()),
-            Box::new(m.request_duration.clone()),
-            Box::new(m.queue_duration.clone()),
-            Box::new(m.compute_duration.clone()),
-            Box::new(m.batch_size.clone()),
-            Box::new(m.inferences.clone()),
-            Box::new(m.flops.clone()),
-            Box::new(m.flops_dense.clone()),
-            Box::new(m.gate_decisions.clone()),
-            Box::new(m.channel_width.clone()),
-            Box::new(m.exits.clone()),
-            Box::new(m.policy_version.clone()),
-            Box::new(m.policy_budget.clone()),
-            Box::new(m.policy_threshold.clone()),
-            Box::new(m.queue_depth.clone()),
-            Box::new(m.inflight.clone()),
-            Box::new(m.model_load.clone()),
-            Box::new(m.admin_rejections.clone()),
-            Box::new(m.engine_restarts.clone()),
-            Box::new(m.engines_live.clone()),
-            Box::new(m.deadline_dropped.clone()),
-            Box::new(m.connections.clone()),
-            Box::new(m.connections_refused.clone()),
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
-        ];
-        for c in collectors {
-            r.register(c).expect("each metric registered once");
-        }
+        let r = &mut m.registry;
+        r.add(m.requests.clone());
+        r.add(m.request_duration.clone());
+        r.add(m.queue_duration.clone());
+        r.add(m.compute_duration.clone());
+        r.add(m.batch_size.clone());
+        r.add(m.inferences.clone());
+        r.add(m.flops.clone());
+        r.add(m.flops_dense.clone());
+        r.add(m.gate_decisions.clone());
+        r.add(m.channel_width.clone());
+        r.add(m.exits.clone());
+        r.add(m.policy_version.clone());
+        r.add(m.policy_budget.clone());
+        r.add(m.policy_threshold.clone());
+        r.add(m.queue_depth.clone());
+        r.add(m.inflight.clone());
+        r.add(m.model_load.clone());
+        r.add(m.admin_rejections.clone());
+        r.add(m.engine_restarts.clone());
+        r.add(m.engines_live.clone());
+        r.add(m.deadline_dropped.clone());
+        r.add(m.connections.clone());
+        r.add(m.connections_refused.clone());
+        r.add(ProcessCollector);
         m
     }
 
@@ -224,18 +198,18 @@ impl Metrics {
     /// `precision` labels the FLOP counters (`fp32`, `bf16`): a FLOP is a FLOP in either,
     /// but what it costs differs.
     pub fn model(&self, model: &str, blocks: &[BlockGates], precision: &str) -> ModelMetrics {
-        let gate = |id: &str, decision: &str| self.gate_decisions.with_label_values(&[model, id, decision]);
+        let gate = |id: &str, decision: &str| self.gate_decisions.get([decision, id, model]);
         ModelMetrics {
             model: model.to_string(),
             http: RequestMetrics::new(self, model, "http"),
             grpc: RequestMetrics::new(self, model, "grpc"),
-            queue_duration: self.queue_duration.with_label_values(&[model]),
-            compute_duration: self.compute_duration.with_label_values(&[model]),
-            batch_size: self.batch_size.with_label_values(&[model]),
-            inferences: self.inferences.with_label_values(&[model]),
-            flops_executed: self.flops.with_label_values(&[model, "executed", precision]),
-            flops_skipped: self.flops.with_label_values(&[model, "skipped", precision]),
-            flops_dense: self.flops_dense.with_label_values(&[model, precision]),
+            queue_duration: self.queue_duration.get([model]),
+            compute_duration: self.compute_duration.get([model]),
+            batch_size: self.batch_size.get([model]),
+            inferences: self.inferences.get([model]),
+            flops_executed: self.flops.get(["executed", model, precision]),
+            flops_skipped: self.flops.get(["skipped", model, precision]),
+            flops_dense: self.flops_dense.get([model, precision]),
             blocks: blocks
                 .iter()
                 .map(|b| BlockHandles {
@@ -243,23 +217,22 @@ impl Metrics {
                         let id = format!("{}.block", b.prefix);
                         (gate(&id, "run"), gate(&id, "skip"))
                     }),
-                    width: b.channel_gate.then(|| {
-                        self.channel_width.with_label_values(&[model, &format!("{}.channel", b.prefix)])
-                    }),
+                    width: b
+                        .channel_gate
+                        .then(|| self.channel_width.get([&format!("{}.channel", b.prefix), model])),
                     inner_width: b.inner_width,
                 })
                 .collect(),
             exits: self.exits.clone(),
-            policy_version: self.policy_version.with_label_values(&[model]),
-            policy_budget: self.policy_budget.with_label_values(&[model]),
-            thresholds: ["channel", "block", "exit"]
-                .map(|k| self.policy_threshold.with_label_values(&[model, k])),
-            queue_depth: self.queue_depth.with_label_values(&[model]),
-            inflight: self.inflight.with_label_values(&[model]),
-            load_seconds: self.model_load.with_label_values(&[model]),
-            engine_restarts: self.engine_restarts.with_label_values(&[model]),
-            engines_live: self.engines_live.with_label_values(&[model]),
-            deadline_dropped: self.deadline_dropped.with_label_values(&[model]),
+            policy_version: self.policy_version.get([model]),
+            policy_budget: self.policy_budget.get([model]),
+            thresholds: ["channel", "block", "exit"].map(|k| self.policy_threshold.get([k, model])),
+            queue_depth: self.queue_depth.get([model]),
+            inflight: self.inflight.get([model]),
+            load_seconds: self.model_load.get([model]),
+            engine_restarts: self.engine_restarts.get([model]),
+            engines_live: self.engines_live.get([model]),
+            deadline_dropped: self.deadline_dropped.get([model]),
         }
     }
 
@@ -270,28 +243,28 @@ impl Metrics {
 
     /// Handles of one listener's connection gauge and refusal counter.
     pub fn listener(&self, listener: &str) -> (IntGauge, IntCounter) {
-        (
-            self.connections.with_label_values(&[listener]),
-            self.connections_refused.with_label_values(&[listener]),
-        )
+        (self.connections.get([listener]), self.connections_refused.get([listener]))
     }
 
     /// Counts a refused control-API call.
     pub fn admin_rejected(&self, reason: &str) {
-        self.admin_rejections.with_label_values(&[reason]).inc();
+        self.admin_rejections.get([reason]).inc();
     }
 
-    /// The text exposition format.
+    /// The Prometheus text exposition, format 0.0.4 ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        // Sized from the previous scrape (plus room to grow), so encoding does not reallocate
-        // and copy the text several times on the way to ~50 KB.
+        // Sized from the previous scrape (plus room to grow), so rendering does not
+        // reallocate and copy the text several times on the way to ~50 KB.
         let hint = self.last_render_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity(hint + hint / 8 + 1024);
-        let _ = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        self.registry.render_into(&mut out);
         self.last_render_len.store(out.len(), Ordering::Relaxed);
         out
     }
 }
+
+/// The media type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -314,15 +287,15 @@ pub const OUTCOMES: [&str; 7] =
 pub struct RequestMetrics {
     counts: [IntCounter; OUTCOMES.len()],
     success: Histogram,
-    durations: HistogramVec,
+    durations: Family<Histogram, 3>,
     labels: [String; 2],
 }
 
 impl RequestMetrics {
     fn new(m: &Metrics, model: &str, protocol: &str) -> Self {
         RequestMetrics {
-            counts: OUTCOMES.map(|o| m.requests.with_label_values(&[model, protocol, o])),
-            success: m.request_duration.with_label_values(&[model, protocol, "success"]),
+            counts: OUTCOMES.map(|o| m.requests.get([model, o, protocol])),
+            success: m.request_duration.get([model, "success", protocol]),
             durations: m.request_duration.clone(),
             labels: [model.to_string(), protocol.to_string()],
         }
@@ -336,9 +309,7 @@ impl RequestMetrics {
             self.success.observe(seconds);
         } else {
             let [model, protocol] = &self.labels;
-            self.durations
-                .with_label_values(&[model.as_str(), protocol.as_str(), OUTCOMES[i]])
-                .observe(seconds);
+            self.durations.get([model.as_str(), OUTCOMES[i], protocol.as_str()]).observe(seconds);
         }
     }
 }
@@ -375,13 +346,13 @@ pub struct ModelMetrics {
     flops_skipped: IntCounter,
     flops_dense: IntCounter,
     blocks: Vec<BlockHandles>,
-    exits: IntCounterVec,
+    exits: Family<IntCounter, 2>,
     policy_version: IntGauge,
-    policy_budget: Gauge,
-    thresholds: [Gauge; 3],
+    policy_budget: FloatGauge,
+    thresholds: [FloatGauge; 3],
     pub queue_depth: IntGauge,
     pub inflight: IntGauge,
-    pub load_seconds: Gauge,
+    pub load_seconds: FloatGauge,
     pub engine_restarts: IntCounter,
     pub engines_live: IntGauge,
     pub deadline_dropped: IntCounter,
@@ -416,7 +387,7 @@ impl ModelMetrics {
                 }
             }
             let exit = r.exit.map_or("none".to_string(), |s| format!("exit{s}"));
-            self.exits.with_label_values(&[self.model.as_str(), exit.as_str()]).inc();
+            self.exits.get([exit.as_str(), self.model.as_str()]).inc();
         }
     }
 
@@ -427,5 +398,42 @@ impl ModelMetrics {
         self.thresholds[0].set(p.channel_threshold as f64);
         self.thresholds[1].set(p.block_threshold as f64);
         self.thresholds[2].set(p.exit_threshold as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_has_every_family_with_help_and_the_series_recorded() {
+        let m = Metrics::new();
+        let model = m.model("m", &[], "fp32");
+        model.http.finished("success", 0.003);
+        model.http.finished("rejected", 0.001);
+        m.admin_rejected("bad_token");
+        let text = m.render();
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert_eq!((types, helps), (23 + 7, 23 + 7), "every family and the process's own, with help");
+        for counter in ["sluice_requests_total", "sluice_admin_rejections_total", "process_cpu_seconds_total"]
+        {
+            assert!(text.contains(&format!("\n# TYPE {counter} counter\n")), "{counter}:\n{text}");
+        }
+        assert!(
+            text.contains("\nsluice_requests_total{model=\"m\",outcome=\"success\",protocol=\"http\"} 1\n")
+        );
+        assert!(
+            text.contains("\nsluice_requests_total{model=\"m\",outcome=\"timeout\",protocol=\"grpc\"} 0\n")
+        );
+        assert!(text.contains("\nsluice_admin_rejections_total{reason=\"bad_token\"} 1\n"));
+        let bucket = "sluice_request_duration_seconds_bucket{model=\"m\",outcome=\"success\",protocol=\"http\",le=\"0.004\"} 1\n";
+        assert!(text.contains(bucket), "{text}");
+        // A failed request's latency series appears with the first such request.
+        assert!(text.contains(
+            "sluice_request_duration_seconds_count{model=\"m\",outcome=\"rejected\",protocol=\"http\"} 1\n"
+        ));
+        assert!(!text.contains("outcome=\"timeout\",protocol=\"http\",le="));
+        assert!(text.contains("\nsluice_flops_total{kind=\"skipped\",model=\"m\",precision=\"fp32\"} 0\n"));
     }
 }

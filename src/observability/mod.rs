@@ -1,5 +1,6 @@
 //! Observability: the Prometheus registry and its typed handles, and log/tracing set-up.
 
+pub mod exposition;
 pub mod logging;
 pub mod metrics;
 

@@ -35,7 +35,8 @@ pub fn metrics_router(metrics: Arc<crate::observability::Metrics>) -> Router {
         get(move || {
             let metrics = metrics.clone();
             async move {
-                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()).into_response()
+                ([(header::CONTENT_TYPE, crate::observability::metrics::CONTENT_TYPE)], metrics.render())
+                    .into_response()
             }
         }),
     )
