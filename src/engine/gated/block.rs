@@ -148,63 +148,79 @@ impl GatedBlock {
     fn residual_for(&self, exec: &Exec, x: &Tensor, format: Format) -> Tensor {
         match exec {
             Exec::Slice(v) => residual(&self.variants[*v], x),
-            Exec::Select { sets, stats } => self.residual_select(sets, stats, x, format),
+            Exec::Select { sets, stats } => self.residual_select(
+                &SelectRows { sets: sets.clone(), stats: vec![stats.clone()], masks: None },
+                x,
+                format,
+            ),
             Exec::Skip => unreachable!("skipped blocks have no residual"),
         }
     }
 
-    /// Gathers exactly the kept channels' weights and runs the branch on them.
-    fn residual_select(&self, sets: &[Vec<i64>], stats: &[usize], x: &Tensor, format: Format) -> Tensor {
+    /// Gathers exactly the channels of `run.sets` from the weights and runs the branch on
+    /// them, masking each row to its own channels where `run` says so.
+    fn residual_select(&self, run: &SelectRows, x: &Tensor, format: Format) -> Tensor {
         let Some(select) = &self.select else {
             return residual(&self.variants[self.variants.len() - 1], x);
         };
         let full = &self.variants[self.variants.len() - 1];
-        let idx: Vec<Tensor> = sets.iter().map(|s| Tensor::from_slice(s)).collect();
-        let conv = |x: &Tensor, w: &Tensor, b: &Tensor, shape: &ConvShape| {
+        let idx: Vec<Tensor> = run.sets.iter().map(|s| Tensor::from_slice(s)).collect();
+        let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>, shape: &ConvShape| {
             select.calls.fetch_add(1, Ordering::Relaxed);
-            x.conv2d(w, Some(b), [shape.stride; 2], [shape.padding; 2], [1, 1], 1)
+            x.conv2d(w, b, [shape.stride; 2], [shape.padding; 2], [1, 1], 1)
+        };
+        let mask = |mut h: Tensor, g: usize| match run.masks.as_ref().and_then(|m| m[g].as_ref()) {
+            Some(m) => h.g_mul_(m),
+            None => h,
         };
         let plain = select.plain;
         let x = plain.apply(&format.plain(x));
         // conv1: the kept output rows of the folded full-width conv.
         let (w1, b1) = &select.first;
         let w1 = plain.gather(w1, 0, &idx[0]);
-        let mut h = conv(&x, &w1, &b1.index_select(0, &idx[0]), &full[0].shape).relu_();
+        let mut h = mask(conv(&x, &w1, Some(&b1.index_select(0, &idx[0])), &full[0].shape).relu_(), 0);
         let last = select.convs.len() - 1;
         for (j, sc) in select.convs.iter().enumerate() {
             let shape = &full[j + 1].shape;
-            let (bias, factor) = &sc.variants[stats[j]];
             // Inputs: the previous conv's kept set; outputs: this conv's kept set (all, last).
-            let (w, bias, factor) = if j == last {
-                (
-                    sc.weight.index_select(1, &idx[j]),
-                    bias.shallow_clone(),
-                    factor.as_ref().map(Tensor::shallow_clone),
-                )
-            } else {
-                let out = &idx[j + 1];
-                (
-                    sc.weight.index_select(0, out).index_select(1, &idx[j]),
-                    bias.index_select(0, out),
-                    factor.as_ref().map(|f| f.index_select(1, out)),
-                )
+            let out = (j != last).then(|| &idx[j + 1]);
+            let w = match out {
+                Some(out) => sc.weight.index_select(0, out).index_select(1, &idx[j]),
+                None => sc.weight.index_select(1, &idx[j]),
             };
-            h = conv(&h, &w, &bias, shape);
-            if let Some(f) = factor {
-                h = h.g_mul_(&f);
+            let pick = |t: &Tensor, dim: i64| match out {
+                Some(out) => t.index_select(dim, out),
+                None => t.shallow_clone(),
+            };
+            if let [stats] = run.stats.as_slice() {
+                // Every row uses the same statistics: their bias goes into the convolution.
+                let (bias, factor) = &sc.variants[stats[j]];
+                h = conv(&h, &w, Some(&pick(bias, 0)), shape);
+                if let Some(f) = factor {
+                    h = h.g_mul_(&pick(f, 1));
+                }
+            } else {
+                // Per-row statistics: `(conv + bias_row) * factor_row`.
+                let (bias, factor) = sc.rows(run.stats.iter().map(|s| s[j]));
+                h = conv(&h, &w, None, shape).g_add_(&pick(&bias, 1));
+                if let Some(f) = factor {
+                    h = h.g_mul_(&pick(&f, 1));
+                }
             }
             if j != last {
-                h = h.relu_();
+                h = mask(h.relu_(), j + 1);
             }
         }
         format.apply(&h)
     }
 
-    /// Runs the block on a batch whose rows decided `execs` (one per row).
-    pub fn run(&self, x: &Tensor, execs: &[&Exec], format: Format) -> Tensor {
+    /// Runs the block on a batch whose rows decided `execs` (one per row). Returns the
+    /// output and, when the rows that chose `select` ran together on the union of their
+    /// channel sets, the inner widths each of them ran at (for their FLOPs).
+    pub fn run(&self, x: &Tensor, execs: &[&Exec], format: Format) -> (Tensor, Option<Vec<i64>>) {
         let first = execs[0];
         if execs.iter().all(|e| *e == first) {
-            return match first {
+            let out = match first {
                 Exec::Skip => match &self.downsample {
                     Some(ds) => ds.forward(x).relu_(),
                     None => x.shallow_clone(),
@@ -215,24 +231,29 @@ impl GatedBlock {
                     out.relu_()
                 }
             };
+            return (out, None);
         }
         // Mixed decisions: group rows by execution, compute each group's residual on its
-        // rows only, then add them into the shortcut in place.
+        // rows only, then add them into the shortcut in place. Rows that chose different
+        // `select` sets run as one group when that is cheaper (`SelectRows::union`).
+        let union = SelectRows::union(execs, format.precision.kind());
         let mut groups: HashMap<&Exec, Vec<i64>> = HashMap::new();
         let mut order: Vec<&Exec> = Vec::new();
+        let mut together = Vec::new();
         for (row, exec) in execs.iter().enumerate() {
-            if matches!(exec, Exec::Skip) {
-                continue;
+            match exec {
+                Exec::Skip => continue,
+                Exec::Select { .. } if union.is_some() => together.push(row as i64),
+                _ => groups
+                    .entry(exec)
+                    .or_insert_with(|| {
+                        order.push(exec);
+                        Vec::new()
+                    })
+                    .push(row as i64),
             }
-            groups
-                .entry(exec)
-                .or_insert_with(|| {
-                    order.push(exec);
-                    Vec::new()
-                })
-                .push(row as i64);
         }
-        let residuals: Vec<(Tensor, Tensor)> = order
+        let mut residuals: Vec<(Tensor, Tensor)> = order
             .iter()
             .map(|exec| {
                 let rows = Tensor::from_slice(&groups[exec]);
@@ -240,8 +261,103 @@ impl GatedBlock {
                 (rows, r)
             })
             .collect();
+        let widths = union.map(|run| {
+            let rows = Tensor::from_slice(&together);
+            residuals.push((
+                rows.shallow_clone(),
+                self.residual_select(&run, &format.gather(x, 0, &rows), format),
+            ));
+            run.sets.iter().map(|s| s.len() as i64).collect()
+        });
         // For an identity shortcut this writes into `x` itself: nothing else reads it.
-        format.add_rows(self.shortcut(x), &residuals).relu_()
+        (format.add_rows(self.shortcut(x), &residuals).relu_(), widths)
+    }
+}
+
+impl SelectConv {
+    /// Per-row `(bias [rows, C, 1, 1], factor)` for rows using these width variants.
+    fn rows(&self, variants: impl Iterator<Item = usize>) -> (Tensor, Option<Tensor>) {
+        let (biases, factors): (Vec<&Tensor>, Vec<Option<&Tensor>>) =
+            variants.map(|v| (&self.variants[v].0, self.variants[v].1.as_ref())).unzip();
+        let bias = Tensor::stack(&biases, 0).unsqueeze(-1).unsqueeze(-1);
+        let factor = factors.iter().any(Option::is_some).then(|| {
+            let ones = bias.ones_like().select(0, 0).view([1, -1, 1, 1]);
+            let each: Vec<&Tensor> = factors.iter().map(|f| f.unwrap_or(&ones)).collect();
+            Tensor::cat(&each, 0)
+        });
+        (bias, factor)
+    }
+}
+
+/// How many times the per-row work the union of a batch's `select` sets may cost and still
+/// run as one group: one gather of each weight instead of one per row, and one batched
+/// convolution instead of many small ones, repay computing some channels a row did not keep
+/// (and masking them to zero, so each row's result is its own set's). Measured in
+/// docs/benchmarks.md ("select at batch > 1").
+const UNION_SLACK: usize = 2;
+
+/// The select path's work for a group of rows.
+struct SelectRows {
+    /// Per set (inner width), the channels computed, sorted.
+    sets: Vec<Vec<i64>>,
+    /// Per row (one entry: shared by all rows), per set, the width variant whose statistics
+    /// apply.
+    stats: Vec<Vec<usize>>,
+    /// Per set, `[rows, |set|, 1, 1]` masks keeping each row's own channels; `None` for a
+    /// set every row keeps whole.
+    masks: Option<Vec<Option<Tensor>>>,
+}
+
+impl SelectRows {
+    /// The rows of `execs` that chose `select`, as one group on the union of their sets,
+    /// when there are two or more and the union costs at most [`UNION_SLACK`] times their
+    /// own sets (counted in channels × rows).
+    fn union(execs: &[&Exec], kind: tch::Kind) -> Option<Self> {
+        let rows: Vec<(&Vec<Vec<i64>>, &Vec<usize>)> = execs
+            .iter()
+            .filter_map(|e| match e {
+                Exec::Select { sets, stats } => Some((sets, stats)),
+                _ => None,
+            })
+            .collect();
+        if rows.len() < 2 {
+            return None;
+        }
+        let groups = rows[0].0.len();
+        let sets: Vec<Vec<i64>> = (0..groups)
+            .map(|g| {
+                let mut all: Vec<i64> = rows.iter().flat_map(|(s, _)| s[g].iter().copied()).collect();
+                all.sort_unstable();
+                all.dedup();
+                all
+            })
+            .collect();
+        let own: usize = rows.iter().flat_map(|(s, _)| s.iter().map(Vec::len)).sum();
+        let union: usize = sets.iter().map(Vec::len).sum::<usize>() * rows.len();
+        if union > UNION_SLACK * own {
+            return None;
+        }
+        let masks = sets
+            .iter()
+            .enumerate()
+            .map(|(g, set)| {
+                if rows.iter().all(|(s, _)| s[g].len() == set.len()) {
+                    return None;
+                }
+                let keep: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|(s, _)| {
+                        set.iter().map(|c| if s[g].binary_search(c).is_ok() { 1.0 } else { 0.0 })
+                    })
+                    .collect();
+                Some(
+                    Tensor::from_slice(&keep).view([rows.len() as i64, set.len() as i64, 1, 1]).to_kind(kind),
+                )
+            })
+            .collect();
+        let stats: Vec<Vec<usize>> = rows.iter().map(|(_, st)| st.to_vec()).collect();
+        let stats = if stats.iter().all(|s| *s == stats[0]) { vec![stats[0].clone()] } else { stats };
+        Some(SelectRows { sets, stats, masks: Some(masks) })
     }
 }
 
@@ -288,10 +404,78 @@ mod tests {
                 for (v, &width) in slots.widths.iter().enumerate().take(slots.widths.len() - 1) {
                     let groups = bp.layers.len() - 1;
                     let sets = vec![(0..width).collect::<Vec<i64>>(); groups];
-                    let select = block.run(&x, &[&Exec::Select { sets, stats: vec![v; groups] }; 2], format);
-                    let slice = block.run(&x, &[&Exec::Slice(v); 2], format);
+                    let (select, _) =
+                        block.run(&x, &[&Exec::Select { sets, stats: vec![v; groups] }; 2], format);
+                    let (slice, _) = block.run(&x, &[&Exec::Slice(v); 2], format);
                     let diff = (format.plain(&select) - format.plain(&slice)).abs().max().double_value(&[]);
                     assert!(diff < 1e-4, "{arch} {layout:?} width {width}: {diff}");
+                }
+            }
+        }
+    }
+
+    /// Rows that chose different `select` sets (and statistics) run together on the union of
+    /// their sets, and each row gets what it would have got alone.
+    #[test]
+    fn select_rows_run_together_give_each_row_its_own_result() {
+        let _g = tch::no_grad_guard();
+        for (arch, channels, hw) in [("resnet20", 1, 8), ("resnet50", 3, 16)] {
+            let spec = ArchSpec::named(arch, channels, 10).unwrap();
+            let source = ModelSource {
+                gates: GateConfig { channel: true, ..GateConfig::default() },
+                ..ModelSource::random(spec, 5)
+            };
+            let (_vs, params) = load_params(&source).unwrap();
+            let (bp, gp, slots) =
+                (&params.backbone.blocks[1], &params.gates.blocks[1], &params.gates.layout.blocks[1]);
+            for stats in gp.slim_stats.iter().flatten() {
+                let n = stats.running_var.size()[0];
+                stats
+                    .running_var
+                    .shallow_clone()
+                    .copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
+            }
+            let inner = *slots.widths.last().unwrap();
+            let groups = bp.layers.len() - 1;
+            // Overlapping sets: every other channel, then the first 3/4, then the last 3/4.
+            let set = |k: i64| -> Vec<i64> {
+                match k {
+                    0 => (0..inner).step_by(2).collect(),
+                    1 => (0..inner * 3 / 4).collect(),
+                    _ => (inner / 4..inner).collect(),
+                }
+            };
+            let execs: Vec<Exec> = (0..3)
+                .map(|k| Exec::Select {
+                    sets: vec![set(k); groups],
+                    stats: vec![k as usize % slots.widths.len(); groups],
+                })
+                .chain([Exec::Slice(0), Exec::Skip])
+                .collect();
+            for layout in [Layout::ChannelsLast, Layout::Nchw, Layout::Onednn] {
+                let format = Format::from(layout);
+                let block = GatedBlock::build(bp, gp, slots, format);
+                let cin = bp.layers[0].conv.shape.in_ch;
+                // Non-negative, as a block's input is (the previous block's ReLU output).
+                let x = Tensor::randn([execs.len() as i64, cin, hw, hw], (Kind::Float, Device::Cpu)).relu();
+                let refs: Vec<&Exec> = execs.iter().collect();
+                // A copy: a block may add into its input in place.
+                let (together, widths) = block.run(&format.apply(&x.copy()), &refs, format);
+                assert_eq!(
+                    widths,
+                    Some(vec![inner; groups]),
+                    "{arch}: the union of the three sets is every channel"
+                );
+                let together = format.plain(&together);
+                for (row, exec) in execs.iter().enumerate() {
+                    let alone = format.apply(&x.narrow(0, row as i64, 1));
+                    let (alone, none) = block.run(&alone, &[exec], format);
+                    assert_eq!(none, None);
+                    let diff = (format.plain(&alone) - together.narrow(0, row as i64, 1))
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    assert!(diff < 1e-4, "{arch} {layout:?} row {row}: {diff}");
                 }
             }
         }

@@ -1,7 +1,9 @@
 //! The gated inference network. Gate decisions are made on the host, per input, from one
 //! small MLP over the stem's pooled features; then every block runs only on the inputs
 //! that execute it, grouped by chosen width (gather → residual → in-place scatter-add), and
-//! inputs that pass an exit leave the batch. Nothing is computed densely and masked.
+//! inputs that pass an exit leave the batch. Nothing is computed densely and masked; rows
+//! that chose different `select` sets may run together on the union of their sets, each
+//! masked to its own, and are then counted at the union's width.
 
 mod block;
 pub mod plan;
@@ -242,14 +244,19 @@ impl GatedResNet {
         let (mut ch, mut cw) = (sh, sw);
         for (b, block) in self.blocks.iter().enumerate() {
             let execs: Vec<&Exec> = active.iter().map(|&i| &plans[i][b]).collect();
+            let (next, union) = block.run(&cur, &execs, self.format);
             for (&i, exec) in active.iter().zip(&execs) {
-                let widths = exec_widths(exec, &block.slots, self.spec.block);
+                // Rows that chose `select` and ran together ran at the union's widths.
+                let widths = match (exec, &union) {
+                    (Exec::Select { .. }, Some(widths)) => widths.clone(),
+                    _ => exec_widths(exec, &block.slots, self.spec.block),
+                };
                 let cost = if widths.is_empty() { 0 } else { residual_flops(&block.spec, ch, cw, &widths) };
                 reports[i].executed_flops += cost + shortcut_flops(&block.spec, ch, cw);
                 reports[i].blocks[b] =
                     if widths.is_empty() { BlockDecision::Skipped } else { BlockDecision::Run { widths } };
             }
-            cur = block.run(&cur, &execs, self.format);
+            cur = next;
             let s = block.spec.stride();
             (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
 
