@@ -164,7 +164,14 @@ impl GatedBlock {
             return residual(&self.variants[self.variants.len() - 1], x);
         };
         let full = &self.variants[self.variants.len() - 1];
-        let idx: Vec<Tensor> = run.sets.iter().map(|s| Tensor::from_slice(s)).collect();
+        // A set of every channel (a union often is) gathers nothing: `None`.
+        let inner = self.slots.widths[self.slots.widths.len() - 1] as usize;
+        let idx: Vec<Option<Tensor>> =
+            run.sets.iter().map(|s| (s.len() < inner).then(|| Tensor::from_slice(s))).collect();
+        let gather = |t: &Tensor, dim: i64, index: &Option<Tensor>| match index {
+            Some(index) => t.index_select(dim, index),
+            None => t.shallow_clone(),
+        };
         let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>, shape: &ConvShape| {
             select.calls.fetch_add(1, Ordering::Relaxed);
             x.conv2d(w, b, [shape.stride; 2], [shape.padding; 2], [1, 1], 1)
@@ -177,21 +184,19 @@ impl GatedBlock {
         let x = plain.apply(&format.plain(x));
         // conv1: the kept output rows of the folded full-width conv.
         let (w1, b1) = &select.first;
-        let w1 = plain.gather(w1, 0, &idx[0]);
-        let mut h = mask(conv(&x, &w1, Some(&b1.index_select(0, &idx[0])), &full[0].shape).relu_(), 0);
+        let w1 = match &idx[0] {
+            Some(index) => plain.gather(w1, 0, index),
+            None => w1.shallow_clone(),
+        };
+        let mut h = mask(conv(&x, &w1, Some(&gather(b1, 0, &idx[0])), &full[0].shape).relu_(), 0);
         let last = select.convs.len() - 1;
         for (j, sc) in select.convs.iter().enumerate() {
             let shape = &full[j + 1].shape;
             // Inputs: the previous conv's kept set; outputs: this conv's kept set (all, last).
-            let out = (j != last).then(|| &idx[j + 1]);
-            let w = match out {
-                Some(out) => sc.weight.index_select(0, out).index_select(1, &idx[j]),
-                None => sc.weight.index_select(1, &idx[j]),
-            };
-            let pick = |t: &Tensor, dim: i64| match out {
-                Some(out) => t.index_select(dim, out),
-                None => t.shallow_clone(),
-            };
+            let none = None;
+            let out = if j == last { &none } else { &idx[j + 1] };
+            let w = gather(&gather(&sc.weight, 0, out), 1, &idx[j]);
+            let pick = |t: &Tensor, dim: i64| gather(t, dim, out);
             if let [stats] = run.stats.as_slice() {
                 // Every row uses the same statistics: their bias goes into the convolution.
                 let (bias, factor) = &sc.variants[stats[j]];
