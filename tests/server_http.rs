@@ -262,6 +262,15 @@ fn bad_inputs_get_clear_errors_and_the_server_keeps_serving() {
         post(&s, "images", &[("Inference-Header-Content-Length", "0")], b"definitely not a png");
     assert_eq!(status, 400);
     assert!(text.contains("not a PNG or JPEG"), "{text}");
+    // An image the PNG decoder panics on (fuzz/regressions/): a 400, and no panic report in
+    // the server's log for each such request.
+    let bomb = include_bytes!("../fuzz/regressions/png-palette-length.png");
+    for _ in 0..3 {
+        let (status, text) = post(&s, "images", &[("Inference-Header-Content-Length", "0")], bomb);
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("the decoder failed on it"), "{text}");
+    }
+    assert!(!s.log().contains("panicked"), "{}", s.log());
 
     // Still healthy and still correct.
     assert_eq!(request(s.http, "GET", "/v2/health/ready", &[], b"").status, 200);

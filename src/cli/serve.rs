@@ -114,6 +114,7 @@ fn admin_token(args: &ServeArgs) -> anyhow::Result<Option<AdminToken>> {
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    quiet_caught_decoder_panics();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let models = crate::repository::scan(&args.model_repository)?;
     // One model's instances run side by side under load, so they split the cores; different
@@ -198,4 +199,19 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             );
         }
     }))
+}
+
+/// Panics inside an image decoder are caught and answered 400 (`serving::image::decode`);
+/// without this, Rust's default hook would also print each one to stderr, and one bad image
+/// per request would flood the log. They are logged at debug level instead; every other
+/// panic goes to the default hook as before.
+fn quiet_caught_decoder_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if crate::serving::image::in_guarded_decoder() {
+            tracing::debug!(panic = %info, "an image decoder panicked; the request is answered 400");
+        } else {
+            default(info);
+        }
+    }));
 }

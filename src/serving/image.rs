@@ -23,6 +23,34 @@ impl std::fmt::Display for ImageRefusal {
     }
 }
 
+thread_local! {
+    static IN_GUARDED_DECODER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as running a third-party decoder whose panics [`decode`] catches and
+/// answers as an invalid image, until dropped.
+struct GuardedDecoder;
+
+impl GuardedDecoder {
+    fn enter() -> Self {
+        IN_GUARDED_DECODER.with(|f| f.set(true));
+        GuardedDecoder
+    }
+}
+
+impl Drop for GuardedDecoder {
+    fn drop(&mut self) {
+        IN_GUARDED_DECODER.with(|f| f.set(false));
+    }
+}
+
+/// Whether the current thread is inside an image decoder whose panics are caught and
+/// answered as a 400: a panic hook should not report those as the server's own (a client
+/// could otherwise fill the error log with one bad image per request).
+pub fn in_guarded_decoder() -> bool {
+    IN_GUARDED_DECODER.with(std::cell::Cell::get)
+}
+
 /// Decodes one encoded image into `channels × height × width` normalised values, or says
 /// why it cannot. Size limits are checked from the byte count and the header before a pixel
 /// is decoded.
@@ -67,10 +95,13 @@ pub fn decode(
     // make them panic (png 0.18.1: a palette whose length is not a multiple of 3; fuzz/
     // RESULTS.md). A panic there is this image's failure, answered like any undecodable
     // image; it must not fail the request with a 500 or reach the thread's pool.
-    let decoded =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode())).map_err(|panic| {
-            invalid(format!("cannot decode image: the decoder failed on it ({})", panic_text(&panic)))
-        })?;
+    let decoded = {
+        let _quiet = GuardedDecoder::enter();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
+    }
+    .map_err(|panic| {
+        invalid(format!("cannot decode image: the decoder failed on it ({})", panic_text(&panic)))
+    })?;
     let img = decoded.map_err(|e| invalid(format!("cannot decode image: {e}")))?;
     let img = resize(img, width, height);
     let pixels: Vec<u8> = match channels {
@@ -177,6 +208,7 @@ mod tests {
             Err(ImageRefusal::Invalid(m)) => assert!(m.contains("decoder failed"), "{m}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
+        assert!(!in_guarded_decoder(), "the mark ends with the decoder, panic or not");
         // zune-jpeg 0.5.15 multiplies a DC coefficient past i32 (a panic where overflow is
         // checked, as in test and fuzz builds; it wraps in release builds).
         let jpeg = include_bytes!("../../fuzz/regressions/jpeg-dc-overflow.jpg");
