@@ -8,7 +8,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use super::timing::interleaved;
-use crate::engine::folded::{FoldedResNet, Layout};
+use crate::engine::folded::{FoldedResNet, Format, Layout};
 use crate::engine::gates::{BlockGates, GateConfig};
 use crate::engine::model::load_params;
 use crate::engine::{
@@ -55,6 +55,8 @@ pub struct BenchPlan {
     pub targets: Vec<f64>,
     /// Interleaved rounds per row (each runs dense and gated once).
     pub rounds: usize,
+    /// Layout and precision of both the gated and the dense engine.
+    pub format: Format,
 }
 
 impl BenchPlan {
@@ -76,6 +78,7 @@ impl BenchPlan {
             ],
             targets: vec![0.75, 0.5, 0.3],
             rounds,
+            format: Format::from(Layout::ChannelsLast),
         }
     }
 }
@@ -167,11 +170,14 @@ pub fn run(plan: &BenchPlan, mut each: impl FnMut(&Row)) -> anyhow::Result<Vec<R
         let x = varied_inputs(*batch, channels, *hw, 7);
         let dense_model = {
             let (_vs, params) = load_params(&ModelSource::random(spec.clone(), 0))?;
-            FoldedResNet::fold(&params.backbone, Layout::ChannelsLast)
+            FoldedResNet::fold(&params.backbone, plan.format)
         };
         for &kind in &plan.gates {
-            let source =
-                ModelSource { gates: gate_config(kind, &spec), ..ModelSource::random(spec.clone(), 0) };
+            let source = ModelSource {
+                gates: gate_config(kind, &spec),
+                format: plan.format,
+                ..ModelSource::random(spec.clone(), 0)
+            };
             let model = Model::build(&source)?;
             let targets: Vec<f64> = if kind == GateKind::None { vec![1.0] } else { plan.targets.clone() };
             for &target in &targets {

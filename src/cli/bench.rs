@@ -144,6 +144,9 @@ pub struct EngineArgs {
     /// Target FLOP fractions.
     #[arg(long, env = "SLUICE_BENCH_TARGETS", value_delimiter = ',', default_value = "0.75,0.5,0.3")]
     pub targets: Vec<f64>,
+    /// Layout and precision of both engines (precision default: fp32).
+    #[command(flatten)]
+    pub format: super::FormatArgs,
 }
 
 pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
@@ -154,6 +157,8 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads.max(1) as i32);
     let mut plan = BenchPlan::standard(args.rounds);
     plan.targets = args.targets.clone();
+    plan.format = crate::engine::Format::new(args.format.layout, args.format.precision.unwrap_or_default());
+    plan.format.precision.check().map_err(anyhow::Error::msg)?;
     if !args.models.is_empty() {
         plan.cases.retain(|(m, _, _)| args.models.contains(m));
     }
