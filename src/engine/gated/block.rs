@@ -1,6 +1,7 @@
 //! One gated residual block: pre-sliced width variants, the gathered (select) path, and
 //! grouped execution of a batch whose inputs decided differently.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -149,7 +150,7 @@ impl GatedBlock {
         match exec {
             Exec::Slice(v) => residual(&self.variants[*v], x),
             Exec::Select { sets, stats } => self.residual_select(
-                &SelectRows { sets: sets.clone(), stats: vec![stats.clone()], masks: None },
+                &SelectRows { sets: Cow::Borrowed(sets), stats: vec![stats], masks: None },
                 x,
                 format,
             ),
@@ -301,24 +302,24 @@ impl SelectConv {
 /// docs/benchmarks.md ("select at batch > 1").
 const UNION_SLACK: usize = 2;
 
-/// The select path's work for a group of rows.
-struct SelectRows {
+/// The select path's work for a group of rows (borrowed from their decisions where it can).
+struct SelectRows<'a> {
     /// Per set (inner width), the channels computed, sorted.
-    sets: Vec<Vec<i64>>,
+    sets: Cow<'a, [Vec<i64>]>,
     /// Per row (one entry: shared by all rows), per set, the width variant whose statistics
     /// apply.
-    stats: Vec<Vec<usize>>,
+    stats: Vec<&'a [usize]>,
     /// Per set, `[rows, |set|, 1, 1]` masks keeping each row's own channels; `None` for a
     /// set every row keeps whole.
     masks: Option<Vec<Option<Tensor>>>,
 }
 
-impl SelectRows {
+impl<'a> SelectRows<'a> {
     /// The rows of `execs` that chose `select`, as one group on the union of their sets,
     /// when there are two or more and the union costs at most [`UNION_SLACK`] times their
     /// own sets (counted in channels × rows).
-    fn union(execs: &[&Exec], kind: tch::Kind) -> Option<Self> {
-        let rows: Vec<(&Vec<Vec<i64>>, &Vec<usize>)> = execs
+    fn union(execs: &[&'a Exec], kind: tch::Kind) -> Option<Self> {
+        let rows: Vec<(&'a Vec<Vec<i64>>, &'a Vec<usize>)> = execs
             .iter()
             .filter_map(|e| match e {
                 Exec::Select { sets, stats } => Some((sets, stats)),
@@ -360,9 +361,11 @@ impl SelectRows {
                 )
             })
             .collect();
-        let stats: Vec<Vec<usize>> = rows.iter().map(|(_, st)| st.to_vec()).collect();
-        let stats = if stats.iter().all(|s| *s == stats[0]) { vec![stats[0].clone()] } else { stats };
-        Some(SelectRows { sets, stats, masks: Some(masks) })
+        let mut stats: Vec<&[usize]> = rows.iter().map(|(_, st)| st.as_slice()).collect();
+        if stats.iter().all(|s| *s == stats[0]) {
+            stats.truncate(1);
+        }
+        Some(SelectRows { sets: Cow::Owned(sets), stats, masks: Some(masks) })
     }
 }
 
@@ -375,32 +378,36 @@ mod tests {
     use crate::engine::gates::GateConfig;
     use crate::engine::model::{ModelSource, load_params};
 
+    /// A random channel-gated network whose per-width batch-norm statistics differ from the
+    /// full width's, as training leaves them.
+    fn channel_gated(
+        arch: &str,
+        channels: i64,
+        seed: i64,
+    ) -> (tch::nn::VarStore, crate::engine::model::NetworkParams) {
+        let spec = ArchSpec::named(arch, channels, 10).unwrap();
+        let source = ModelSource {
+            gates: GateConfig { channel: true, ..GateConfig::default() },
+            ..ModelSource::random(spec, seed)
+        };
+        let (vs, params) = load_params(&source).unwrap();
+        for stats in params.gates.blocks.iter().flat_map(|b| b.slim_stats.iter().flatten()) {
+            let n = stats.running_mean.size()[0];
+            stats.running_mean.shallow_clone().copy_(&(Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.3));
+            stats.running_var.shallow_clone().copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
+        }
+        (vs, params)
+    }
+
     /// `select` on a leading set of an allowed width computes what the pre-sliced variant of
     /// that width computes, including its own batch-norm statistics.
     #[test]
     fn select_on_a_prefix_equals_the_sliced_variant() {
         let _g = tch::no_grad_guard();
         for (arch, channels, hw) in [("resnet20", 1, 8), ("resnet50", 3, 32)] {
-            let spec = ArchSpec::named(arch, channels, 10).unwrap();
-            let source = ModelSource {
-                gates: GateConfig { channel: true, ..GateConfig::default() },
-                ..ModelSource::random(spec, 3)
-            };
-            let (_vs, params) = load_params(&source).unwrap();
+            let (_vs, params) = channel_gated(arch, channels, 3);
             let (bp, gp, slots) =
                 (&params.backbone.blocks[1], &params.gates.blocks[1], &params.gates.layout.blocks[1]);
-            // Per-width statistics unlike the full width's, as training leaves them.
-            for stats in gp.slim_stats.iter().flatten() {
-                let n = stats.running_mean.size()[0];
-                stats
-                    .running_mean
-                    .shallow_clone()
-                    .copy_(&(Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.3));
-                stats
-                    .running_var
-                    .shallow_clone()
-                    .copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
-            }
             for layout in [Layout::ChannelsLast, Layout::Nchw, Layout::Onednn] {
                 let format = Format::from(layout);
                 let block = GatedBlock::build(bp, gp, slots, format);
@@ -425,21 +432,9 @@ mod tests {
     fn select_rows_run_together_give_each_row_its_own_result() {
         let _g = tch::no_grad_guard();
         for (arch, channels, hw) in [("resnet20", 1, 8), ("resnet50", 3, 16)] {
-            let spec = ArchSpec::named(arch, channels, 10).unwrap();
-            let source = ModelSource {
-                gates: GateConfig { channel: true, ..GateConfig::default() },
-                ..ModelSource::random(spec, 5)
-            };
-            let (_vs, params) = load_params(&source).unwrap();
+            let (_vs, params) = channel_gated(arch, channels, 5);
             let (bp, gp, slots) =
                 (&params.backbone.blocks[1], &params.gates.blocks[1], &params.gates.layout.blocks[1]);
-            for stats in gp.slim_stats.iter().flatten() {
-                let n = stats.running_var.size()[0];
-                stats
-                    .running_var
-                    .shallow_clone()
-                    .copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
-            }
             let inner = *slots.widths.last().unwrap();
             let groups = bp.layers.len() - 1;
             // Overlapping sets: every other channel, then the first 3/4, then the last 3/4.
