@@ -22,6 +22,32 @@ fn model_info_json_reports_parameters_and_dense_flops() {
 }
 
 #[test]
+fn bench_engine_runs_both_engines_in_the_format_asked_for() {
+    let out = sluice(&[
+        "bench",
+        "engine",
+        "--models",
+        "resnet20",
+        "--batches",
+        "1",
+        "--gates",
+        "none",
+        "--rounds",
+        "1",
+        "--layout",
+        "onednn",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((row["layout"].as_str(), row["precision"].as_str()), (Some("onednn"), Some("fp32")));
+    assert!(row["latency_ms"].as_f64().unwrap() > 0.0 && row["dense_ms"].as_f64().unwrap() > 0.0);
+    let out = sluice(&["bench", "engine", "--layout", "sideways"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown layout"));
+}
+
+#[test]
 fn model_info_rejects_bad_arguments_clearly() {
     let out = sluice(&["model", "info", "vgg16"]);
     assert!(!out.status.success());

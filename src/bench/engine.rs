@@ -8,7 +8,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use super::timing::interleaved;
-use crate::engine::folded::{FoldedResNet, Format, Layout};
+use crate::engine::folded::{FoldedResNet, Format, Layout, Precision};
 use crate::engine::gates::{BlockGates, GateConfig};
 use crate::engine::model::load_params;
 use crate::engine::{
@@ -45,6 +45,9 @@ pub struct Row {
     /// Distinct per-input decision patterns in the batch, by widths (1 = uniform).
     pub distinct_plans: usize,
     pub threads: i32,
+    /// The engines' layout and precision.
+    pub layout: Layout,
+    pub precision: Precision,
 }
 
 /// What to run.
@@ -209,6 +212,8 @@ pub fn run(plan: &BenchPlan, mut each: impl FnMut(&Row)) -> anyhow::Result<Vec<R
                     kept_fraction: kept_fraction(&spec, &reports),
                     distinct_plans: distinct_plans(&reports),
                     threads,
+                    layout: plan.format.layout,
+                    precision: plan.format.precision,
                 };
                 each(&row);
                 rows.push(row);
