@@ -7,8 +7,9 @@ parameter names), loads the very same safetensors into PyTorch, and times, in in
 rounds (the order rotates every round), each with the same number of intra-op threads:
 
   sluice            `sluice bench forward` (its engine at dense compute, in its own process),
-                    channels-last FP32 (the default)
-  sluice-onednn     the same with --layout onednn (weights packed at load)
+                    in its default format: --layout onednn (fused oneDNN convolutions on
+                    weights packed at load), FP32
+  sluice-cl         the same with --layout channels-last (libtorch's own convolutions)
   sluice-bf16       --layout onednn --precision bf16, where the CPU has bf16 instructions
   eager             PyTorch eager, eval mode, the faster of NCHW and channels-last
   torchscript       torch.jit.trace + freeze + optimize_for_inference (BN folded, oneDNN),
@@ -169,7 +170,7 @@ def make_runtimes(arch: str, folder: Path, model: nn.Module, x: np.ndarray, thre
 
 SLUICE_VARIANTS = {
     "sluice": [],
-    "sluice-onednn": ["--layout", "onednn"],
+    "sluice-cl": ["--layout", "channels-last"],
     "sluice-bf16": ["--layout", "onednn", "--precision", "bf16"],
 }
 
@@ -270,7 +271,7 @@ def main() -> int:
         medians = {n: statistics.median(v) for n, v in rounds.items()}
         print(f"\n   {'runtime':17s} {'median ms':>10s} {'÷ sluice':>9s}  note")
         for n in names:
-            note = by_name[n].note if n in by_name else " ".join(SLUICE_VARIANTS[n]) or "channels-last fp32"
+            note = by_name[n].note if n in by_name else " ".join(SLUICE_VARIANTS[n]) or "onednn fp32 (default)"
             print(f"   {n:17s} {medians[n]:10.3f} {medians[n] / medians['sluice']:9.2f}  {note}")
         fastest_fp32 = min((medians[n] for n in ("onnxruntime", "openvino-fp32") if n in medians and fp32[n]),
                            default=None)

@@ -158,7 +158,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     let mut plan = BenchPlan::standard(args.rounds);
     plan.targets = args.targets.clone();
     plan.format = crate::engine::Format::new(args.format.layout, args.format.precision.unwrap_or_default());
-    plan.format.precision.check().map_err(anyhow::Error::msg)?;
+    plan.format.check().map_err(anyhow::Error::msg)?;
     if !args.models.is_empty() {
         plan.cases.retain(|(m, _, _)| args.models.contains(m));
     }

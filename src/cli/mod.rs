@@ -101,7 +101,7 @@ impl std::str::FromStr for Shape {
 #[derive(Clone, Debug, clap::Args)]
 pub struct FormatArgs {
     /// Memory layout: channels-last, nchw or onednn.
-    #[arg(long, env = "SLUICE_LAYOUT", default_value = "channels-last")]
+    #[arg(long, env = "SLUICE_LAYOUT", default_value = "onednn")]
     pub layout: crate::engine::Layout,
     /// Number format, overriding the model's `precision`: fp32 or bf16.
     #[arg(long, env = "SLUICE_PRECISION")]
@@ -115,7 +115,7 @@ impl FormatArgs {
         if let Some(p) = self.precision {
             source.format.precision = p;
         }
-        source.format.precision.check().map_err(anyhow::Error::msg)?;
+        source.format.check().map_err(anyhow::Error::msg)?;
         Ok(source)
     }
 }

@@ -43,9 +43,9 @@ pub struct ServeArgs {
     /// models that are busy at the same time share the cores).
     #[arg(long, env = "SLUICE_ENGINE_THREADS")]
     pub engine_threads: Option<usize>,
-    /// Activation and weight memory layout: channels-last, nchw or onednn (oneDNN's blocked
-    /// layout, weights reordered once at load).
-    #[arg(long, env = "SLUICE_LAYOUT", default_value = "channels-last")]
+    /// Activation and weight memory layout: channels-last, nchw or onednn (fused oneDNN
+    /// convolutions on weights reordered once at load for the model's input size).
+    #[arg(long, env = "SLUICE_LAYOUT", default_value = "onednn")]
     pub layout: Layout,
     /// Number format for every model, overriding each config's `precision`: fp32 or bf16
     /// (bf16 needs AVX512-BF16 or AMX; a model that cannot have it fails to load).

@@ -208,6 +208,11 @@ impl ArchSpec {
             StemKind::Imagenet => (hw + 2 - 3) / 2 + 1,
         }
     }
+
+    /// Height and width after the stem (and max-pool) for an input of `hw`.
+    pub fn after_stem(&self, hw: [i64; 2]) -> [i64; 2] {
+        [self.after_stem_hw(hw[0]), self.after_stem_hw(hw[1])]
+    }
 }
 
 #[cfg(test)]

@@ -8,20 +8,23 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::arch::{ArchSpec, ConvShape, StemKind};
+use super::onednn;
 use super::params::{BN_EPS, BatchNormParams, ConvBn, ConvParams, LinearParams, ResNetParams};
 
 /// Memory layout of activations and convolution weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
-    /// NHWC strides (PyTorch's `channels_last`): measured faster on this CPU (docs/decisions.md).
-    #[default]
+    /// NHWC strides (PyTorch's `channels_last`), libtorch's own convolutions.
     ChannelsLast,
     /// Plain contiguous NCHW.
     Nchw,
-    /// oneDNN's own blocked layout: weights reordered once at load for the convolution that
-    /// uses them, activations kept as oneDNN tensors from the stem to the pooling, so no
-    /// convolution reorders its weights or its input on a call (docs/decisions.md).
+    /// oneDNN's fused convolutions: weights reordered once at load into the blocked layout
+    /// each convolution's kernel wants (for the model's input size), activations
+    /// channels-last, bias, ReLU and a block's residual add applied as post-ops of the
+    /// convolution itself (engine/onednn.rs). The default: measured fastest here
+    /// (docs/decisions.md).
+    #[default]
     Onednn,
 }
 
@@ -115,95 +118,116 @@ fn cpu_flag(flag: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// How the engine holds a network's tensors: memory layout and number format.
+impl Layout {
+    /// Whether this libtorch can run the layout (onednn needs the fused oneDNN operators
+    /// PyTorch's CPU builds register; the message says what is missing).
+    pub fn check(self) -> Result<(), String> {
+        match self {
+            Layout::Onednn => onednn::available()
+                .map_err(|e| format!("layout onednn needs libtorch's fused oneDNN convolutions: {e}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether activations are channels-last (strided) tensors.
+    fn channels_last(self) -> bool {
+        matches!(self, Layout::ChannelsLast | Layout::Onednn)
+    }
+}
+
+/// How the engine holds a network's tensors: memory layout and number format, and the
+/// input size its onednn weights are packed for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Format {
     pub layout: Layout,
     pub precision: Precision,
+    /// Height and width of the inputs the network will mostly see (the model's configured
+    /// dims): oneDNN picks each convolution's weight layout for its input size, and an input
+    /// of another size runs correctly but reorders weights on every call. `None`: the
+    /// architecture's default side ([`ArchSpec::default_input_hw`]).
+    pub input_hw: Option<[i64; 2]>,
 }
 
 impl From<Layout> for Format {
     fn from(layout: Layout) -> Self {
-        Format { layout, precision: Precision::Fp32 }
+        Format { layout, precision: Precision::Fp32, input_hw: None }
     }
 }
 
 impl Format {
     pub fn new(layout: Layout, precision: Precision) -> Self {
-        Format { layout, precision }
+        Format { layout, precision, input_hw: None }
+    }
+
+    /// Whether this machine and libtorch can run the format ([`Precision::check`],
+    /// [`Layout::check`]).
+    pub fn check(self) -> Result<(), String> {
+        self.precision.check()?;
+        self.layout.check()
+    }
+
+    /// This format, prepared for inputs of `height × width`.
+    pub fn for_input(self, height: i64, width: i64) -> Self {
+        Format { input_hw: Some([height, width]), ..self }
+    }
+
+    /// The input size to prepare `spec`'s convolutions for.
+    pub fn input_hw(self, spec: &ArchSpec) -> [i64; 2] {
+        self.input_hw.unwrap_or([spec.default_input_hw(); 2])
     }
 
     /// Returns `t` (4-d) in this format; a no-op when it already is.
     pub fn apply(self, t: &Tensor) -> Tensor {
-        if t.is_mkldnn() {
-            return t.shallow_clone();
-        }
         let t = if t.kind() == self.precision.kind() {
             t.shallow_clone()
         } else {
             t.to_kind(self.precision.kind())
         };
-        match self.layout {
-            Layout::Nchw => t.contiguous(),
+        if self.layout.channels_last() {
             // tch has no memory-format argument: permute to NHWC, make contiguous, permute
             // back. The result has channels-last strides, which libtorch recognises.
-            Layout::ChannelsLast => t.permute(TO_NHWC).contiguous().permute(FROM_NHWC),
-            Layout::Onednn => t.contiguous().to_mkldnn(),
+            t.permute(TO_NHWC).contiguous().permute(FROM_NHWC)
+        } else {
+            t.contiguous()
         }
     }
 
-    /// A plain (strided) tensor with `t`'s values: itself unless it is a oneDNN tensor.
-    pub fn plain(self, t: &Tensor) -> Tensor {
-        if t.is_mkldnn() { t.to_dense(None, false) } else { t.shallow_clone() }
-    }
-
-    /// `t.index_select(dim, index)` that keeps this format (libtorch's own returns NCHW and
-    /// has no oneDNN kernel: those go through a plain copy).
+    /// `t.index_select(dim, index)` that keeps this format (libtorch's own returns NCHW).
     pub fn gather(self, t: &Tensor, dim: usize, index: &Tensor) -> Tensor {
-        match self.layout {
-            Layout::Nchw => t.index_select(dim as i64, index),
-            Layout::ChannelsLast => t.permute(TO_NHWC).index_select(FROM_NHWC[dim], index).permute(FROM_NHWC),
-            Layout::Onednn => self.plain(t).index_select(dim as i64, index).to_mkldnn(),
+        if self.layout.channels_last() {
+            t.permute(TO_NHWC).index_select(FROM_NHWC[dim], index).permute(FROM_NHWC)
+        } else {
+            t.index_select(dim as i64, index)
         }
     }
 
-    /// `dst` with `src`'s rows added at `index` along the batch dimension. In place (and
-    /// returned) for strided layouts; a new tensor for oneDNN tensors, which have no
-    /// indexed add.
+    /// `dst` with `src`'s rows added at `index` along the batch dimension, in place (and
+    /// returned).
     pub fn add_rows(self, dst: Tensor, rows: &[(Tensor, Tensor)]) -> Tensor {
-        match self.layout {
-            Layout::Nchw => {
-                for (index, src) in rows {
-                    let _ = dst.shallow_clone().index_add_(0, index, src);
-                }
-                dst
-            }
-            Layout::ChannelsLast => {
-                for (index, src) in rows {
-                    let _ = dst.permute(TO_NHWC).index_add_(0, index, &src.permute(TO_NHWC));
-                }
-                dst
-            }
-            Layout::Onednn => {
-                let out = self.plain(&dst);
-                for (index, src) in rows {
-                    let _ = out.shallow_clone().index_add_(0, index, &self.plain(src));
-                }
-                out.to_mkldnn()
-            }
+        for (index, src) in rows {
+            let _ = if self.layout.channels_last() {
+                dst.permute(TO_NHWC).index_add_(0, index, &src.permute(TO_NHWC))
+            } else {
+                dst.shallow_clone().index_add_(0, index, src)
+            };
         }
+        dst
     }
 
     /// Global average pool of a `[N, C, H, W]` activation to FP32 `[N, C]`.
     pub fn pool(self, x: &Tensor) -> Tensor {
-        match self.layout {
-            Layout::Onednn => {
-                let pooled = x.adaptive_avg_pool2d([1, 1]).to_dense(None, false);
-                pooled.to_kind(Kind::Float).flatten(1, -1)
-            }
-            _ => x.mean_dim(&[2i64, 3][..], false, Kind::Float),
-        }
+        x.mean_dim(&[2i64, 3][..], false, Kind::Float)
     }
+}
+
+/// Spatial size after `shape` for an input of `hw`.
+pub fn out_hw(shape: &ConvShape, hw: [i64; 2]) -> [i64; 2] {
+    [shape.out_hw(hw[0]), shape.out_hw(hw[1])]
+}
+
+/// Spatial size after a block's convolutions `convs` for a block input of `hw`.
+pub fn out_hw_of_block(convs: &[ConvShape], hw: [i64; 2]) -> [i64; 2] {
+    convs.iter().fold(hw, |hw, c| out_hw(c, hw))
 }
 
 /// Batch-norm folded into a bias-free convolution: w' = w·γ/√(σ²+ε), b' = β − μ·γ/√(σ²+ε).
@@ -227,8 +251,8 @@ pub fn fold_bn(
 /// tests can prove that skipped work is not run.
 #[derive(Debug)]
 pub struct FoldedConv {
-    /// In the engine's format: strided (NCHW or channels-last) in its precision, or a
-    /// oneDNN tensor already reordered for this convolution's shape.
+    /// In the engine's format: strided (NCHW or channels-last) in its precision, or, for
+    /// the onednn layout, a oneDNN tensor already reordered for this convolution.
     pub weight: Tensor,
     pub bias: Tensor,
     pub shape: ConvShape,
@@ -237,42 +261,76 @@ pub struct FoldedConv {
 }
 
 impl FoldedConv {
-    /// A convolution from already folded NCHW weight and bias, prepared for `format`.
-    pub fn new(weight: &Tensor, bias: &Tensor, shape: ConvShape, format: Format) -> Self {
+    /// A convolution from already folded NCHW weight and bias, prepared for `format` and
+    /// inputs of `in_hw` (height, width).
+    ///
+    /// # Panics
+    /// For the onednn layout when libtorch cannot pack the weights: model loading checks
+    /// [`Layout::check`] first.
+    pub fn new(weight: &Tensor, bias: &Tensor, shape: ConvShape, format: Format, in_hw: [i64; 2]) -> Self {
         let size = weight.size();
         let shape = ConvShape { out_ch: size[0], in_ch: size[1], ..shape };
         let kind = format.precision.kind();
-        let (weight, bias, packed) = match format.layout {
+        let bias = bias.to_kind(kind).contiguous();
+        let (weight, packed) = match format.layout {
             Layout::Onednn => {
-                let w = weight.to_kind(kind).contiguous().to_mkldnn();
-                let w = w.mkldnn_reorder_conv2d_weight(
-                    [shape.padding; 2],
-                    [shape.stride; 2],
-                    [1, 1],
-                    1,
-                    None::<&[i64]>,
-                );
-                (w, bias.to_kind(kind).contiguous().to_mkldnn(), true)
+                let plain = weight.to_kind(kind).contiguous();
+                let input = [1, shape.in_ch, in_hw[0], in_hw[1]];
+                let packed = onednn::pack_weight(&plain, shape.padding, shape.stride, input)
+                    .unwrap_or_else(|e| panic!("packing a {:?} convolution for oneDNN: {e}", size));
+                (packed, true)
             }
-            _ => (format.apply(weight), bias.to_kind(kind).contiguous(), false),
+            _ => (format.apply(weight), false),
         };
         FoldedConv { weight, bias, shape, packed, calls: AtomicU64::new(0) }
     }
 
     /// Folds `layer`'s batch-norm into its convolution.
-    pub fn fold(layer: &ConvBn, format: Format) -> Self {
+    pub fn fold(layer: &ConvBn, format: Format, in_hw: [i64; 2]) -> Self {
         let (w, b) = fold_bn(&layer.conv, &layer.bn, None);
-        FoldedConv::new(&w, &b, layer.conv.shape.clone(), format)
+        FoldedConv::new(&w, &b, layer.conv.shape.clone(), format, in_hw)
+    }
+
+    /// Spatial size of this convolution's output for an input of `hw`.
+    pub fn out_hw(&self, hw: [i64; 2]) -> [i64; 2] {
+        out_hw(&self.shape, hw)
+    }
+
+    fn run(&self, x: &Tensor, relu: bool) -> Tensor {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let s = &self.shape;
+        if self.packed {
+            onednn::conv(x, &self.weight, &self.bias, s.padding, s.stride, relu)
+        } else {
+            let mut y = x.conv2d(&self.weight, Some(&self.bias), [s.stride; 2], [s.padding; 2], [1, 1], 1);
+            if relu { y.relu_() } else { y }
+        }
     }
 
     /// The convolution on `x` (which must already be in the engine's format).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        let s = &self.shape;
+        self.run(x, false)
+    }
+
+    /// `relu(conv(x))`, one fused primitive for the onednn layout.
+    pub fn forward_relu(&self, x: &Tensor) -> Tensor {
+        self.run(x, true)
+    }
+
+    /// `relu(conv(x) + shortcut)`: a residual block's end. For the onednn layout, one fused
+    /// primitive that writes into `shortcut`'s storage (so an identity shortcut's input is
+    /// overwritten: the caller must not read it again).
+    pub fn forward_add_relu(&self, x: &Tensor, shortcut: Tensor) -> Tensor {
         if self.packed {
-            x.mkldnn_convolution(&self.weight, Some(&self.bias), [s.padding; 2], [s.stride; 2], [1, 1], 1)
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let s = &self.shape;
+            let mut acc = shortcut;
+            onednn::conv_add_relu_(&mut acc, x, &self.weight, &self.bias, s.padding, s.stride);
+            acc
         } else {
-            x.conv2d(&self.weight, Some(&self.bias), [s.stride; 2], [s.padding; 2], [1, 1], 1)
+            let mut out = self.forward(x);
+            let _ = out.g_add_(&shortcut);
+            out.relu_()
         }
     }
 
@@ -310,14 +368,41 @@ pub struct FoldedBlock {
     pub downsample: Option<FoldedConv>,
 }
 
+/// The residual branch of `layers` on `x` up to its last convolution's input.
+fn inner(layers: &[FoldedConv], x: &Tensor) -> Tensor {
+    let mut out = x.shallow_clone();
+    for layer in &layers[..layers.len() - 1] {
+        out = layer.forward_relu(&out);
+    }
+    out
+}
+
 /// The residual branch of `layers` on `x` (no shortcut, no final ReLU).
 pub fn residual(layers: &[FoldedConv], x: &Tensor) -> Tensor {
-    let (last, inner) = layers.split_last().expect("a block has convolutions");
-    let mut out = x.shallow_clone();
-    for layer in inner {
-        out = layer.forward(&out).relu_();
-    }
-    last.forward(&out)
+    layers[layers.len() - 1].forward(&inner(layers, x))
+}
+
+/// `relu(residual(layers, x) + shortcut)`, the last convolution fused with the add and
+/// the ReLU where the layout allows (see [`FoldedConv::forward_add_relu`]).
+pub fn residual_add_relu(layers: &[FoldedConv], x: &Tensor, shortcut: Tensor) -> Tensor {
+    layers[layers.len() - 1].forward_add_relu(&inner(layers, x), shortcut)
+}
+
+/// Convolutions of a block built from `convs` (in order) for a block input of `in_hw`.
+pub fn fold_layers(
+    convs: impl IntoIterator<Item = (Tensor, Tensor, ConvShape)>,
+    format: Format,
+    in_hw: [i64; 2],
+) -> Vec<FoldedConv> {
+    let mut hw = in_hw;
+    convs
+        .into_iter()
+        .map(|(w, b, shape)| {
+            let conv = FoldedConv::new(&w, &b, shape, format, hw);
+            hw = conv.out_hw(hw);
+            conv
+        })
+        .collect()
 }
 
 impl FoldedBlock {
@@ -328,16 +413,16 @@ impl FoldedBlock {
         }
     }
 
+    /// The block on `x`. With the onednn layout and an identity shortcut the output is
+    /// written into `x`'s storage: `x` must not be read afterwards.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut out = residual(&self.layers, x);
-        let _ = out.g_add_(&self.shortcut(x));
-        out.relu_()
+        residual_add_relu(&self.layers, x, self.shortcut(x))
     }
 }
 
 /// The stem: conv (+ReLU), and the ImageNet family's max-pool.
 pub fn stem_forward(stem: &FoldedConv, kind: StemKind, x: &Tensor) -> Tensor {
-    let x = stem.forward(x).relu_();
+    let x = stem.forward_relu(x);
     match kind {
         StemKind::Cifar => x,
         StemKind::Imagenet => x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false),
@@ -358,18 +443,28 @@ impl FoldedResNet {
     /// Builds the dense inference network from trained parameters.
     pub fn fold(params: &ResNetParams, format: impl Into<Format>) -> Self {
         let format = format.into();
+        let input = format.input_hw(&params.spec);
+        let mut hw = params.spec.after_stem(input);
         let blocks = params
             .blocks
             .iter()
-            .map(|b| FoldedBlock {
-                layers: b.layers.iter().map(|l| FoldedConv::fold(l, format)).collect(),
-                downsample: b.downsample.as_ref().map(|d| FoldedConv::fold(d, format)),
+            .map(|b| {
+                let convs = b.layers.iter().map(|l| {
+                    let (w, bias) = fold_bn(&l.conv, &l.bn, None);
+                    (w, bias, l.conv.shape.clone())
+                });
+                let block = FoldedBlock {
+                    layers: fold_layers(convs, format, hw),
+                    downsample: b.downsample.as_ref().map(|d| FoldedConv::fold(d, format, hw)),
+                };
+                hw = out_hw_of_block(&b.spec.convs, hw);
+                block
             })
             .collect();
         FoldedResNet {
             spec: params.spec.clone(),
             format,
-            stem: FoldedConv::fold(&params.stem, format),
+            stem: FoldedConv::fold(&params.stem, format, input),
             blocks,
             fc: FoldedLinear::copy_of(&params.fc),
         }

@@ -7,6 +7,7 @@ pub mod folded;
 pub mod gated;
 pub mod gates;
 pub mod model;
+pub mod onednn;
 pub mod params;
 pub mod policy;
 pub mod report;

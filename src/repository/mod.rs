@@ -248,14 +248,18 @@ impl ModelDir {
         Ok(ModelDir { dir: dir.to_path_buf(), config, spec })
     }
 
-    /// How to build this model on an engine thread, in `layout` and the configured precision.
+    /// How to build this model on an engine thread, in `layout` and the configured precision,
+    /// prepared for the configured input size.
     pub fn source(&self, layout: Layout) -> ModelSource {
         ModelSource {
             spec: self.spec.clone(),
             gates: self.config.gates.clone(),
             weights: Some(self.dir.join(&self.config.weights)),
             seed: 0,
-            format: Format::new(layout, self.config.precision),
+            format: {
+                let [_, h, w] = self.config.input.dims;
+                Format::new(layout, self.config.precision).for_input(h, w)
+            },
         }
     }
 

@@ -108,7 +108,7 @@ impl ModelRuntime {
         if let Some(precision) = options.precision {
             source.format.precision = precision;
         }
-        source.format.precision.check().map_err(|e| anyhow::anyhow!("model `{name}`: precision: {e}"))?;
+        source.format.check().map_err(|e| anyhow::anyhow!("model `{name}`: {e}"))?;
         let threads = config.batching.threads.unwrap_or(options.intra_op_threads).max(1);
         let blocks: Vec<BlockGates> = dir
             .spec

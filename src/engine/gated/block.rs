@@ -9,7 +9,7 @@ use tch::Tensor;
 
 use super::plan::Exec;
 use crate::engine::arch::{BlockSpec, ConvShape};
-use crate::engine::folded::{FoldedConv, Format, Layout, fold_bn, residual};
+use crate::engine::folded::{FoldedConv, Format, Layout, fold_bn, fold_layers, residual, residual_add_relu};
 use crate::engine::gates::{BlockGateParams, BlockGateSlots};
 use crate::engine::params::{BN_EPS, BatchNormParams, BlockParams, ConvParams};
 
@@ -77,6 +77,7 @@ impl GatedBlock {
         gate: &BlockGateParams,
         slots: &BlockGateSlots,
         format: Format,
+        in_hw: [i64; 2],
     ) -> Self {
         // Statistics of the batch-norms after width-reduced sums, for variant `v`.
         let stats = |v: usize, j: usize| -> Option<(&Tensor, &Tensor)> {
@@ -87,19 +88,15 @@ impl GatedBlock {
             .iter()
             .enumerate()
             .map(|(v, &k)| {
-                params
-                    .layers
-                    .iter()
-                    .enumerate()
-                    .map(|(j, layer)| {
-                        let (w, b) = fold_bn(&layer.conv, &layer.bn, if j == 0 { None } else { stats(v, j) });
-                        let last = j + 1 == params.layers.len();
-                        // Outputs: inner width except the last conv; inputs: inner except the first.
-                        let (w, b) = if last { (w, b) } else { (w.narrow(0, 0, k), b.narrow(0, 0, k)) };
-                        let w = if j == 0 { w } else { w.narrow(1, 0, k) };
-                        FoldedConv::new(&w, &b, layer.conv.shape.clone(), format)
-                    })
-                    .collect()
+                let convs = params.layers.iter().enumerate().map(|(j, layer)| {
+                    let (w, b) = fold_bn(&layer.conv, &layer.bn, if j == 0 { None } else { stats(v, j) });
+                    let last = j + 1 == params.layers.len();
+                    // Outputs: inner width except the last conv; inputs: inner except the first.
+                    let (w, b) = if last { (w, b) } else { (w.narrow(0, 0, k), b.narrow(0, 0, k)) };
+                    let w = if j == 0 { w } else { w.narrow(1, 0, k) };
+                    (w, b, layer.conv.shape.clone())
+                });
+                fold_layers(convs, format, in_hw)
             })
             .collect();
         let plain = match format.layout {
@@ -128,7 +125,7 @@ impl GatedBlock {
             spec: params.spec.clone(),
             slots: slots.clone(),
             variants,
-            downsample: params.downsample.as_ref().map(|d| FoldedConv::fold(d, format)),
+            downsample: params.downsample.as_ref().map(|d| FoldedConv::fold(d, format, in_hw)),
             select,
         }
     }
@@ -182,7 +179,7 @@ impl GatedBlock {
             None => h,
         };
         let plain = select.plain;
-        let x = plain.apply(&format.plain(x));
+        let x = plain.apply(x);
         // conv1: the kept output rows of the folded full-width conv.
         let (w1, b1) = &select.first;
         let w1 = match &idx[0] {
@@ -231,6 +228,8 @@ impl GatedBlock {
                     Some(ds) => ds.forward(x).relu_(),
                     None => x.shallow_clone(),
                 },
+                // The sliced branch ends in one fused conv + add + ReLU where the layout has it.
+                Exec::Slice(v) => residual_add_relu(&self.variants[*v], x, self.shortcut(x)),
                 exec => {
                     let mut out = self.residual_for(exec, x, format);
                     let _ = out.g_add_(&self.shortcut(x));
@@ -410,16 +409,17 @@ mod tests {
                 (&params.backbone.blocks[1], &params.gates.blocks[1], &params.gates.layout.blocks[1]);
             for layout in [Layout::ChannelsLast, Layout::Nchw, Layout::Onednn] {
                 let format = Format::from(layout);
-                let block = GatedBlock::build(bp, gp, slots, format);
+                let block = GatedBlock::build(bp, gp, slots, format, [hw, hw]);
                 let cin = bp.layers[0].conv.shape.in_ch;
                 let x = format.apply(&Tensor::randn([2, cin, hw, hw], (Kind::Float, Device::Cpu)));
                 for (v, &width) in slots.widths.iter().enumerate().take(slots.widths.len() - 1) {
                     let groups = bp.layers.len() - 1;
                     let sets = vec![(0..width).collect::<Vec<i64>>(); groups];
+                    // Copies: a block may write its output into its input.
                     let (select, _) =
-                        block.run(&x, &[&Exec::Select { sets, stats: vec![v; groups] }; 2], format);
-                    let (slice, _) = block.run(&x, &[&Exec::Slice(v); 2], format);
-                    let diff = (format.plain(&select) - format.plain(&slice)).abs().max().double_value(&[]);
+                        block.run(&x.copy(), &[&Exec::Select { sets, stats: vec![v; groups] }; 2], format);
+                    let (slice, _) = block.run(&x.copy(), &[&Exec::Slice(v); 2], format);
+                    let diff = (select - slice).abs().max().double_value(&[]);
                     assert!(diff < 1e-4, "{arch} {layout:?} width {width}: {diff}");
                 }
             }
@@ -454,7 +454,7 @@ mod tests {
                 .collect();
             for layout in [Layout::ChannelsLast, Layout::Nchw, Layout::Onednn] {
                 let format = Format::from(layout);
-                let block = GatedBlock::build(bp, gp, slots, format);
+                let block = GatedBlock::build(bp, gp, slots, format, [hw, hw]);
                 let cin = bp.layers[0].conv.shape.in_ch;
                 // Non-negative, as a block's input is (the previous block's ReLU output).
                 let x = Tensor::randn([execs.len() as i64, cin, hw, hw], (Kind::Float, Device::Cpu)).relu();
@@ -466,15 +466,11 @@ mod tests {
                     Some(vec![inner; groups]),
                     "{arch}: the union of the three sets is every channel"
                 );
-                let together = format.plain(&together);
                 for (row, exec) in execs.iter().enumerate() {
                     let alone = format.apply(&x.narrow(0, row as i64, 1));
                     let (alone, none) = block.run(&alone, &[exec], format);
                     assert_eq!(none, None);
-                    let diff = (format.plain(&alone) - together.narrow(0, row as i64, 1))
-                        .abs()
-                        .max()
-                        .double_value(&[]);
+                    let diff = (alone - together.narrow(0, row as i64, 1)).abs().max().double_value(&[]);
                     assert!(diff < 1e-4, "{arch} {layout:?} row {row}: {diff}");
                 }
             }

@@ -14,7 +14,7 @@ use self::block::GatedBlock;
 use self::plan::{Exec, Thresholds, decide, exec_widths};
 use super::arch::ArchSpec;
 use super::flops::{conv_flops, linear_flops, residual_flops, shortcut_flops, stem_flops};
-use super::folded::{FoldedConv, FoldedLinear, Format, stem_forward};
+use super::folded::{FoldedConv, FoldedLinear, Format, out_hw_of_block, stem_forward};
 use super::gates::{GateLayout, GateParams};
 use super::params::ResNetParams;
 use super::policy::{GatePolicy, passes};
@@ -55,7 +55,7 @@ struct FoldedExit {
 impl FoldedExit {
     fn forward(&self, x: &Tensor, format: Format) -> Tensor {
         let x = match &self.conv {
-            Some(conv) => conv.forward(x).relu_(),
+            Some(conv) => conv.forward_relu(x),
             None => x.shallow_clone(),
         };
         self.fc.forward(&format.pool(&x))
@@ -114,12 +114,19 @@ impl GatedResNet {
                 fc2: FoldedLinear::new(&Tensor::cat(&ws, 0), &Tensor::cat(&bs, 0)),
             }
         });
+        let input = format.input_hw(&spec);
+        // Each block's input size, and after the last one, the network's final feature size.
+        let mut block_hw = vec![spec.after_stem(input)];
+        for params in &backbone.blocks {
+            block_hw.push(out_hw_of_block(&params.spec.convs, block_hw[block_hw.len() - 1]));
+        }
         let blocks = backbone
             .blocks
             .iter()
             .zip(&gates.blocks)
             .zip(&gates.layout.blocks)
-            .map(|((params, gate), slots)| GatedBlock::build(params, gate, slots, format))
+            .zip(&block_hw)
+            .map(|(((params, gate), slots), &hw)| GatedBlock::build(params, gate, slots, format, hw))
             .collect();
         let mut last_block_of_stage = Vec::new();
         let mut seen = 0;
@@ -137,7 +144,8 @@ impl GatedResNet {
                     let (o, i) = (w.size()[0], w.size()[1]);
                     let shape =
                         super::arch::ConvShape { in_ch: i, out_ch: o, kernel: 3, stride: 2, padding: 1 };
-                    FoldedConv::new(&w.detach(), &b.detach(), shape, format)
+                    let hw = block_hw[last_block_of_stage[e.stage - 1] + 1];
+                    FoldedConv::new(&w.detach(), &b.detach(), shape, format, hw)
                 }),
                 fc: FoldedLinear::new(&e.fc.weight, &e.fc.bias),
             })
@@ -146,7 +154,7 @@ impl GatedResNet {
             spec,
             format,
             gates: gates.layout.clone(),
-            stem: FoldedConv::fold(&backbone.stem, format),
+            stem: FoldedConv::fold(&backbone.stem, format, input),
             trunk,
             blocks,
             exits,
