@@ -426,3 +426,30 @@ proptest! {
         }
     }
 }
+
+/// Where `select` cannot pay (ResNet-20's blocks at 28x28 are below its minimum work), a
+/// channel-gated model in select mode runs the dense plan: every block at full width, and
+/// the gate MLP, whose scores nothing would read, not at all (no gate FLOPs counted). In
+/// slice mode the same model still runs its gates.
+#[test]
+fn select_mode_runs_the_dense_plan_where_selecting_cannot_pay() {
+    let _g = tch::no_grad_guard();
+    let source = ModelSource {
+        gates: GateConfig { channel: true, block: BlockGates::None, ..Default::default() },
+        ..ModelSource::random(ArchSpec::named("resnet20", 1, 10).unwrap(), 4)
+    };
+    let (_vs, params) = load_params(&source).unwrap();
+    let model = Model::from_params(&params, Layout::ChannelsLast);
+    let x = input(3, 1, 28, 8);
+    let channel_t = 0.5; // about half the random gate's saliencies pass
+    let dense = FoldedResNet::fold(&params.backbone, Layout::ChannelsLast).forward(&x);
+
+    let (logits, reports) = model.forward(&x, &policy(channel_t, 0.0, 1.0, ChannelMode::Select)).unwrap();
+    assert!(max_diff(&logits, &dense) < 1e-4, "the dense network's logits");
+    for r in &reports {
+        assert_eq!((r.gate_flops, r.executed_flops), (0, r.dense_flops), "{r:?}");
+        assert!(r.blocks.iter().all(|b| matches!(b, BlockDecision::Run { widths } if widths == &[16] || widths == &[32] || widths == &[64])));
+    }
+    let (_, reports) = model.forward(&x, &policy(channel_t, 0.0, 1.0, ChannelMode::Slice)).unwrap();
+    assert!(reports.iter().all(|r| r.gate_flops > 0), "slice mode reads the gates");
+}

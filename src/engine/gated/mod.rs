@@ -11,13 +11,13 @@ pub mod plan;
 use tch::{Device, Kind, Tensor};
 
 use self::block::GatedBlock;
-use self::plan::{Exec, Thresholds, decide, exec_widths};
+use self::plan::{Exec, Thresholds, decide, exec_widths, select_limit};
 use super::arch::ArchSpec;
 use super::flops::{conv_flops, linear_flops, residual_flops, shortcut_flops, stem_flops};
 use super::folded::{FoldedConv, FoldedLinear, Format, out_hw_of_block, stem_forward};
 use super::gates::{GateLayout, GateParams};
 use super::params::ResNetParams;
-use super::policy::{GatePolicy, passes};
+use super::policy::{ChannelMode, GatePolicy, passes};
 use super::report::{BlockDecision, ComputeReport};
 
 /// The gate MLP, with every gate's output layer fused into one matrix.
@@ -211,9 +211,29 @@ impl GatedResNet {
         let stem = stem_forward(&self.stem, self.spec.stem, &self.format.apply(input));
         let (sh, sw) = (stem.size()[2], stem.size()[3]);
 
+        let mut hw = (sh, sw);
+        let select_limits: Vec<f64> = self
+            .blocks
+            .iter()
+            .map(|block| {
+                let full = vec![block.spec.inner_width(); block.spec.convs.len() - 1];
+                let flops = residual_flops(&block.spec, hw.0, hw.1, &full);
+                let s = block.spec.stride();
+                hw = ((hw.0 - 1) / s + 1, (hw.1 - 1) / s + 1);
+                select_limit(hw.0 * hw.1, flops)
+            })
+            .collect();
+        // The gate MLP runs only when a decision reads it: in select mode, blocks too small
+        // to select run in full whatever their scores, so without block gates it is skipped.
+        let reads_scores = self.blocks.iter().zip(&select_limits).any(|(block, &limit)| {
+            block.slots.block.is_some()
+                || (block.slots.channel.is_some() && (thresholds.mode == ChannelMode::Slice || limit > 0.0))
+        });
+        let trunk = self.trunk.as_ref().filter(|_| reads_scores);
+
         let stem_flops = stem_flops(&self.spec, h, w);
         let dense = stem_flops + self.body_dense_flops(sh, sw) + self.head_flops();
-        let trunk_flops = self.trunk.as_ref().map_or(0, FoldedTrunk::flops);
+        let trunk_flops = trunk.map_or(0, FoldedTrunk::flops);
         let mut reports: Vec<ComputeReport> = (0..n)
             .map(|_| ComputeReport {
                 dense_flops: dense,
@@ -224,7 +244,7 @@ impl GatedResNet {
             })
             .collect();
 
-        let scores = self.trunk.as_ref().map(|t| t.scores(&stem, self.format)).unwrap_or_default();
+        let scores = trunk.map(|t| t.scores(&stem, self.format)).unwrap_or_default();
         let stride = self.gates.outputs;
         let plans: Vec<Vec<Exec>> = (0..n)
             .map(|i| {
@@ -240,6 +260,7 @@ impl GatedResNet {
                             thresholds.channel[b],
                             thresholds.block[b],
                             thresholds.mode,
+                            select_limits[b],
                         )
                     })
                     .collect()

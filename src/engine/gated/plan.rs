@@ -64,7 +64,36 @@ impl Thresholds {
 /// `select` mode keeps channel counts in multiples of this (SIMD-friendly convolutions).
 const SELECT_GRANULE: usize = 8;
 
+/// `select` gathers its weights on every call (and oneDNN reorders them), a cost that grows
+/// with the channels it keeps, while what it saves grows with them and with the output
+/// positions each weight is applied to. Measured per ResNet-50 stage on the 2-core dev VM
+/// (fused dense block vs select at kept fractions 1/4…7/8, batch 1 and 8; docs/decisions.md),
+/// select was faster up to about `positions / 400` of the channels, never above ~3/4:
+/// 56×56 and 28×28 up to 3/4, 14×14 up to 1/2, 7×7 (ResNet-50's last stage at 224×224)
+/// not even at 1/4.
+///
+/// Its gathers, masks and unfused operators also cost a fixed ~50 µs or so per block, more
+/// than a small block saves: ResNet-20's blocks at 28×28 (3.6 MFLOPs each) ran 0.64–0.77×
+/// dense in select mode at every budget, batch 1 and 32, where slice mode broke even or won.
+/// Below `SELECT_MIN_FLOPS` of dense work per input a block never selects.
+const SELECT_POSITIONS_PER_FRACTION: f64 = 400.0;
+const SELECT_MAX_FRACTION: f64 = 0.75;
+const SELECT_MIN_FLOPS: u64 = 20_000_000;
+
+/// The largest fraction of a block's inner channels that `select` keeps before the block
+/// runs at full width instead, for one input whose block output has `positions` (H × W)
+/// positions and whose full-width residual branch costs `dense_flops`. Per input, never
+/// per batch: an input's result must not depend on what it is batched with.
+pub fn select_limit(positions: i64, dense_flops: u64) -> f64 {
+    if dense_flops < SELECT_MIN_FLOPS {
+        return 0.0;
+    }
+    (positions as f64 / SELECT_POSITIONS_PER_FRACTION).min(SELECT_MAX_FRACTION)
+}
+
 /// Decides one block for one input from its row of gate scores (sigmoid outputs).
+/// `select_limit`: see [`select_limit`]; a `select` set larger than that fraction of the
+/// inner width runs the full-width block (exact, and faster there), counted as such.
 pub fn decide(
     slots: &BlockGateSlots,
     kind: BlockKind,
@@ -72,6 +101,7 @@ pub fn decide(
     channel_t: f32,
     block_t: f32,
     mode: ChannelMode,
+    select_limit: f64,
 ) -> Exec {
     if let Some(j) = slots.block
         && !passes(scores[j], block_t)
@@ -82,6 +112,9 @@ pub fn decide(
     let Some(range) = &slots.channel else {
         return Exec::Slice(full);
     };
+    if mode == ChannelMode::Select && select_limit <= 0.0 {
+        return Exec::Slice(full); // whatever the scores say (they may not even be computed)
+    }
     let saliency = &scores[range.clone()];
     let groups = match kind {
         BlockKind::Basic => 1,
@@ -107,7 +140,8 @@ pub fn decide(
             let sets: Vec<Vec<i64>> = (0..groups)
                 .map(|g| kept_set(&saliency[g * inner..(g + 1) * inner], channel_t, min as usize))
                 .collect();
-            if sets.iter().all(|s| s.len() == inner) {
+            let too_many = |s: &Vec<i64>| s.len() as f64 > select_limit * inner as f64;
+            if sets.iter().all(|s| s.len() == inner) || sets.iter().any(too_many) {
                 return Exec::Slice(full);
             }
             let stats = sets
@@ -145,5 +179,50 @@ pub fn exec_widths(exec: &Exec, slots: &BlockGateSlots, kind: BlockKind) -> Vec<
         Exec::Skip => Vec::new(),
         Exec::Slice(v) => vec![slots.widths[*v]; groups],
         Exec::Select { sets, .. } => sets.iter().map(|s| s.len() as i64).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Basic block with 32 inner channels, a channel gate and widths 8/16/24/32.
+    fn slots() -> BlockGateSlots {
+        BlockGateSlots { channel: Some(0..32), block: None, widths: vec![8, 16, 24, 32] }
+    }
+
+    /// Scores keeping the first `kept` of 32 channels at threshold 0.5.
+    fn scores(kept: usize) -> Vec<f32> {
+        (0..32).map(|c| if c < kept { 0.9 } else { 0.1 }).collect()
+    }
+
+    #[test]
+    fn select_runs_where_it_pays_and_the_full_block_where_it_does_not() {
+        let select = |kept, limit| {
+            decide(&slots(), BlockKind::Basic, &scores(kept), 0.5, 0.0, ChannelMode::Select, limit)
+        };
+        // 16 of 32 kept (a multiple of 8 already): selected when half the channels may be.
+        assert_eq!(select(16, 0.5), Exec::Select { sets: vec![(0..16).collect()], stats: vec![1] });
+        // 24 of 32 is more than half: the full-width block, exactly as when every channel passes.
+        assert_eq!(select(24, 0.5), Exec::Slice(3));
+        assert_eq!(select(32, 0.75), Exec::Slice(3));
+        // Slice mode is not affected by the limit.
+        let slice = decide(&slots(), BlockKind::Basic, &scores(24), 0.5, 0.0, ChannelMode::Slice, 0.0);
+        assert_eq!(slice, Exec::Slice(2));
+    }
+
+    #[test]
+    fn the_select_limit_grows_with_positions_up_to_three_quarters() {
+        // ResNet-50 at 224x224: stages of 56x56, 28x28, 14x14 and 7x7 positions.
+        let big = 200_000_000;
+        let [s1, s2, s3, s4] = [56 * 56, 28 * 28, 14 * 14, 7 * 7].map(|p| select_limit(p, big));
+        assert_eq!((s1, s2), (0.75, 0.75));
+        assert!((0.45..0.55).contains(&s3), "{s3}");
+        assert!(s4 < 0.25, "{s4}: select lost to the full block at every fraction there");
+        assert!(
+            select_limit(1, big) < select_limit(100, big) && select_limit(100, big) < select_limit(300, big)
+        );
+        // A ResNet-20 block at 28x28 (3.6 MFLOPs): never worth selecting.
+        assert_eq!(select_limit(28 * 28, 3_600_000), 0.0);
     }
 }
