@@ -9,7 +9,7 @@ use tch::Tensor;
 
 use super::plan::Exec;
 use crate::engine::arch::{BlockSpec, ConvShape};
-use crate::engine::folded::{FoldedConv, Format, Layout, fold_bn, fold_layers, residual, residual_add_relu};
+use crate::engine::folded::{FoldedConv, Format, fold_bn, fold_layers, residual, residual_add_relu};
 use crate::engine::gates::{BlockGateParams, BlockGateSlots};
 use crate::engine::params::{BN_EPS, BatchNormParams, BlockParams, ConvParams};
 
@@ -19,13 +19,10 @@ use crate::engine::params::{BN_EPS, BatchNormParams, BlockParams, ConvParams};
 /// per width variant the correction that turns it into that variant's folding.
 #[derive(Debug)]
 struct SelectWeights {
-    /// The full-width folded conv1 (weight in `plain`'s layout, bias), whose kept output
-    /// rows are gathered.
+    /// The full-width folded conv1 (weight in the engine's strided layout, never packed:
+    /// its rows are gathered per call, bias), whose kept output rows are gathered.
     first: (Tensor, Tensor),
     convs: Vec<SelectConv>,
-    /// The strided format the gathered convolutions run in (the engine's, or channels-last
-    /// when the engine keeps oneDNN tensors, which cannot be gathered).
-    plain: Format,
     calls: AtomicU64,
 }
 
@@ -99,16 +96,11 @@ impl GatedBlock {
                 fold_layers(convs, format, in_hw)
             })
             .collect();
-        let plain = match format.layout {
-            Layout::Onednn => Format { layout: Layout::ChannelsLast, ..format },
-            _ => format,
-        };
         let select = slots.channel.as_ref().map(|_| SelectWeights {
             first: {
                 let (w, b) = fold_bn(&params.layers[0].conv, &params.layers[0].bn, None);
-                (plain.apply(&w), b.to_kind(format.precision.kind()))
+                (format.apply(&w), b.to_kind(format.precision.kind()))
             },
-            plain,
             convs: params.layers[1..]
                 .iter()
                 .enumerate()
@@ -178,12 +170,11 @@ impl GatedBlock {
             Some(m) => h.g_mul_(m),
             None => h,
         };
-        let plain = select.plain;
-        let x = plain.apply(x);
+        let x = format.apply(x);
         // conv1: the kept output rows of the folded full-width conv.
         let (w1, b1) = &select.first;
         let w1 = match &idx[0] {
-            Some(index) => plain.gather(w1, 0, index),
+            Some(index) => format.gather(w1, 0, index),
             None => w1.shallow_clone(),
         };
         let mut h = mask(conv(&x, &w1, Some(&gather(b1, 0, &idx[0])), &full[0].shape).relu_(), 0);
@@ -374,6 +365,7 @@ mod tests {
 
     use super::*;
     use crate::engine::arch::ArchSpec;
+    use crate::engine::folded::Layout;
     use crate::engine::gates::GateConfig;
     use crate::engine::model::{ModelSource, load_params};
 
