@@ -30,6 +30,18 @@ fn resnet20_matches_pytorch_eval_logits() {
         let diff = max_abs_diff(&model.forward(&input, &GatePolicy::dense()).unwrap().0, &expected);
         assert!(diff <= 1e-4, "{layout:?}: max abs diff {diff}");
     }
+    // onednn packs each weight for batch 1 and for batches; a model that never batches keeps
+    // only the first, which serves a batch correctly too (oneDNN then reorders per call).
+    let batch = input.size()[0];
+    assert!(batch > 1, "the fixture is a batch");
+    for format in [Format::from(Layout::Onednn), Format::from(Layout::Onednn).unbatched()] {
+        let model = Model::build(&resnet20_source(format)).unwrap();
+        for rows in [1, batch] {
+            let logits = model.forward(&input.narrow(0, 0, rows), &GatePolicy::dense()).unwrap().0;
+            let diff = max_abs_diff(&logits, &expected.narrow(0, 0, rows));
+            assert!(diff <= 1e-4, "{format:?}, {rows} rows: max abs diff {diff}");
+        }
+    }
     // bf16 (where the CPU has it): 8 bits of mantissa through 20 layers, so agreement is
     // measured against the logits' scale, and the predicted classes must be PyTorch's.
     if Precision::Bf16.check().is_ok() {

@@ -146,17 +146,23 @@ pub struct Format {
     /// of another size runs correctly but reorders weights on every call. `None`: the
     /// architecture's default side ([`ArchSpec::default_input_hw`]).
     pub input_hw: Option<[i64; 2]>,
+    /// Inputs always come one at a time (a model whose `max_batch_size` is 1): onednn
+    /// weights are then packed for batch 1 only. Otherwise each convolution is packed for
+    /// batch 1 and for batches (oneDNN wants another layout for some convolutions once the
+    /// batch exceeds 1, and would reorder the weights on every call), at twice the packed
+    /// weights' memory.
+    pub unbatched: bool,
 }
 
 impl From<Layout> for Format {
     fn from(layout: Layout) -> Self {
-        Format { layout, precision: Precision::Fp32, input_hw: None }
+        Format { layout, precision: Precision::Fp32, input_hw: None, unbatched: false }
     }
 }
 
 impl Format {
     pub fn new(layout: Layout, precision: Precision) -> Self {
-        Format { layout, precision, input_hw: None }
+        Format { layout, precision, input_hw: None, unbatched: false }
     }
 
     /// Whether this machine and libtorch can run the format ([`Precision::check`],
@@ -164,6 +170,11 @@ impl Format {
     pub fn check(self) -> Result<(), String> {
         self.precision.check()?;
         self.layout.check()
+    }
+
+    /// This format for a model that never batches (see [`Format::unbatched`]).
+    pub fn unbatched(self) -> Self {
+        Format { unbatched: true, ..self }
     }
 
     /// This format, prepared for inputs of `height × width`.
@@ -252,13 +263,20 @@ pub fn fold_bn(
 #[derive(Debug)]
 pub struct FoldedConv {
     /// In the engine's format: strided (NCHW or channels-last) in its precision, or, for
-    /// the onednn layout, a oneDNN tensor already reordered for this convolution.
+    /// the onednn layout, a oneDNN tensor already reordered for this convolution at batch 1.
     pub weight: Tensor,
+    /// onednn: the weight reordered for batches of more than one (unless unbatched).
+    batched: Option<Tensor>,
     pub bias: Tensor,
     pub shape: ConvShape,
     packed: bool,
     calls: AtomicU64,
 }
+
+/// The batch size the second onednn packing is made for. oneDNN 3.x on this CPU picked the
+/// same weight layouts for every batch from 2 to 32 (ONEDNN_VERBOSE, ResNet-20 and -50);
+/// only batch 1 differs, for some convolutions.
+const BATCHED_PACK: i64 = 8;
 
 impl FoldedConv {
     /// A convolution from already folded NCHW weight and bias, prepared for `format` and
@@ -272,17 +290,19 @@ impl FoldedConv {
         let shape = ConvShape { out_ch: size[0], in_ch: size[1], ..shape };
         let kind = format.precision.kind();
         let bias = bias.to_kind(kind).contiguous();
-        let (weight, packed) = match format.layout {
+        let (weight, batched, packed) = match format.layout {
             Layout::Onednn => {
                 let plain = weight.to_kind(kind).contiguous();
-                let input = [1, shape.in_ch, in_hw[0], in_hw[1]];
-                let packed = onednn::pack_weight(&plain, shape.padding, shape.stride, input)
-                    .unwrap_or_else(|e| panic!("packing a {:?} convolution for oneDNN: {e}", size));
-                (packed, true)
+                let pack = |batch: i64| {
+                    let input = [batch, shape.in_ch, in_hw[0], in_hw[1]];
+                    onednn::pack_weight(&plain, shape.padding, shape.stride, input)
+                        .unwrap_or_else(|e| panic!("packing a {:?} convolution for oneDNN: {e}", size))
+                };
+                (pack(1), (!format.unbatched).then(|| pack(BATCHED_PACK)), true)
             }
-            _ => (format.apply(weight), false),
+            _ => (format.apply(weight), None, false),
         };
-        FoldedConv { weight, bias, shape, packed, calls: AtomicU64::new(0) }
+        FoldedConv { weight, batched, bias, shape, packed, calls: AtomicU64::new(0) }
     }
 
     /// Folds `layer`'s batch-norm into its convolution.
@@ -296,11 +316,19 @@ impl FoldedConv {
         out_hw(&self.shape, hw)
     }
 
+    /// The packed weight for `x`'s batch size.
+    fn packed_for(&self, x: &Tensor) -> &Tensor {
+        match &self.batched {
+            Some(batched) if x.size()[0] > 1 => batched,
+            _ => &self.weight,
+        }
+    }
+
     fn run(&self, x: &Tensor, relu: bool) -> Tensor {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let s = &self.shape;
         if self.packed {
-            onednn::conv(x, &self.weight, &self.bias, s.padding, s.stride, relu)
+            onednn::conv(x, self.packed_for(x), &self.bias, s.padding, s.stride, relu)
         } else {
             let mut y = x.conv2d(&self.weight, Some(&self.bias), [s.stride; 2], [s.padding; 2], [1, 1], 1);
             if relu { y.relu_() } else { y }
@@ -325,7 +353,7 @@ impl FoldedConv {
             self.calls.fetch_add(1, Ordering::Relaxed);
             let s = &self.shape;
             let mut acc = shortcut;
-            onednn::conv_add_relu_(&mut acc, x, &self.weight, &self.bias, s.padding, s.stride);
+            onednn::conv_add_relu_(&mut acc, x, self.packed_for(x), &self.bias, s.padding, s.stride);
             acc
         } else {
             let mut out = self.forward(x);

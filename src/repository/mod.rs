@@ -249,7 +249,8 @@ impl ModelDir {
     }
 
     /// How to build this model on an engine thread, in `layout` and the configured precision,
-    /// prepared for the configured input size.
+    /// prepared for the configured input size (and batch size 1 only when the model never
+    /// batches).
     pub fn source(&self, layout: Layout) -> ModelSource {
         ModelSource {
             spec: self.spec.clone(),
@@ -258,7 +259,8 @@ impl ModelDir {
             seed: 0,
             format: {
                 let [_, h, w] = self.config.input.dims;
-                Format::new(layout, self.config.precision).for_input(h, w)
+                let format = Format::new(layout, self.config.precision).for_input(h, w);
+                if self.config.max_batch_size == 1 { format.unbatched() } else { format }
             },
         }
     }
