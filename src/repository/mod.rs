@@ -242,6 +242,15 @@ impl ModelDir {
         if !(1..=3).contains(&config.input.dims[0]) || config.input.dims[0] == 2 {
             return Err(bad("input.dims[0] (channels) must be 1 or 3".into()));
         }
+        // What the engine accepts (`Model::check_input_shape`), checked before the weights are
+        // packed for this size at load; 4096 bounds what one input may cost.
+        let min_side = if spec.is_cifar() { 8 } else { 32 };
+        if config.input.dims[1..].iter().any(|&side| !(min_side..=4096).contains(&side)) {
+            return Err(bad(format!(
+                "input.dims height and width must be from {min_side} to 4096 for {}",
+                config.architecture
+            )));
+        }
         if config.name.is_empty() || config.name.contains('/') {
             return Err(bad(format!("model name `{}` must be non-empty and contain no '/'", config.name)));
         }
@@ -301,14 +310,38 @@ pub fn scan(root: &Path) -> Result<Vec<ModelDir>, EngineError> {
 mod tests {
     use super::*;
 
-    /// The shipped model's config with `[batching] idle_spin_us` set.
-    fn open_with_spin(us: u64) -> Result<ModelDir, EngineError> {
+    /// The shipped model's config, changed by `edit`.
+    fn open_edited(edit: impl FnOnce(&mut toml::Table)) -> Result<ModelDir, EngineError> {
         let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/models/fashion-resnet20/config.toml");
         let mut config: toml::Table = std::fs::read_to_string(shipped).unwrap().parse().unwrap();
-        config["batching"].as_table_mut().unwrap().insert("idle_spin_us".into(), (us as i64).into());
+        edit(&mut config);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONFIG_FILE), toml::to_string(&config).unwrap()).unwrap();
         ModelDir::open(dir.path())
+    }
+
+    /// The shipped model's config with `[batching] idle_spin_us` set.
+    fn open_with_spin(us: u64) -> Result<ModelDir, EngineError> {
+        open_edited(|config| {
+            config["batching"].as_table_mut().unwrap().insert("idle_spin_us".into(), (us as i64).into());
+        })
+    }
+
+    /// Input sides outside what the engine runs are refused when the folder is opened,
+    /// before any weight is packed for them.
+    #[test]
+    fn input_sides_are_bounded() {
+        let with_dims = |dims: [i64; 3]| {
+            open_edited(|config| {
+                let dims = toml::Value::Array(dims.iter().map(|&d| toml::Value::Integer(d)).collect());
+                config["input"].as_table_mut().unwrap().insert("dims".into(), dims);
+            })
+        };
+        assert_eq!(with_dims([1, 32, 32]).unwrap().config.input.dims, [1, 32, 32]);
+        for dims in [[1, 4, 28], [1, 28, 5000]] {
+            let err = with_dims(dims).unwrap_err().to_string();
+            assert!(err.contains("input.dims height and width must be from 8 to 4096 for resnet20"), "{err}");
+        }
     }
 
     #[test]
