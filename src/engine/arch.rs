@@ -213,11 +213,32 @@ impl ArchSpec {
     pub fn after_stem(&self, hw: [i64; 2]) -> [i64; 2] {
         [self.after_stem_hw(hw[0]), self.after_stem_hw(hw[1])]
     }
+
+    /// Height and width entering each residual block for an input of `hw`, then after the
+    /// last one (one more entry than blocks).
+    pub fn block_input_sizes(&self, hw: [i64; 2]) -> Vec<[i64; 2]> {
+        let mut sizes = vec![self.after_stem(hw)];
+        for block in self.block_specs() {
+            let into = sizes[sizes.len() - 1];
+            sizes.push(block.convs.iter().fold(into, |hw, c| [c.out_hw(hw[0]), c.out_hw(hw[1])]));
+        }
+        sizes
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_input_sizes_follow_the_strides() {
+        let r50 = ArchSpec::named("resnet50", 3, 1000).unwrap();
+        let sizes = r50.block_input_sizes([224, 224]);
+        assert_eq!(sizes.len(), 17);
+        assert_eq!((sizes[0], sizes[3], sizes[4], sizes[16]), ([56, 56], [56, 56], [28, 28], [7, 7]));
+        let r20 = ArchSpec::named("resnet20", 1, 10).unwrap();
+        assert_eq!(r20.block_input_sizes([28, 32])[9], [7, 8]);
+    }
 
     #[test]
     fn block_layouts_follow_torchvision() {

@@ -236,11 +236,6 @@ pub fn out_hw(shape: &ConvShape, hw: [i64; 2]) -> [i64; 2] {
     [shape.out_hw(hw[0]), shape.out_hw(hw[1])]
 }
 
-/// Spatial size after a block's convolutions `convs` for a block input of `hw`.
-pub fn out_hw_of_block(convs: &[ConvShape], hw: [i64; 2]) -> [i64; 2] {
-    convs.iter().fold(hw, |hw, c| out_hw(c, hw))
-}
-
 /// Batch-norm folded into a bias-free convolution: w' = w·γ/√(σ²+ε), b' = β − μ·γ/√(σ²+ε).
 /// `stats` replaces the running statistics (per-width statistics of slimmable blocks).
 /// Returns the folded weight (NCHW, contiguous) and bias.
@@ -472,21 +467,19 @@ impl FoldedResNet {
     pub fn fold(params: &ResNetParams, format: impl Into<Format>) -> Self {
         let format = format.into();
         let input = format.input_hw(&params.spec);
-        let mut hw = params.spec.after_stem(input);
         let blocks = params
             .blocks
             .iter()
-            .map(|b| {
+            .zip(params.spec.block_input_sizes(input))
+            .map(|(b, hw)| {
                 let convs = b.layers.iter().map(|l| {
                     let (w, bias) = fold_bn(&l.conv, &l.bn, None);
                     (w, bias, l.conv.shape.clone())
                 });
-                let block = FoldedBlock {
+                FoldedBlock {
                     layers: fold_layers(convs, format, hw),
                     downsample: b.downsample.as_ref().map(|d| FoldedConv::fold(d, format, hw)),
-                };
-                hw = out_hw_of_block(&b.spec.convs, hw);
-                block
+                }
             })
             .collect();
         FoldedResNet {

@@ -14,7 +14,7 @@ use self::block::GatedBlock;
 use self::plan::{Exec, Thresholds, decide, exec_widths, select_limit};
 use super::arch::ArchSpec;
 use super::flops::{conv_flops, linear_flops, residual_flops, shortcut_flops, stem_flops};
-use super::folded::{FoldedConv, FoldedLinear, Format, out_hw_of_block, stem_forward};
+use super::folded::{FoldedConv, FoldedLinear, Format, stem_forward};
 use super::gates::{GateLayout, GateParams};
 use super::params::ResNetParams;
 use super::policy::{ChannelMode, GatePolicy, passes};
@@ -115,11 +115,7 @@ impl GatedResNet {
             }
         });
         let input = format.input_hw(&spec);
-        // Each block's input size, and after the last one, the network's final feature size.
-        let mut block_hw = vec![spec.after_stem(input)];
-        for params in &backbone.blocks {
-            block_hw.push(out_hw_of_block(&params.spec.convs, block_hw[block_hw.len() - 1]));
-        }
+        let block_hw = spec.block_input_sizes(input);
         let blocks = backbone
             .blocks
             .iter()
@@ -216,8 +212,8 @@ impl GatedResNet {
             .blocks
             .iter()
             .map(|block| {
-                let full = vec![block.spec.inner_width(); block.spec.convs.len() - 1];
-                let flops = residual_flops(&block.spec, hw.0, hw.1, &full);
+                let full = [block.spec.inner_width(); 2]; // one inner width per group
+                let flops = residual_flops(&block.spec, hw.0, hw.1, &full[..block.spec.convs.len() - 1]);
                 let s = block.spec.stride();
                 hw = ((hw.0 - 1) / s + 1, (hw.1 - 1) / s + 1);
                 select_limit(hw.0 * hw.1, flops)
