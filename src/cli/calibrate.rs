@@ -3,10 +3,11 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 
 use crate::control::calibration::{
-    CALIBRATION_FILE, CalibrationTable, budget_table, default_budgets, frontier,
+    CALIBRATION_FILE, CalibrationTable, budget_table, default_budgets, dense_point, frontier,
 };
 use crate::data::FashionMnist;
 use crate::engine::{ChannelMode, Model};
@@ -53,13 +54,14 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
             tracing::info!(done, total, "threshold pairs measured");
         }
     });
+    let dense = dense_point(&points).cloned().context("the sweep measured no dense point")?;
     let frontier = frontier(&points);
     let table = CalibrationTable {
         model: dir.config.name.clone(),
         split: "validation".into(),
         images: validation.len(),
         channel_mode: ChannelMode::Slice,
-        budgets: budget_table(&frontier, &default_budgets()),
+        budgets: budget_table(&frontier, &default_budgets(), &dense),
         frontier,
     };
     let out = args.out.clone().unwrap_or_else(|| args.model.join(CALIBRATION_FILE));

@@ -120,11 +120,20 @@ pub fn frontier(points: &[OperatingPoint]) -> Vec<OperatingPoint> {
 }
 
 /// For each budget, the most accurate point whose FLOP fraction is within it; budgets no
-/// point fits are left out (the table's range says what is calibrated).
-pub fn budget_table(frontier: &[OperatingPoint], budgets: &[f64]) -> Vec<BudgetEntry> {
+/// point fits are left out (the table's range says what is calibrated). Budget 1.0 is the
+/// dense network, `dense` (../shared/DESIGN.md), even where a cheaper point measured as
+/// accurate on the validation split.
+pub fn budget_table(
+    frontier: &[OperatingPoint],
+    budgets: &[f64],
+    dense: &OperatingPoint,
+) -> Vec<BudgetEntry> {
     budgets
         .iter()
         .filter_map(|&budget| {
+            if budget >= 1.0 {
+                return Some(BudgetEntry { budget, point: dense.clone() });
+            }
             frontier
                 .iter()
                 .filter(|p| p.flop_fraction <= budget)
@@ -132,6 +141,11 @@ pub fn budget_table(frontier: &[OperatingPoint], budgets: &[f64]) -> Vec<BudgetE
                 .map(|p| BudgetEntry { budget, point: p.clone() })
         })
         .collect()
+}
+
+/// The dense network's point among a sweep's (every gate at threshold 0, exits off).
+pub fn dense_point(points: &[OperatingPoint]) -> Option<&OperatingPoint> {
+    points.iter().find(|p| p.channel_threshold <= 0.0 && p.block_threshold <= 0.0 && p.exit_threshold >= 1.0)
 }
 
 /// The budgets a table is built for: 0.10, 0.15, …, 1.00.
@@ -159,10 +173,16 @@ mod tests {
             vec![point(0.90, 0.3), point(0.85, 0.35), point(0.93, 0.6), point(0.92, 0.5), point(0.94, 1.01)];
         let f = frontier(&points);
         assert_eq!(f.iter().map(|p| p.flop_fraction).collect::<Vec<_>>(), vec![0.3, 0.5, 0.6, 1.01]);
-        let table = budget_table(&f, &[0.25, 0.3, 0.55, 1.0]);
-        assert_eq!(table.len(), 3, "0.25 fits no point");
+        let dense = OperatingPoint { channel_threshold: 0.0, ..point(0.925, 1.0) };
+        let mut all = points.clone();
+        all.push(dense.clone());
+        assert_eq!(dense_point(&all), Some(&dense));
+        assert_eq!(dense_point(&points), None);
+        let table = budget_table(&f, &[0.25, 0.3, 0.55, 0.95, 1.0], &dense);
+        assert_eq!(table.len(), 4, "0.25 fits no point");
         assert_eq!(table[1].point.flop_fraction, 0.5);
-        assert_eq!(table[2].point.validation_accuracy, 0.93);
+        assert_eq!(table[2].point.validation_accuracy, 0.93, "0.95: the more accurate 0.6 point");
+        assert_eq!(table[3].point, dense, "1.0 is dense, though 0.6 measured more accurate");
         let t = CalibrationTable {
             model: "m".into(),
             split: "validation".into(),
@@ -175,8 +195,8 @@ mod tests {
         assert_eq!(t.lookup(0.2), Err(BudgetError::OutOfRange { budget: 0.2, min: 0.3, max: 1.0 }));
         assert!(t.lookup(1.5).is_err());
         assert_eq!(t.policy_for(0.3).unwrap().budget, Some(0.3));
-        assert_eq!(t.policy_for(0.99).unwrap().channel_threshold, 0.5, "the 0.55 entry");
-        // Budget 1.0 is dense even though the table's 1.0 entry is cheaper.
+        assert_eq!(t.policy_for(0.99).unwrap().channel_threshold, 0.6, "the 0.95 entry");
+        // Budget 1.0 serves the dense policy itself.
         let full = t.policy_for(1.0).unwrap();
         assert_eq!(full, GatePolicy { budget: Some(1.0), ..GatePolicy::dense() });
     }

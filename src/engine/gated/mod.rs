@@ -219,11 +219,14 @@ impl GatedResNet {
                 select_limit(hw.0 * hw.1, flops)
             })
             .collect();
-        // The gate MLP runs only when a decision reads it: in select mode, blocks too small
-        // to select run in full whatever their scores, so without block gates it is skipped.
-        let reads_scores = self.blocks.iter().zip(&select_limits).any(|(block, &limit)| {
-            block.slots.block.is_some()
-                || (block.slots.channel.is_some() && (thresholds.mode == ChannelMode::Slice || limit > 0.0))
+        // The gate MLP runs only when a decision reads it: a gate at threshold 0 keeps
+        // everything (so the dense policy costs exactly the dense network), and in select
+        // mode blocks too small to select run in full whatever their scores.
+        let reads_scores = self.blocks.iter().enumerate().zip(&select_limits).any(|((b, block), &limit)| {
+            (block.slots.block.is_some() && thresholds.block[b] > 0.0)
+                || (block.slots.channel.is_some()
+                    && thresholds.channel[b] > 0.0
+                    && (thresholds.mode == ChannelMode::Slice || limit > 0.0))
         });
         let trunk = self.trunk.as_ref().filter(|_| reads_scores);
 

@@ -103,7 +103,10 @@ pub fn decide(
     mode: ChannelMode,
     select_limit: f64,
 ) -> Exec {
+    // A threshold of 0 (or below) passes every score: such a gate reads none, and its
+    // scores may not have been computed (the dense policy skips the gate MLP).
     if let Some(j) = slots.block
+        && block_t > 0.0
         && !passes(scores[j], block_t)
     {
         return Exec::Skip;
@@ -112,6 +115,9 @@ pub fn decide(
     let Some(range) = &slots.channel else {
         return Exec::Slice(full);
     };
+    if channel_t <= 0.0 {
+        return Exec::Slice(full);
+    }
     if mode == ChannelMode::Select && select_limit <= 0.0 {
         return Exec::Slice(full); // whatever the scores say (they may not even be computed)
     }
