@@ -104,9 +104,23 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
         .collect();
     assert_eq!(rows.len(), 1 + budgets.len(), "the dense row and one per budget");
     assert!(rows[0]["budget"].is_null());
-    // Every gate open: dense FLOPs plus the gate heads' own (well under 1%).
+    // Every gate open: exactly the dense network (the gate MLP is skipped when no gate reads
+    // it), and budget 1.0 is that same network, not a cheaper point of the sweep.
     let dense_fraction = rows[0]["flop_fraction"].as_f64().unwrap();
-    assert!((1.0..1.01).contains(&dense_fraction), "{dense_fraction}");
+    assert!((dense_fraction - 1.0).abs() < 1e-9, "{dense_fraction}");
+    let top = rows.last().unwrap();
+    assert_eq!(top["budget"].as_f64(), Some(1.0));
+    assert_eq!((&top["accuracy"], &top["flop_fraction"]), (&rows[0]["accuracy"], &rows[0]["flop_fraction"]));
+    let top_entry = budgets.last().unwrap();
+    assert_eq!(
+        (
+            top_entry["channel_threshold"].as_f64(),
+            top_entry["block_threshold"].as_f64(),
+            top_entry["exit_threshold"].as_f64()
+        ),
+        (Some(0.0), Some(0.0), Some(1.0)),
+        "{top_entry}"
+    );
     for row in &rows {
         let accuracy = row["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&accuracy), "{row}");
@@ -117,4 +131,92 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
     assert_eq!(csv.lines().count(), 1 + rows.len());
     assert!(std::fs::read_to_string(report.join("report.svg")).unwrap().contains("<svg"));
     assert!(std::fs::read_to_string(report.join("report.md")).unwrap().contains("| dense |"));
+}
+
+/// `sluice model import`: a torchvision-named checkpoint without its BatchNorm counters (a
+/// common export) becomes a model folder that predicts exactly what the original weights
+/// do; wrong checkpoints are refused, naming the problem, and leave no folder behind.
+#[test]
+fn model_import_makes_a_servable_folder_from_a_dense_checkpoint() {
+    use tch::Tensor;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let out = sluice(&[
+        "model",
+        "init",
+        &path("src"),
+        "--arch",
+        "resnet18",
+        "--dims",
+        "3x32x32",
+        "--classes",
+        "4",
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut tensors = Tensor::read_safetensors(dir.path().join("src/model.safetensors")).unwrap();
+    let all = tensors.len();
+    tensors.retain(|(n, _)| !n.ends_with("num_batches_tracked"));
+    assert_eq!(all - tensors.len(), 20, "resnet18 has 20 batch-norms");
+    Tensor::write_safetensors(&tensors, path("ckpt.safetensors")).unwrap();
+    std::fs::write(path("labels.txt"), "cat\ndog\n\nbird\nfish\n").unwrap();
+
+    let import = |ckpt: &str, out_dir: &str, extra: &[&str]| {
+        let mut args = vec!["model", "import", ckpt, out_dir, "--arch", "resnet18", "--dims", "3x32x32"];
+        args.extend(["--mean", "0.5,0.4,0.3", "--std", "0.2,0.2,0.25"]);
+        args.extend(extra);
+        sluice(&args)
+    };
+    let out = import(&path("ckpt.safetensors"), &path("imported"), &["--labels", &path("labels.txt")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("matches the reference"));
+    let config: toml::Table =
+        std::fs::read_to_string(dir.path().join("imported/config.toml")).unwrap().parse().unwrap();
+    assert_eq!(config["output"]["labels"].as_array().unwrap().len(), 4);
+    assert_eq!(config["output"]["labels"][3].as_str(), Some("fish"));
+    assert_eq!(config["input"]["image"]["std"].as_array().unwrap()[2].as_float(), Some(0.25));
+
+    // Same logits as the folder the checkpoint came from.
+    let input: Vec<f32> = (0..3 * 32 * 32).map(|i| ((i as f32) * 0.37).sin()).collect();
+    std::fs::write(path("x.json"), serde_json::json!({"shape": [1, 3, 32, 32], "data": input}).to_string())
+        .unwrap();
+    let logits = |model: &str| {
+        let out = sluice(&["model", "predict", model, "--input", &path("x.json")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["logits"][0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>()
+    };
+    let (a, b) = (logits(&path("src")), logits(&path("imported")));
+    assert_eq!(a.len(), 4);
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "{a:?} vs {b:?}");
+
+    // Refusals, each naming its problem.
+    let out = import(&path("ckpt.safetensors"), &path("imported"), &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"), "{out:?}");
+    std::fs::write(path("three.txt"), "a\nb\nc\n").unwrap();
+    let out = import(&path("ckpt.safetensors"), &path("other"), &["--labels", &path("three.txt")]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("has 3 labels; the checkpoint's classifier has 4 outputs")
+    );
+    for (name, t) in tensors.iter_mut() {
+        if name == "layer2.0.conv1.weight" {
+            *t = Tensor::zeros([128, 64, 1, 1], (tch::Kind::Float, tch::Device::Cpu));
+        }
+    }
+    tensors.retain(|(n, _)| n != "layer3.1.bn2.running_var");
+    Tensor::write_safetensors(&tensors, path("bad.safetensors")).unwrap();
+    let out = import(&path("bad.safetensors"), &path("other"), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("`layer2.0.conv1.weight` has shape [128, 64, 1, 1] in the file"), "{err}");
+    assert!(err.contains("missing tensor `layer3.1.bn2.running_var`"), "{err}");
+    assert!(!dir.path().join("other").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".import-"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging folders left behind");
 }

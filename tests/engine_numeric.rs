@@ -150,6 +150,26 @@ fn strict_loading_names_the_offending_tensor() {
     let err = load_error(&missing);
     assert!(err.contains("missing tensor `layer2.1.bn1.running_var`"), "{err}");
 
+    // A counter inference never reads may be left out (common torchvision exports); a
+    // missing running statistic next to it is still refused.
+    let mut without_counters = resnet20_tensors();
+    without_counters.retain(|(n, _)| !n.ends_with("num_batches_tracked"));
+    assert!(without_counters.len() < resnet20_tensors().len());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no_counters.safetensors");
+    Tensor::write_safetensors(&without_counters, &path).unwrap();
+    let mut vs = VarStore::new(Device::Cpu);
+    let _ = ResNetParams::new(&vs.root(), &ArchSpec::named("resnet20", 1, 10).unwrap());
+    weights::load_strict(&mut vs, &path).unwrap();
+    let vars = vs.variables();
+    for (name, t) in &without_counters {
+        assert!(vars[name].equal(&t.to_kind(vars[name].kind())), "{name} loaded");
+    }
+    without_counters.retain(|(n, _)| n != "layer1.0.bn2.running_mean");
+    let err = load_error(&without_counters);
+    assert!(err.contains("missing tensor `layer1.0.bn2.running_mean`"), "{err}");
+    assert!(!err.contains("num_batches_tracked"), "{err}");
+
     let mut extra = resnet20_tensors();
     extra.push(("layer9.0.conv1.weight".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu))));
     let err = load_error(&extra);

@@ -4,6 +4,7 @@ mod bench;
 mod calibrate;
 mod ctl;
 pub mod eval;
+mod model_import;
 mod model_info;
 mod model_tools;
 mod plot;
@@ -60,6 +61,9 @@ pub enum ModelCommand {
     Info(InfoArgs),
     /// Create a model folder with random weights (fixtures, benchmarks, a starting point).
     Init(model_tools::InitArgs),
+    /// Make a model folder from a dense checkpoint trained elsewhere (safetensors, torchvision
+    /// names), checked against the unfused network before it is written.
+    Import(model_import::ImportArgs),
     /// Run a model folder on a JSON tensor locally and print logits and compute reports.
     Predict(model_tools::PredictArgs),
 }
@@ -69,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(ModelCommand::Info(args)) => model_info::run(&args),
         Command::Model(ModelCommand::Init(args)) => model_tools::init(&args),
+        Command::Model(ModelCommand::Import(args)) => model_import::run(&args),
         Command::Model(ModelCommand::Predict(args)) => model_tools::predict(&args),
         Command::Train(args) => train::run(&args),
         Command::Bench(command) => bench::run(&command),

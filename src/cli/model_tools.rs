@@ -64,33 +64,49 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
     let name = args.name.clone().unwrap_or_else(|| {
         args.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
     });
-    let config = ModelConfig {
+    let image = args.image.then(|| ImageConfig::new(vec![0.5; c as usize], vec![0.5; c as usize]));
+    let labels = (0..args.classes).map(|i| format!("class{i}")).collect();
+    let mut config = new_config(name, &args.arch, [c, h, w], labels, image, args.image, gates);
+    config.max_batch_size = args.max_batch_size;
+    std::fs::write(args.dir.join(CONFIG_FILE), toml::to_string_pretty(&config)?)?;
+    println!("{}", args.dir.display());
+    Ok(())
+}
+
+/// A new model folder's configuration: dense policy, default batching and limits. `image`
+/// is how pixels become the input tensor: applied by the server to encoded images when
+/// `accepts_images` (a `BYTES` input), otherwise only recorded, for clients and sluice's
+/// dataset commands (the input is then an already normalised FP32 tensor).
+pub(crate) fn new_config(
+    name: String,
+    arch: &str,
+    dims: [i64; 3],
+    labels: Vec<String>,
+    image: Option<ImageConfig>,
+    accepts_images: bool,
+    gates: GateConfig,
+) -> ModelConfig {
+    ModelConfig {
         name,
         version: "1".into(),
-        architecture: args.arch.clone(),
+        architecture: arch.into(),
         weights: "model.safetensors".into(),
         calibration: None,
-        max_batch_size: args.max_batch_size,
+        max_batch_size: 32,
         precision: Default::default(),
         input: InputConfig {
-            name: if args.image { "image".into() } else { "input".into() },
-            dims: [c, h, w],
-            datatype: if args.image { InputDatatype::Bytes } else { InputDatatype::Fp32 },
-            image: args.image.then(|| ImageConfig::new(vec![0.5; c as usize], vec![0.5; c as usize])),
+            name: if accepts_images { "image".into() } else { "input".into() },
+            dims,
+            datatype: if accepts_images { InputDatatype::Bytes } else { InputDatatype::Fp32 },
+            image,
         },
-        output: OutputConfig {
-            name: "logits".into(),
-            labels: (0..args.classes).map(|i| format!("class{i}")).collect(),
-        },
+        output: OutputConfig { name: "logits".into(), labels },
         gates,
         batching: BatchingConfig::default(),
         policy: GatePolicy::dense(),
         limits: Default::default(),
         requests: Default::default(),
-    };
-    std::fs::write(args.dir.join(CONFIG_FILE), toml::to_string_pretty(&config)?)?;
-    println!("{}", args.dir.display());
-    Ok(())
+    }
 }
 
 /// Arguments of `sluice model predict`.

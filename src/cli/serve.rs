@@ -13,6 +13,7 @@ use crate::engine::{Layout, Precision};
 use crate::protocol::conn::ConnectionLimits;
 use crate::protocol::grpc::GrpcLimits;
 use crate::protocol::http::HttpLimits;
+use crate::repository::InputDatatype;
 use crate::server::{self, ServerConfig};
 use crate::serving::LoadOptions;
 use crate::serving::limits::ServerLimits;
@@ -183,8 +184,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let example =
-        models.iter().find(|m| m.config.input.dims == [1, 28, 28] && m.config.input.image.is_none());
+    let example = models
+        .iter()
+        .find(|m| m.config.input.dims == [1, 28, 28] && m.config.input.datatype == InputDatatype::Fp32);
     let example = example.map(|m| m.config.name.clone());
     let first = models.first().map(|m| m.config.name.clone()).unwrap_or_default();
     runtime.block_on(server::run(config, server::shutdown_signal(), |a| {

@@ -1,6 +1,7 @@
-//! Loading and saving weights as safetensors, strictly: every variable of the model must be
+//! Loading and saving weights as safetensors, strictly: every variable inference needs must be
 //! in the file with the same shape, and the file may hold nothing else. Problems name the
-//! tensor.
+//! tensor. Batch-norm `num_batches_tracked` counters are optional (a training counter that
+//! inference never reads, and that common exports leave out).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,6 +13,7 @@ use super::EngineError;
 
 /// Loads `path` into every variable of `vs`; fails, naming tensors, on any missing,
 /// unexpected or mis-shaped entry. Floating-point tensors of another precision are converted.
+/// A missing batch-norm `num_batches_tracked` counter keeps its initial value.
 pub fn load_strict(vs: &mut VarStore, path: &Path) -> Result<(), EngineError> {
     let file = path.display().to_string();
     let loaded = Tensor::read_safetensors(path).map_err(|e| EngineError::Weights {
@@ -44,7 +46,7 @@ pub fn load_strict(vs: &mut VarStore, path: &Path) -> Result<(), EngineError> {
         }
     }
     for (name, dst) in &vars {
-        if !seen.contains(name.as_str()) {
+        if !seen.contains(name.as_str()) && !is_training_counter(name) {
             problems.push(format!("missing tensor `{name}` (shape {:?})", dst.size()));
         }
     }
@@ -78,6 +80,11 @@ pub fn save(vs: &VarStore, path: &Path) -> Result<(), EngineError> {
         file: path.display().to_string(),
         problem: format!("cannot write: {e}"),
     })
+}
+
+/// Batch-norm's step counter: saved by PyTorch, read only by training with momentum `None`.
+fn is_training_counter(name: &str) -> bool {
+    name == "num_batches_tracked" || name.ends_with(".num_batches_tracked")
 }
 
 fn is_float(kind: Kind) -> bool {

@@ -95,14 +95,17 @@ pub struct InputConfig {
     pub dims: [i64; 3],
     #[serde(default)]
     pub datatype: InputDatatype,
-    /// Pre-processing of image (`BYTES`) inputs.
+    /// Pre-processing of image (`BYTES`) inputs; for `FP32` inputs, the normalisation the
+    /// tensor was made with (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageConfig>,
 }
 
 /// How an encoded image becomes the network's input: decoded, converted to grayscale (1
 /// channel) or RGB (3), resized to `dims`, scaled to [0, 1], then `(x - mean) / std` per
-/// channel — as the model was trained.
+/// channel — as the model was trained. The server applies it to `BYTES` inputs; with an
+/// `FP32` input it only records the normalisation clients must apply (and sluice's dataset
+/// commands do), its size limits unused.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageConfig {
@@ -216,13 +219,19 @@ impl ModelDir {
             (InputDatatype::Bytes, None) => {
                 return Err(bad("a BYTES input needs [input.image] settings".into()));
             }
-            (InputDatatype::Bytes, Some(img))
+            (_, Some(img))
                 if img.mean.len() != config.input.dims[0] as usize || img.std.len() != img.mean.len() =>
             {
                 return Err(bad(format!(
                     "input.image mean and std need {} values (one per channel)",
                     config.input.dims[0]
                 )));
+            }
+            (_, Some(img))
+                if img.mean.iter().chain(&img.std).any(|v| !v.is_finite())
+                    || img.std.iter().any(|&s| s <= 0.0) =>
+            {
+                return Err(bad("input.image mean must be finite and std positive".into()));
             }
             _ => {}
         }

@@ -20,7 +20,7 @@ use crate::control::auth::AdminAccess;
 use crate::protocol::EXTENSIONS;
 use crate::protocol::conn::ConnectionLimits;
 use crate::serving::ApiError;
-use crate::serving::{Admission, ModelRuntime, Protocol, ServingCore};
+use crate::serving::{Admission, DataType, ModelRuntime, Protocol, ServingCore};
 
 /// Limits of the HTTP front door (docs/security.md).
 #[derive(Clone, Copy, Debug)]
@@ -297,7 +297,8 @@ async fn infer_request(
         return Err(too_large(&model, n, limit));
     }
     // A raw body for an image model is one encoded image: its size limit applies unread.
-    if let (Some(0), Some(n), Some(image)) = (header_length, content_length, &model.interface.image)
+    if let (Some(0), Some(n), DataType::Bytes, Some(image)) =
+        (header_length, content_length, model.interface.input_datatype, &model.interface.image)
         && n > image.max_bytes
     {
         return Err(ApiError::PayloadTooLarge(format!(
