@@ -3,7 +3,8 @@
 //! Layers, each importing only the ones below it (checked by `tests/layering.rs`):
 //! - `engine`: tch models, gates, FLOP accounting, weights; knows no protocol, queue, metrics
 //!   registry or command line;
-//! - `data`: datasets;
+//! - `data`: datasets (IDX, CIFAR binary, image folders) and the PNG/JPEG decoding that
+//!   training, evaluation and serving share;
 //! - `observability`: the Prometheus registry and its typed handles, logging set-up;
 //! - `control`: the live gating policy, its runtime calibration table, admin credentials;
 //! - `repository`: model folders and their configuration;

@@ -1,10 +1,8 @@
 //! The `sluice` binary's machine-readable output.
 
-use std::process::Command;
+mod common;
 
-fn sluice(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).output().expect("sluice runs")
-}
+use common::{json_lines, sluice};
 
 #[test]
 fn model_info_json_reports_parameters_and_dense_flops() {
@@ -96,12 +94,7 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
         report.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = out
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .collect();
+    let rows = json_lines(&out.stdout);
     assert_eq!(rows.len(), 1 + budgets.len(), "the dense row and one per budget");
     assert!(rows[0]["budget"].is_null());
     // Every gate open: exactly the dense network (the gate MLP is skipped when no gate reads

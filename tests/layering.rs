@@ -15,7 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("repository", &["engine", "control"]),
     ("scheduling", &["engine", "observability"]),
     ("train", &["engine", "data", "repository", "control"]),
-    ("serving", &["engine", "control", "repository", "scheduling", "observability"]),
+    ("serving", &["engine", "data", "control", "repository", "scheduling", "observability"]),
     ("protocol", &["serving", "control", "engine", "observability"]),
     ("server", &["protocol", "serving", "control", "observability"]),
     ("bench", &["engine", "control", "repository", "data"]),

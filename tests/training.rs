@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use sluice::data::FashionMnist;
 use sluice::data::fashion_mnist::DEFAULT_DIR;
+use sluice::data::{Dataset, FashionMnist};
 use sluice::engine::{GatePolicy, Model};
 use sluice::repository::ModelDir;
 use sluice::train::export::export_model;
@@ -14,7 +14,7 @@ use sluice::train::net::PassMode;
 use sluice::train::{RunDir, TrainConfig, Trainer};
 use tch::{Kind, Tensor};
 
-fn data() -> FashionMnist {
+fn data() -> Dataset {
     let dir =
         std::env::var_os("SLUICE_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
     FashionMnist::load(&dir).expect("Fashion-MNIST installed by make setup")
@@ -88,7 +88,8 @@ fn exported_models_serve_the_trained_network() {
         tch::with_grad(|| trainer.step(&x, &y, &mut rng, 0.05));
     }
     let dir = tempfile::tempdir().unwrap();
-    export_model(&trainer, &data.train.take(1024), dir.path(), "tiny", false).unwrap();
+    let small = Dataset { train: data.train.take(1024), ..data.clone() };
+    export_model(&trainer, &small, dir.path(), "tiny", false).unwrap();
     let model = Model::build(&ModelDir::open(dir.path()).unwrap().source(Default::default())).unwrap();
     let x = data.test.images(0..32);
 

@@ -1,5 +1,5 @@
-//! `sluice calibrate <model-dir>`: sweep thresholds on the validation split and write the
-//! budget → thresholds table beside the weights.
+//! `sluice calibrate <model-dir>`: sweep thresholds on a dataset's validation split
+//! (`--data`) and write the budget → thresholds table beside the weights.
 
 use std::path::PathBuf;
 
@@ -9,7 +9,6 @@ use clap::Args;
 use crate::control::calibration::{
     CALIBRATION_FILE, CalibrationTable, budget_table, default_budgets, dense_point, frontier,
 };
-use crate::data::FashionMnist;
 use crate::engine::{ChannelMode, Model};
 use crate::repository::ModelDir;
 use crate::train::calibrate::{SweepGrid, sweep};
@@ -22,7 +21,7 @@ pub struct CalibrateArgs {
     /// Quantile steps of the channel and block threshold grids.
     #[arg(long, env = "SLUICE_CALIBRATE_STEPS", default_value_t = 12)]
     pub steps: usize,
-    /// Use only the first N validation images (0: all 5000).
+    /// Use only the first N validation images (0: all).
     #[arg(long, env = "SLUICE_CALIBRATE_LIMIT", default_value_t = 0)]
     pub limit: usize,
     /// Write the table here instead of <model>/calibration.json.
@@ -30,8 +29,8 @@ pub struct CalibrateArgs {
     pub out: Option<PathBuf>,
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
     pub threads: usize,
-    #[arg(long, env = "SLUICE_DATA_DIR", default_value = crate::data::fashion_mnist::DEFAULT_DIR)]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub data: super::DataArgs,
 }
 
 pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
@@ -39,7 +38,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     let _guard = tch::no_grad_guard();
     let dir = ModelDir::open(&args.model)?;
     let model = Model::build(&dir.source(Default::default()))?;
-    let data = FashionMnist::load(&args.data_dir)?;
+    let data = args.data.load_for(&dir)?;
     let validation = if args.limit > 0 { data.validation.take(args.limit) } else { data.validation };
     let grid = SweepGrid::from_scores(&model, &validation.images(0..validation.len().min(2000)), args.steps);
     tracing::info!(

@@ -11,7 +11,6 @@ use serde::Serialize;
 
 use crate::bench::timing::median;
 use crate::control::calibration::CalibrationTable;
-use crate::data::FashionMnist;
 use crate::engine::{BatchTotals, GatePolicy, Model};
 use crate::repository::ModelDir;
 
@@ -39,8 +38,8 @@ pub struct EvalArgs {
     pub threads: usize,
     #[command(flatten)]
     pub format: super::FormatArgs,
-    #[arg(long, env = "SLUICE_DATA_DIR", default_value = crate::data::fashion_mnist::DEFAULT_DIR)]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub data: super::DataArgs,
 }
 
 /// The images `sluice eval` measures.
@@ -93,9 +92,11 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let data = args.data.load_for(&dir)?;
+    let test_is_validation = data.test_is_validation;
     let mut test = match args.split {
-        EvalSplit::Test => FashionMnist::load_test(&args.data_dir)?,
-        EvalSplit::Validation => FashionMnist::load(&args.data_dir)?.validation,
+        EvalSplit::Test => data.test,
+        EvalSplit::Validation => data.validation,
     };
     if args.limit > 0 {
         test = test.take(args.limit);
@@ -128,10 +129,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
+    let which = match (args.split, test_is_validation) {
+        (EvalSplit::Test, true) => "validation split (it has no test split)",
+        (split, _) => split.describe(),
+    };
     let title = format!(
-        "Model `{}` on the Fashion-MNIST {} ({}, {:?} layout)",
+        "Model `{}` on the {} {which} ({}, {} layout)",
         dir.config.name,
-        args.split.describe(),
+        args.data.spec(),
         source.format.precision,
         source.format.layout
     );

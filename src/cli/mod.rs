@@ -124,3 +124,41 @@ impl FormatArgs {
         Ok(source)
     }
 }
+
+/// Which dataset an offline command reads: `--data` (docs/datasets.md).
+#[derive(Clone, Debug, clap::Args)]
+pub struct DataArgs {
+    /// fashion-mnist[:DIR] (default; DIR defaults to $SLUICE_DATA_DIR or Debian's folder),
+    /// idx:DIR, cifar10:DIR, cifar100:DIR or imagefolder:DIR.
+    #[arg(long, env = "SLUICE_DATA", default_value = "fashion-mnist")]
+    pub data: crate::data::DataSpec,
+}
+
+impl DataArgs {
+    /// The dataset asked for (Fashion-MNIST from `$SLUICE_DATA_DIR` when set).
+    pub fn spec(&self) -> crate::data::DataSpec {
+        match (&self.data, std::env::var_os("SLUICE_DATA_DIR")) {
+            (d, Some(dir)) if *d == crate::data::DataSpec::default() => {
+                crate::data::DataSpec::FashionMnist(dir.into())
+            }
+            (d, _) => d.clone(),
+        }
+    }
+
+    /// The dataset at `dir`'s input size, checked against its input and classes, normalised
+    /// as the model records (`[input.image]`), else with the dataset's own statistics.
+    pub fn load_for(&self, dir: &crate::repository::ModelDir) -> anyhow::Result<crate::data::Dataset> {
+        let dims = dir.config.input.dims;
+        let spec = self.spec();
+        let mut data = spec.load(Some(dims))?;
+        data.check_fits(dims, dir.config.output.labels.len())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", spec))?;
+        if let Some(image) = &dir.config.input.image {
+            data.set_normalization(&crate::data::Normalization {
+                mean: image.mean.clone(),
+                std: image.std.clone(),
+            });
+        }
+        Ok(data)
+    }
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 
-use crate::data::FashionMnist;
+use crate::data::DataSpec;
 use crate::train::export::export_model;
 use crate::train::{RunDir, TrainConfig, Trainer, has_checkpoint};
 
@@ -43,9 +43,12 @@ pub struct TrainArgs {
     /// libtorch intra-op threads.
     #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
     pub threads: usize,
-    /// Folder with Fashion-MNIST's IDX files.
-    #[arg(long, env = "SLUICE_DATA_DIR", default_value = crate::data::fashion_mnist::DEFAULT_DIR)]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub data: super::DataArgs,
+    /// Input size CxHxW (H = W) for image folders (default: 3x32x32); IDX and CIFAR data
+    /// have their own.
+    #[arg(long, env = "SLUICE_TRAIN_DIMS")]
+    pub dims: Option<super::Shape>,
     /// No progress bar (logs only).
     #[arg(long, env = "SLUICE_QUIET")]
     pub quiet: bool,
@@ -58,7 +61,7 @@ pub struct TrainArgs {
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads.max(1) as i32);
     let run = RunDir { dir: args.out.clone() };
-    let mut trainer = if has_checkpoint(&args.out) {
+    let (mut trainer, data) = if has_checkpoint(&args.out) {
         if !args.resume {
             bail!(
                 "{} already holds a run: pass --resume to continue it, or choose another --out",
@@ -66,9 +69,19 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             );
         }
         let trainer = Trainer::resume(&run)?;
-        tracing::info!(epoch = trainer.state.epoch, "resuming");
-        trainer
+        tracing::info!(epoch = trainer.state.epoch, data = %trainer.config.data, "resuming");
+        let spec: DataSpec = trainer.config.data.parse().map_err(anyhow::Error::msg)?;
+        let data = spec.load(Some(trainer.config.dims))?;
+        (trainer, data)
     } else {
+        let spec = args.data.spec();
+        let size = match &args.dims {
+            Some(super::Shape(d)) if d.len() == 3 => Some([d[0], d[1], d[2]]),
+            Some(_) => bail!("--dims must be CxHxW"),
+            None => Some([3, 32, 32]),
+        };
+        let data = spec.load(size)?;
+        let t = &data.train;
         let config = TrainConfig {
             arch: args.arch.clone(),
             epochs: args.epochs,
@@ -76,16 +89,30 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             lr: args.lr,
             limit: args.limit,
             seed: args.seed,
+            data: spec_text(&spec),
+            dims: [t.channels as i64, t.rows as i64, t.cols as i64],
+            classes: data.labels.len(),
             ..TrainConfig::fashion_default()
         };
-        Trainer::new(config)?
+        (Trainer::new(config)?, data)
     };
-    let data = FashionMnist::load(&args.data_dir)?;
     trainer.run(&data, &run, args.quiet)?;
     tracing::info!(minutes = format!("{:.1}", trainer.state.seconds / 60.0), "training finished");
     if let Some(dir) = &args.export {
-        export_model(&trainer, &data.train, dir, &args.name, !args.no_precise_bn)?;
+        export_model(&trainer, &data, dir, &args.name, !args.no_precise_bn)?;
         tracing::info!(dir = %dir.display(), "model exported");
     }
     Ok(())
+}
+
+/// `--data`'s text for a spec, saved with the run so `--resume` reads the same dataset.
+fn spec_text(spec: &DataSpec) -> String {
+    let (kind, dir) = match spec {
+        DataSpec::FashionMnist(d) => ("fashion-mnist", d),
+        DataSpec::Idx(d) => ("idx", d),
+        DataSpec::Cifar10(d) => ("cifar10", d),
+        DataSpec::Cifar100(d) => ("cifar100", d),
+        DataSpec::ImageFolder(d) => ("imagefolder", d),
+    };
+    format!("{kind}:{}", dir.display())
 }

@@ -1,14 +1,15 @@
-//! Fashion-MNIST from its gzip IDX files (as Debian's `dataset-fashion-mnist` installs them).
-//! Images become `[N, 1, 28, 28]` f32 tensors normalised with the training set's mean and
-//! standard deviation; labels `[N]` i64. Validation is a fixed held-out tail of the
-//! training set, so it never overlaps the test set nor depends on a random seed.
+//! IDX (MNIST-style) datasets, and Fashion-MNIST from its gzip IDX files (as Debian's
+//! `dataset-fashion-mnist` installs them), normalised with its published statistics.
+//! Validation is a fixed held-out tail of the training set, so it never overlaps the test
+//! set nor depends on a random seed.
 
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use flate2::read::GzDecoder;
-use tch::{Kind, Tensor};
+
+use super::{DataError, Dataset, Normalization, Split, default_holdout, hold_out, labels_file_or_numbers};
 
 /// Where Debian installs the dataset.
 pub const DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -31,139 +32,111 @@ pub const LABELS: [&str; 10] = [
     "Ankle boot",
 ];
 
-/// Errors reading the dataset.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    #[error("{path}: {source} (install Debian's dataset-fashion-mnist: `make setup`, or set --data-dir)")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {why}")]
-    Format { path: PathBuf, why: String },
-}
-
-/// Raw images and labels of one part of the dataset.
-#[derive(Debug, Clone)]
-pub struct Split {
-    /// Row-major pixels, `len = n × rows × cols`.
-    pub pixels: Vec<u8>,
-    pub labels: Vec<u8>,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl Split {
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-
-    /// The images `range` as a normalised `[n, 1, rows, cols]` f32 tensor.
-    pub fn images(&self, range: std::ops::Range<usize>) -> Tensor {
-        let px = self.rows * self.cols;
-        let bytes = &self.pixels[range.start * px..range.end * px];
-        let shape = [range.len() as i64, 1, self.rows as i64, self.cols as i64];
-        normalize(&Tensor::from_slice(bytes).view(shape))
-    }
-
-    /// The labels `range` as an i64 tensor.
-    pub fn label_tensor(&self, range: std::ops::Range<usize>) -> Tensor {
-        Tensor::from_slice(&self.labels[range]).to_kind(Kind::Int64)
-    }
-
-    /// The first `n` examples (or all, if fewer).
-    pub fn take(&self, n: usize) -> Split {
-        let n = n.min(self.len());
-        let px = self.rows * self.cols;
-        Split { pixels: self.pixels[..n * px].to_vec(), labels: self.labels[..n].to_vec(), ..*self }
-    }
-
-    fn split_at(mut self, at: usize) -> (Split, Split) {
-        let px = self.rows * self.cols;
-        let tail = Split {
-            pixels: self.pixels.split_off(at * px),
-            labels: self.labels.split_off(at),
-            rows: self.rows,
-            cols: self.cols,
-        };
-        (self, tail)
-    }
-}
-
-/// u8 pixels `[.., rows, cols]` → f32 normalised with the training statistics.
-pub fn normalize(pixels: &Tensor) -> Tensor {
-    (pixels.to_kind(Kind::Float) / 255.0 - MEAN) / STD
-}
-
-/// The three parts of Fashion-MNIST.
-#[derive(Debug, Clone)]
-pub struct FashionMnist {
-    /// The first 55000 training images.
-    pub train: Split,
-    /// The last 5000 training images, held out.
-    pub validation: Split,
-    /// The 10000 test images.
-    pub test: Split,
-}
+/// Fashion-MNIST, as the shipped model was trained on it.
+pub struct FashionMnist;
 
 impl FashionMnist {
-    /// Loads all four IDX files from `dir`.
-    pub fn load(dir: &Path) -> Result<Self, DataError> {
-        let full_train = read_split(dir, "train")?;
-        let test = read_split(dir, "t10k")?;
-        let at = full_train.len().saturating_sub(VALIDATION_SIZE);
-        let (train, validation) = full_train.split_at(at);
-        Ok(FashionMnist { train, validation, test })
+    /// Loads all four IDX files from `dir`: the first 55000 training images train, the last
+    /// 5000 validate, the 10000 test images test; the published statistics normalise.
+    pub fn load(dir: &Path) -> Result<Dataset, DataError> {
+        let norm = Normalization { mean: vec![MEAN], std: vec![STD] };
+        let full_train = read_split(dir, "train", &norm).map_err(install_hint)?;
+        let test = read_split(dir, "t10k", &norm).map_err(install_hint)?;
+        for (split, prefix) in [(&full_train, "train"), (&test, "t10k")] {
+            if let Some(bad) = split.labels.iter().find(|&&l| l as usize >= LABELS.len()) {
+                let path = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
+                return Err(DataError::format(&path, format!("label {bad} outside 0..=9")));
+            }
+        }
+        let (train, validation) = hold_out(full_train, VALIDATION_SIZE);
+        let labels = LABELS.iter().map(|s| s.to_string()).collect();
+        Ok(Dataset { train, validation, test, labels, test_is_validation: false })
     }
 
     /// Loads only the test set (evaluation needs nothing else).
     pub fn load_test(dir: &Path) -> Result<Split, DataError> {
-        read_split(dir, "t10k")
+        read_split(dir, "t10k", &Normalization { mean: vec![MEAN], std: vec![STD] }).map_err(install_hint)
     }
 }
 
-fn read_split(dir: &Path, prefix: &str) -> Result<Split, DataError> {
-    let images_path = dir.join(format!("{prefix}-images-idx3-ubyte.gz"));
-    let labels_path = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
+fn install_hint(e: DataError) -> DataError {
+    match e {
+        DataError::Io { path, source, .. } => DataError::Io {
+            path,
+            source,
+            hint: " (install Debian's dataset-fashion-mnist: `make setup`, or pass --data fashion-mnist:DIR)",
+        },
+        other => other,
+    }
+}
+
+/// Any MNIST-style IDX folder: `train-` and `t10k-` `images-idx3-ubyte` / `labels-idx1-ubyte`
+/// files, gzip-compressed (`.gz`) or not. Class names from `labels.txt` if present.
+pub fn load_idx(dir: &Path) -> Result<Dataset, DataError> {
+    let norm = Normalization { mean: vec![0.0], std: vec![1.0] };
+    let full_train = read_split(dir, "train", &norm)?;
+    let test = read_split(dir, "t10k", &norm)?;
+    let classes = full_train.labels.iter().chain(&test.labels).max().map_or(0, |&m| m as usize + 1);
+    let holdout = default_holdout(full_train.len());
+    let (train, validation) = hold_out(full_train, holdout);
+    let labels = labels_file_or_numbers(dir, classes)?;
+    Ok(Dataset { train, validation, test, labels, test_is_validation: false })
+}
+
+fn read_split(dir: &Path, prefix: &str, norm: &Normalization) -> Result<Split, DataError> {
+    let file = |name: &str| {
+        let gz = dir.join(format!("{prefix}-{name}.gz"));
+        if gz.is_file() {
+            gz
+        } else if dir.join(format!("{prefix}-{name}")).is_file() {
+            dir.join(format!("{prefix}-{name}"))
+        } else {
+            gz
+        }
+    };
+    let (images_path, labels_path) = (file("images-idx3-ubyte"), file("labels-idx1-ubyte"));
     let (dims, pixels) = read_idx(&images_path, 0x0803)?;
     let (label_dims, labels) = read_idx(&labels_path, 0x0801)?;
-    let format = |path: &Path, why: String| DataError::Format { path: path.to_path_buf(), why };
     let [n, rows, cols] = dims[..] else {
-        return Err(format(&images_path, format!("expected 3 dimensions, found {}", dims.len())));
+        return Err(DataError::format(&images_path, format!("expected 3 dimensions, found {}", dims.len())));
     };
     if label_dims != [n] {
-        return Err(format(&labels_path, format!("{label_dims:?} labels for {n} images")));
+        return Err(DataError::format(&labels_path, format!("{label_dims:?} labels for {n} images")));
     }
-    if let Some(bad) = labels.iter().find(|&&l| l > 9) {
-        return Err(format(&labels_path, format!("label {bad} outside 0..=9")));
-    }
-    Ok(Split { pixels, labels, rows, cols })
+    let labels = labels.into_iter().map(u16::from).collect();
+    Ok(Split { pixels, labels, channels: 1, rows, cols, norm: norm.clone() })
 }
 
-/// Reads a gzip IDX file with the given magic number; returns its dimensions and bytes.
+/// Reads an IDX file (gzip-compressed when its name ends in `.gz`) with the given magic
+/// number; returns its dimensions and bytes. The header's size is checked against
+/// [`super::MAX_IN_MEMORY_BYTES`] before the data is read.
 fn read_idx(path: &Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>), DataError> {
-    let io = |source| DataError::Io { path: path.to_path_buf(), source };
-    let mut bytes = Vec::new();
-    GzDecoder::new(File::open(path).map_err(io)?).read_to_end(&mut bytes).map_err(io)?;
-    let format = |why: String| DataError::Format { path: path.to_path_buf(), why };
-    let word = |i: usize| -> Result<u32, DataError> {
-        bytes
-            .get(4 * i..4 * i + 4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(|| format("truncated header".into()))
+    let io = |source| DataError::io(path, source);
+    let file = File::open(path).map_err(io)?;
+    let mut reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(GzDecoder::new(file))
+    } else {
+        Box::new(file)
     };
-    let found = word(0)?;
+    let mut word = || -> Result<u32, DataError> {
+        let mut b = [0u8; 4];
+        reader.read_exact(&mut b).map_err(|_| DataError::format(path, "truncated header"))?;
+        Ok(u32::from_be_bytes(b))
+    };
+    let found = word()?;
     if found != magic {
-        return Err(format(format!("magic number {found:#x}, expected {magic:#x}")));
+        return Err(DataError::format(path, format!("magic number {found:#x}, expected {magic:#x}")));
     }
     let ndim = (magic & 0xff) as usize;
-    let dims = (1..=ndim).map(|i| word(i).map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
-    let header = 4 * (ndim + 1);
-    let expected: usize = dims.iter().product();
-    if bytes.len() - header != expected {
-        return Err(format(format!("{} data bytes, header says {expected}", bytes.len() - header)));
+    let dims = (0..ndim).map(|_| word().map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
+    let item: u64 = dims[1..].iter().map(|&d| d as u64).product();
+    super::check_memory(path, dims[0] as u64, item)?;
+    let expected = dims.iter().map(|&d| d as u64).product::<u64>() as usize;
+    let mut bytes = Vec::with_capacity(expected);
+    reader.take(expected as u64 + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() != expected {
+        let found = if bytes.len() > expected { "more".to_string() } else { bytes.len().to_string() };
+        return Err(DataError::format(path, format!("{found} data bytes, header says {expected}")));
     }
-    bytes.drain(..header);
     Ok((dims, bytes))
 }

@@ -1,5 +1,325 @@
-//! Datasets: Fashion-MNIST from Debian's `dataset-fashion-mnist`.
+//! Datasets for training, calibration and evaluation, chosen with one flag
+//! (`--data KIND:DIR`, [`DataSpec`]): Fashion-MNIST from Debian's package (the shipped
+//! model's), any IDX (MNIST-style) folder, the CIFAR-10/100 binary format, and image
+//! folders (torchvision's `ImageFolder` convention). Every dataset becomes three [`Split`]s
+//! of u8 pixels in memory — at most [`MAX_IN_MEMORY_BYTES`], checked from the file headers
+//! and counts before anything is decoded — and is normalised per channel.
 
+pub mod cifar;
 pub mod fashion_mnist;
+pub mod folder;
+pub mod pixels;
 
-pub use fashion_mnist::{FashionMnist, Split};
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+pub use fashion_mnist::FashionMnist;
+
+/// The most pixel bytes a dataset may occupy in memory (all three splits). A larger dataset
+/// is refused before it is decoded, naming its size (streaming from disk is not built yet).
+pub const MAX_IN_MEMORY_BYTES: u64 = 8 << 30;
+
+/// Errors reading a dataset; each names the file or folder.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}{hint}")]
+    Io { path: PathBuf, source: std::io::Error, hint: &'static str },
+    #[error("{path}: {why}")]
+    Format { path: PathBuf, why: String },
+}
+
+impl DataError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        DataError::Io { path: path.to_path_buf(), source, hint: "" }
+    }
+
+    pub(crate) fn format(path: &Path, why: impl Into<String>) -> Self {
+        DataError::Format { path: path.to_path_buf(), why: why.into() }
+    }
+}
+
+/// Per-channel normalisation of pixels scaled to [0, 1]: `(x - mean) / std`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Normalization {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+impl Normalization {
+    /// Measured on `split`'s pixels, rounded to 4 decimals (what a config file records).
+    pub fn measure(split: &Split) -> Self {
+        let plane = split.rows * split.cols;
+        let (mut sum, mut sq) = (vec![0f64; split.channels], vec![0f64; split.channels]);
+        for image in split.pixels.chunks(split.channels * plane) {
+            for (c, channel) in image.chunks(plane).enumerate() {
+                let (s, q) =
+                    channel.iter().fold((0u64, 0u64), |(s, q), &p| (s + p as u64, q + (p as u64).pow(2)));
+                sum[c] += s as f64;
+                sq[c] += q as f64;
+            }
+        }
+        let n = (split.len() * plane).max(1) as f64;
+        let round = |v: f64| (v * 1e4).round() / 1e4;
+        let mean: Vec<f64> = sum.iter().map(|s| s / n / 255.0).collect();
+        let std = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| round((q / n / 65025.0 - m * m).max(0.0).sqrt()).max(1e-4))
+            .collect();
+        Normalization { mean: mean.into_iter().map(round).collect(), std }
+    }
+}
+
+/// Images and labels of one part of a dataset, as u8 pixels `[N, C, H, W]`.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Planar pixels, `len = n × channels × rows × cols`.
+    pub pixels: Vec<u8>,
+    pub labels: Vec<u16>,
+    pub channels: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// How [`Split::images`] normalises.
+    pub norm: Normalization,
+}
+
+impl Split {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Bytes of one image.
+    pub fn image_bytes(&self) -> usize {
+        self.channels * self.rows * self.cols
+    }
+
+    /// The pixels of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.image_bytes();
+        &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// The images `range` as a normalised `[n, C, H, W]` f32 tensor.
+    pub fn images(&self, range: std::ops::Range<usize>) -> Tensor {
+        let n = self.image_bytes();
+        let bytes = &self.pixels[range.start * n..range.end * n];
+        let shape = [range.len() as i64, self.channels as i64, self.rows as i64, self.cols as i64];
+        self.normalize(&Tensor::from_slice(bytes).view(shape))
+    }
+
+    /// u8 pixels `[N, C, H, W]` → f32 normalised with this split's statistics.
+    pub fn normalize(&self, pixels: &Tensor) -> Tensor {
+        let c = self.channels as i64;
+        if c == 1 {
+            // Scalars: bit-identical to how the shipped model was trained.
+            return (pixels.to_kind(Kind::Float) / 255.0 - self.norm.mean[0]) / self.norm.std[0];
+        }
+        let stat = |v: &[f64]| {
+            Tensor::from_slice(&v.iter().map(|&x| x as f32).collect::<Vec<_>>()).view([1, c, 1, 1])
+        };
+        (pixels.to_kind(Kind::Float) / 255.0 - stat(&self.norm.mean)) / stat(&self.norm.std)
+    }
+
+    /// The labels `range` as an i64 tensor.
+    pub fn label_tensor(&self, range: std::ops::Range<usize>) -> Tensor {
+        let labels: Vec<i64> = self.labels[range].iter().map(|&l| i64::from(l)).collect();
+        Tensor::from_slice(&labels)
+    }
+
+    /// The first `n` examples (or all, if fewer).
+    pub fn take(&self, n: usize) -> Split {
+        let n = n.min(self.len());
+        Split {
+            pixels: self.pixels[..n * self.image_bytes()].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            norm: self.norm.clone(),
+            ..*self
+        }
+    }
+
+    /// The first `at` examples and the rest.
+    pub fn split_at(mut self, at: usize) -> (Split, Split) {
+        let tail = Split {
+            pixels: self.pixels.split_off(at * self.image_bytes()),
+            labels: self.labels.split_off(at),
+            norm: self.norm.clone(),
+            ..self
+        };
+        (self, tail)
+    }
+}
+
+/// A dataset's three parts and its class names.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Training images.
+    pub train: Split,
+    /// Held out of training for calibration and model selection; never the test set.
+    pub validation: Split,
+    /// For `sluice eval`. Image folders without a `test/` folder use their validation
+    /// split here ([`Dataset::test_is_validation`]).
+    pub test: Split,
+    pub labels: Vec<String>,
+    pub test_is_validation: bool,
+}
+
+impl Dataset {
+    /// Sets every split's normalisation.
+    pub fn set_normalization(&mut self, norm: &Normalization) {
+        for split in [&mut self.train, &mut self.validation, &mut self.test] {
+            split.norm = norm.clone();
+        }
+    }
+
+    /// Checks the images are what a model with input `dims` `[C, H, W]` and `classes`
+    /// outputs takes.
+    pub fn check_fits(&self, dims: [i64; 3], classes: usize) -> Result<(), String> {
+        let t = &self.test;
+        let have = [t.channels as i64, t.rows as i64, t.cols as i64];
+        if have != dims {
+            return Err(format!("the dataset's images are {have:?} (C, H, W); the model takes {dims:?}"));
+        }
+        if self.labels.len() != classes {
+            return Err(format!(
+                "the dataset has {} classes; the model has {classes} outputs",
+                self.labels.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which dataset, as `--data` names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataSpec {
+    /// Fashion-MNIST's gzip IDX files with its class names and published statistics.
+    FashionMnist(PathBuf),
+    /// Any MNIST-style IDX folder (`train-images-idx3-ubyte[.gz]`, …, `t10k-…`).
+    Idx(PathBuf),
+    /// CIFAR-10's binary version (`data_batch_1..5.bin`, `test_batch.bin`).
+    Cifar10(PathBuf),
+    /// CIFAR-100's binary version (`train.bin`, `test.bin`; fine labels).
+    Cifar100(PathBuf),
+    /// One sub-folder of PNG/JPEG files per class (docs/datasets.md has the split rules).
+    ImageFolder(PathBuf),
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        DataSpec::FashionMnist(fashion_mnist::DEFAULT_DIR.into())
+    }
+}
+
+impl std::str::FromStr for DataSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (kind, dir) = text.split_once(':').unwrap_or((text, ""));
+        let dir = PathBuf::from(dir);
+        let need_dir = |spec: DataSpec| {
+            if dir.as_os_str().is_empty() {
+                Err(format!("`{kind}` needs a folder: {kind}:DIR"))
+            } else {
+                Ok(spec)
+            }
+        };
+        match kind {
+            "fashion-mnist" if dir.as_os_str().is_empty() => Ok(DataSpec::default()),
+            "fashion-mnist" => Ok(DataSpec::FashionMnist(dir)),
+            "idx" => need_dir(DataSpec::Idx(dir.clone())),
+            "cifar10" => need_dir(DataSpec::Cifar10(dir.clone())),
+            "cifar100" => need_dir(DataSpec::Cifar100(dir.clone())),
+            "imagefolder" => need_dir(DataSpec::ImageFolder(dir.clone())),
+            _ => Err(format!(
+                "`{text}`: expected fashion-mnist[:DIR], idx:DIR, cifar10:DIR, cifar100:DIR or imagefolder:DIR"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DataSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataSpec::FashionMnist(_) => write!(f, "Fashion-MNIST"),
+            DataSpec::Idx(d) => write!(f, "IDX dataset {}", d.display()),
+            DataSpec::Cifar10(d) => write!(f, "CIFAR-10 ({})", d.display()),
+            DataSpec::Cifar100(d) => write!(f, "CIFAR-100 ({})", d.display()),
+            DataSpec::ImageFolder(d) => write!(f, "image folder {}", d.display()),
+        }
+    }
+}
+
+impl DataSpec {
+    /// Loads every split. Image folders are decoded at `size` `[C, H, W]` (required for
+    /// them; the others have their own size). Normalisation: Fashion-MNIST's published
+    /// statistics, otherwise measured on the training split.
+    pub fn load(&self, size: Option<[i64; 3]>) -> Result<Dataset, DataError> {
+        let mut data = match self {
+            DataSpec::FashionMnist(dir) => return FashionMnist::load(dir),
+            DataSpec::Idx(dir) => fashion_mnist::load_idx(dir)?,
+            DataSpec::Cifar10(dir) => cifar::load(dir, cifar::Variant::Ten)?,
+            DataSpec::Cifar100(dir) => cifar::load(dir, cifar::Variant::Hundred)?,
+            DataSpec::ImageFolder(dir) => {
+                let size = size.ok_or_else(|| {
+                    DataError::format(
+                        dir,
+                        "an image folder needs the image size (the model's input dims, or --dims)",
+                    )
+                })?;
+                folder::load(dir, size)?
+            }
+        };
+        let norm = Normalization::measure(&data.train);
+        data.set_normalization(&norm);
+        Ok(data)
+    }
+}
+
+/// Refuses a dataset whose pixels would exceed [`MAX_IN_MEMORY_BYTES`].
+pub(crate) fn check_memory(path: &Path, images: u64, image_bytes: u64) -> Result<(), DataError> {
+    let total = images.saturating_mul(image_bytes);
+    if total > MAX_IN_MEMORY_BYTES {
+        return Err(DataError::format(
+            path,
+            format!(
+                "{images} images of {image_bytes} bytes need {:.1} GiB in memory; at most {} GiB is loaded \
+                 (use a subset or a smaller image size)",
+                total as f64 / (1u64 << 30) as f64,
+                MAX_IN_MEMORY_BYTES >> 30
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Splits `train` into training and validation by holding out its last `holdout` images
+/// (a fixed rule: no seed, never the test set).
+pub(crate) fn hold_out(train: Split, holdout: usize) -> (Split, Split) {
+    let at = train.len() - holdout.min(train.len());
+    train.split_at(at)
+}
+
+/// Validation images held out of a training set of `n`: a tenth, at most 5000.
+pub(crate) fn default_holdout(n: usize) -> usize {
+    (n / 10).clamp(1, 5000).min(n)
+}
+
+/// Class names from `dir/labels.txt` (one per line) when it exists, else `0`, `1`, ….
+pub(crate) fn labels_file_or_numbers(dir: &Path, classes: usize) -> Result<Vec<String>, DataError> {
+    let path = dir.join("labels.txt");
+    if !path.is_file() {
+        return Ok((0..classes).map(|i| i.to_string()).collect());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
+    let labels: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if labels.len() != classes {
+        return Err(DataError::format(&path, format!("{} names for {classes} classes", labels.len())));
+    }
+    Ok(labels)
+}

@@ -46,6 +46,17 @@ impl std::str::FromStr for Layout {
     }
 }
 
+impl std::fmt::Display for Layout {
+    /// The name `--layout` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layout::ChannelsLast => "channels-last",
+            Layout::Nchw => "nchw",
+            Layout::Onednn => "onednn",
+        })
+    }
+}
+
 /// Number format of weights and activations. Pooling, the gate heads, the exit and final
 /// classifiers and the logits are FP32 in both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

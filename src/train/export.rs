@@ -8,26 +8,27 @@ use tch::{Kind, Tensor};
 
 use super::Trainer;
 use super::net::TrainableNet;
-use crate::data::Split;
-use crate::data::fashion_mnist::LABELS;
+use crate::data::{Dataset, Split};
 use crate::engine::model::{NetworkParams, load_params};
 use crate::engine::params::{BN_EPS, BatchNormParams, ResNetParams};
 use crate::engine::{ModelSource, weights};
-use crate::repository::{CONFIG_FILE, InputConfig, ModelConfig, OutputConfig};
+use crate::repository::{CONFIG_FILE, ImageConfig, InputConfig, ModelConfig, OutputConfig};
 
 /// Images used to measure each width's batch-norm statistics.
 const CALIBRATION_IMAGES: usize = 4096;
 
-/// Writes `dir/model.safetensors` and `dir/config.toml` for the trained network. With
-/// `precise_bn`, the full-width batch-norm statistics are first re-measured on clean training
-/// images (training kept momentum averages over augmented batches of a moving network).
+/// Writes `dir/model.safetensors` and `dir/config.toml` for the trained network (the
+/// dataset's class names and normalisation recorded in it). With `precise_bn`, the
+/// full-width batch-norm statistics are first re-measured on clean training images
+/// (training kept momentum averages over augmented batches of a moving network).
 pub fn export_model(
     trainer: &Trainer,
-    train: &Split,
+    data: &Dataset,
     dir: &Path,
     name: &str,
     precise_bn: bool,
 ) -> anyhow::Result<()> {
+    let train = &data.train;
     let _guard = tch::no_grad_guard();
     std::fs::create_dir_all(dir)?;
     if precise_bn {
@@ -51,14 +52,11 @@ pub fn export_model(
         precision: Default::default(),
         input: InputConfig {
             name: "input".into(),
-            dims: [1, 28, 28],
+            dims: trainer.config.dims,
             datatype: Default::default(),
-            image: None,
+            image: Some(ImageConfig::new(train.norm.mean.clone(), train.norm.std.clone())),
         },
-        output: OutputConfig {
-            name: "logits".into(),
-            labels: LABELS.iter().map(|s| s.to_string()).collect(),
-        },
+        output: OutputConfig { name: "logits".into(), labels: data.labels.clone() },
         gates: trainer.config.gates.clone(),
         batching: Default::default(),
         policy: Default::default(),

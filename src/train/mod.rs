@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::fashion_mnist::{self, FashionMnist, Split};
+use crate::data::{Dataset, Split};
 use crate::engine::gates::GateLayout;
 use crate::engine::{ArchSpec, GateConfig};
 
@@ -51,6 +51,26 @@ pub struct TrainConfig {
     /// Use only the first N training images (CI's short run); 0 = all.
     pub limit: usize,
     pub seed: u64,
+    /// The dataset, as `--data` names it (resuming reads the same one).
+    #[serde(default = "default_data")]
+    pub data: String,
+    /// Input `[C, H, W]` (H = W) and classes of the network.
+    #[serde(default = "default_dims")]
+    pub dims: [i64; 3],
+    #[serde(default = "default_classes")]
+    pub classes: usize,
+}
+
+fn default_data() -> String {
+    "fashion-mnist".into()
+}
+
+fn default_dims() -> [i64; 3] {
+    [1, 28, 28]
+}
+
+fn default_classes() -> usize {
+    10
 }
 
 impl TrainConfig {
@@ -77,6 +97,9 @@ impl TrainConfig {
             min_rate: 0.2,
             limit: 0,
             seed: 1,
+            data: default_data(),
+            dims: default_dims(),
+            classes: default_classes(),
         }
     }
 }
@@ -138,10 +161,14 @@ impl Trainer {
     /// A fresh run (weights initialised from the config's seed).
     pub fn new(config: TrainConfig) -> anyhow::Result<Self> {
         tch::manual_seed(config.seed as i64);
-        let spec = ArchSpec::named(&config.arch, 1, fashion_mnist::LABELS.len() as i64)?;
+        let [channels, h, w] = config.dims;
+        if h != w {
+            anyhow::bail!("training needs square inputs, got {h}x{w}");
+        }
+        let spec = ArchSpec::named(&config.arch, channels, config.classes as i64)?;
         let layout = GateLayout::new(&spec, &config.gates)?;
         let vs = VarStore::new(Device::Cpu);
-        let net = TrainableNet::new(&vs.root(), &spec, &layout, 28).map_err(anyhow::Error::msg)?;
+        let net = TrainableNet::new(&vs.root(), &spec, &layout, h).map_err(anyhow::Error::msg)?;
         let mut trainable: Vec<(String, Tensor)> =
             vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         trainable.sort_by(|a, b| a.0.cmp(&b.0));
@@ -234,7 +261,8 @@ impl Trainer {
     }
 
     /// Trains until `config.epochs`, checkpointing after every epoch.
-    pub fn run(&mut self, data: &FashionMnist, run: &RunDir, quiet: bool) -> anyhow::Result<()> {
+    pub fn run(&mut self, data: &Dataset, run: &RunDir, quiet: bool) -> anyhow::Result<()> {
+        data.check_fits(self.config.dims, self.config.classes).map_err(anyhow::Error::msg)?;
         let train =
             if self.config.limit > 0 { data.train.take(self.config.limit) } else { data.train.clone() };
         let batches = train.len().div_ceil(self.config.batch_size);
@@ -323,11 +351,10 @@ impl Trainer {
 }
 
 fn augmented_batch(split: &Split, indices: &[usize], pad: usize, rng: &mut StdRng) -> (Tensor, Tensor) {
-    let px = split.rows * split.cols;
-    let images: Vec<&[u8]> = indices.iter().map(|&i| &split.pixels[i * px..(i + 1) * px]).collect();
-    let pixels = augment::pad_crop_flip(&images, split.rows, split.cols, pad, rng);
-    let shape = [indices.len() as i64, 1, split.rows as i64, split.cols as i64];
-    let images = fashion_mnist::normalize(&Tensor::from_slice(&pixels).view(shape));
+    let images: Vec<&[u8]> = indices.iter().map(|&i| split.image(i)).collect();
+    let pixels = augment::pad_crop_flip(&images, split.channels, split.rows, split.cols, pad, rng);
+    let shape = [indices.len() as i64, split.channels as i64, split.rows as i64, split.cols as i64];
+    let images = split.normalize(&Tensor::from_slice(&pixels).view(shape));
     let labels: Vec<i64> = indices.iter().map(|&i| split.labels[i] as i64).collect();
     (images, Tensor::from_slice(&labels))
 }

@@ -26,3 +26,17 @@ pub fn fixture_tensor(file: &str, name: &str) -> Tensor {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
+
+/// Runs the `sluice` binary built for the tests.
+pub fn sluice(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).output().expect("sluice runs")
+}
+
+/// One JSON value per non-empty line (`--json` outputs).
+pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect()
+}
