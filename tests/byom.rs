@@ -97,3 +97,94 @@ fn an_image_folder_trains_calibrates_and_evaluates() {
     let out = sluice(&["eval", &path("model"), "--data", "imagenet:/x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected fashion-mnist[:DIR], idx:DIR"));
 }
+
+/// The whole path in miniature, on a network sluice did not train: a dense checkpoint (here
+/// `model init`'s random weights stand in for one trained elsewhere) is imported, gates are
+/// retrofitted on the image folder with the dense network as teacher, the result is
+/// calibrated on the folder's validation split, served, and answers over HTTP at a budget.
+#[test]
+fn import_retrofit_calibrate_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    write_folder(&dir.path().join("images"));
+    let data = format!("imagefolder:{}", path("images"));
+    ok(sluice(&[
+        "model",
+        "init",
+        &path("elsewhere"),
+        "--arch",
+        "resnet20",
+        "--dims",
+        "3x32x32",
+        "--classes",
+        "3",
+    ]));
+    std::fs::write(path("labels.txt"), "blue\ngreen\nred\n").unwrap();
+    let out = ok(sluice(&[
+        "model",
+        "import",
+        &path("elsewhere/model.safetensors"),
+        &path("repo/imported"),
+        "--arch",
+        "resnet20",
+        "--dims",
+        "3x32x32",
+        "--mean",
+        "0.4,0.4,0.4",
+        "--std",
+        "0.3,0.3,0.3",
+        "--labels",
+        &path("labels.txt"),
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("matches the reference"));
+
+    ok(sluice(&[
+        "train",
+        "--init",
+        &path("repo/imported"),
+        "--out",
+        &path("run"),
+        "--data",
+        &data,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--export",
+        &path("repo/retrofit"),
+        "--name",
+        "retrofit",
+        "--quiet",
+    ]));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/checkpoint.json")).unwrap())
+            .unwrap();
+    assert!(run["config"]["init"].as_str().unwrap().ends_with("imported/model.safetensors"), "{run}");
+    assert_eq!(run["config"]["lr"], 0.01, "a retrofit fine-tunes");
+    let config: toml::Table =
+        std::fs::read_to_string(dir.path().join("repo/retrofit/config.toml")).unwrap().parse().unwrap();
+    assert_eq!(config["gates"]["channel"].as_bool(), Some(true));
+    assert_eq!(config["architecture"].as_str(), Some("resnet20"));
+
+    ok(sluice(&["calibrate", &path("repo/retrofit"), "--data", &data, "--steps", "3"]));
+    let server = common::server::Server::start(&dir.path().join("repo"), &[]);
+    let image: Vec<f32> = (0..3 * 32 * 32).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+    let infer = |model: &str, parameters: serde_json::Value| {
+        let body = serde_json::json!({
+            "inputs": [{ "name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": image }],
+            "parameters": parameters
+        });
+        let url = format!("/v2/models/{model}/infer");
+        let reply = common::server::request(server.http, "POST", &url, &[], body.to_string().as_bytes());
+        assert_eq!(reply.status, 200, "{model}: {}", String::from_utf8_lossy(&reply.body));
+        reply.json()
+    };
+    let dense = infer("imported", serde_json::json!({}));
+    assert_eq!(dense["outputs"][0]["shape"], serde_json::json!([1, 3]), "{dense}");
+    let gated = infer("retrofit", serde_json::json!({ "sluice_budget": 0.5 }));
+    assert_eq!(gated["outputs"][0]["shape"], serde_json::json!([1, 3]), "{gated}");
+    let p = &gated["parameters"];
+    assert_eq!(p["sluice_policy_override"], true, "{gated}");
+    assert!(p["sluice_flops_executed"].as_i64() <= p["sluice_flops_dense"].as_i64(), "{gated}");
+    server.terminate();
+}

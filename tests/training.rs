@@ -111,3 +111,39 @@ fn exported_models_serve_the_trained_network() {
         assert!(diff < 1e-5, "channel saliency differs by {diff}");
     }
 }
+
+/// A retrofit starts from the dense network: before any step, the trainable network at full
+/// width computes exactly the teacher's logits, from the weights of the checkpoint (which
+/// may lack BatchNorm counters); a checkpoint of another shape is refused by name.
+#[test]
+fn a_retrofit_starts_from_the_dense_weights_it_learns_from() {
+    let _guard = tch::no_grad_guard();
+    let dir = tempfile::tempdir().unwrap();
+    let dense = dir.path().join("dense.safetensors");
+    {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let spec = sluice::engine::ArchSpec::named("resnet20", 1, 10).unwrap();
+        let params = sluice::engine::params::ResNetParams::new(&vs.root(), &spec);
+        // Non-trivial batch-norm statistics, as a trained network has.
+        let _ = params.stem.bn.running_mean.shallow_clone().fill_(0.3);
+        let _ = params.blocks[4].layers[1].bn.running_var.shallow_clone().fill_(2.5);
+        let tensors: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(n, _)| !n.ends_with("num_batches_tracked")).collect();
+        Tensor::write_safetensors(&tensors, &dense).unwrap();
+    }
+    let config = TrainConfig { init: Some(dense.clone()), ..small_config() };
+    let trainer = Trainer::new(config).unwrap();
+    let x = data().test.images(0..16);
+    let student = trainer.net.forward(&x, &PassMode::Widths(trainer.net.widest()), false).logits;
+    let teacher = sluice::train::Teacher::load(&trainer.net.spec, &dense).unwrap().logits(&x);
+    let diff = (&student - &teacher).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "student and teacher differ by {diff} before training");
+    assert!(teacher.abs().max().double_value(&[]) > 0.0);
+
+    let wrong = TrainConfig { arch: "resnet32".into(), init: Some(dense), ..small_config() };
+    let err = Trainer::new(wrong).err().unwrap().to_string();
+    assert!(
+        err.contains("does not hold this network's dense weights") && err.contains("missing `layer1.3."),
+        "{err}"
+    );
+}

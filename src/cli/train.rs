@@ -7,6 +7,7 @@ use anyhow::bail;
 use clap::Args;
 
 use crate::data::DataSpec;
+use crate::repository::ModelDir;
 use crate::train::export::export_model;
 use crate::train::{RunDir, TrainConfig, Trainer, has_checkpoint};
 
@@ -32,9 +33,15 @@ pub struct TrainArgs {
     pub epochs: usize,
     #[arg(long, env = "SLUICE_TRAIN_BATCH_SIZE", default_value_t = 128)]
     pub batch_size: usize,
-    /// Peak learning rate (cosine schedule, 1 epoch warm-up).
-    #[arg(long, env = "SLUICE_TRAIN_LR", default_value_t = 0.1)]
-    pub lr: f64,
+    /// Peak learning rate (cosine schedule, 1 epoch warm-up); default 0.1, or 0.01 with
+    /// --init.
+    #[arg(long, env = "SLUICE_TRAIN_LR")]
+    pub lr: Option<f64>,
+    /// Retrofit gates onto a dense network: a model folder (its architecture, input size and
+    /// weights) or a safetensors checkpoint with torchvision names (with --arch and the
+    /// dataset's size). Its backbone is the starting point and, frozen, the teacher.
+    #[arg(long, env = "SLUICE_TRAIN_INIT")]
+    pub init: Option<PathBuf>,
     /// Train on the first N training images only (0: all 55000).
     #[arg(long, env = "SLUICE_TRAIN_LIMIT", default_value_t = 0)]
     pub limit: usize,
@@ -75,23 +82,40 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         (trainer, data)
     } else {
         let spec = args.data.spec();
-        let size = match &args.dims {
-            Some(super::Shape(d)) if d.len() == 3 => Some([d[0], d[1], d[2]]),
-            Some(_) => bail!("--dims must be CxHxW"),
-            None => Some([3, 32, 32]),
+        // A model folder fixes the architecture, the input size and the weights file.
+        let folder = match &args.init {
+            Some(p) if p.is_dir() => Some(ModelDir::open(p)?),
+            _ => None,
+        };
+        let size = match (&folder, &args.dims) {
+            (Some(dir), _) => Some(dir.config.input.dims),
+            (None, Some(super::Shape(d))) if d.len() == 3 => Some([d[0], d[1], d[2]]),
+            (None, Some(_)) => bail!("--dims must be CxHxW"),
+            (None, None) => Some([3, 32, 32]),
         };
         let data = spec.load(size)?;
         let t = &data.train;
+        let (arch, init) = match (&folder, &args.init) {
+            (Some(dir), _) => {
+                data.check_fits(dir.config.input.dims, dir.config.output.labels.len())
+                    .map_err(|e| anyhow::anyhow!("{spec}: {e}"))?;
+                (dir.config.architecture.clone(), Some(dir.dir.join(&dir.config.weights)))
+            }
+            (None, init) => (args.arch.clone(), init.clone()),
+        };
+        // Absolute, so that `--resume` from another folder finds the teacher again.
+        let init = init.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
         let config = TrainConfig {
-            arch: args.arch.clone(),
+            arch,
             epochs: args.epochs,
             batch_size: args.batch_size,
-            lr: args.lr,
+            lr: args.lr.unwrap_or(if init.is_some() { 0.01 } else { 0.1 }),
             limit: args.limit,
             seed: args.seed,
             data: spec_text(&spec),
             dims: [t.channels as i64, t.rows as i64, t.cols as i64],
             classes: data.labels.len(),
+            init,
             ..TrainConfig::fashion_default()
         };
         (Trainer::new(config)?, data)

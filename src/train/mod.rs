@@ -24,6 +24,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{Dataset, Split};
 use crate::engine::gates::GateLayout;
+use crate::engine::params::ResNetParams;
 use crate::engine::{ArchSpec, GateConfig};
 
 use self::net::{PassMode, TrainableNet};
@@ -59,6 +60,10 @@ pub struct TrainConfig {
     pub dims: [i64; 3],
     #[serde(default = "default_classes")]
     pub classes: usize,
+    /// Gate retrofit: the dense weights (safetensors, torchvision names) the backbone starts
+    /// from, and the frozen teacher every pass learns from (docs/training.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
 }
 
 fn default_data() -> String {
@@ -100,6 +105,7 @@ impl TrainConfig {
             data: default_data(),
             dims: default_dims(),
             classes: default_classes(),
+            init: None,
         }
     }
 }
@@ -155,6 +161,77 @@ pub struct Trainer {
     pub vs: VarStore,
     pub net: TrainableNet,
     sgd: Sgd,
+    /// The frozen dense network of a retrofit (`config.init`).
+    teacher: Option<Teacher>,
+}
+
+/// A frozen dense network in eval mode: the retrofit's teacher.
+pub struct Teacher {
+    _vs: VarStore,
+    net: ResNetParams,
+}
+
+impl Teacher {
+    /// The dense network of `spec` with the backbone weights of `path`.
+    pub fn load(spec: &ArchSpec, path: &Path) -> anyhow::Result<Self> {
+        let vs = VarStore::new(Device::Cpu);
+        let net = ResNetParams::new(&vs.root(), spec);
+        copy_backbone(&vs, path)?;
+        vs.variables().values().for_each(|t| {
+            let _ = t.shallow_clone().set_requires_grad(false);
+        });
+        Ok(Teacher { _vs: vs, net })
+    }
+
+    /// Eval-mode logits, outside autograd.
+    pub fn logits(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| self.net.forward_t(x, false))
+    }
+}
+
+/// Copies every backbone tensor (torchvision names) of `vs` from the safetensors at `path`:
+/// all must be there with the same shape (BatchNorm `num_batches_tracked` may be absent);
+/// anything else in the file (a gated model's gates) is ignored.
+fn copy_backbone(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
+    let saved: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        .into_iter()
+        .collect();
+    let mut problems = Vec::new();
+    let vars = vs.variables();
+    let mut names: Vec<&String> = vars.keys().filter(|n| is_backbone(n)).collect();
+    names.sort();
+    for name in names {
+        match saved.get(name) {
+            None if name.ends_with("num_batches_tracked") => {}
+            None => problems.push(format!("missing `{name}`")),
+            Some(src) if src.size() != vars[name].size() => problems.push(format!(
+                "`{name}` has shape {:?}, the network needs {:?}",
+                src.size(),
+                vars[name].size()
+            )),
+            Some(src) => tch::no_grad(|| {
+                vars[name].shallow_clone().copy_(&src.to_kind(vars[name].kind()));
+            }),
+        }
+    }
+    if !problems.is_empty() {
+        let total = problems.len();
+        problems.truncate(6);
+        anyhow::bail!(
+            "{} does not hold this network's dense weights: {}{}",
+            path.display(),
+            problems.join("; "),
+            if total > 6 { format!("; and {} more", total - 6) } else { String::new() }
+        );
+    }
+    Ok(())
+}
+
+/// A backbone tensor: not a gate (`gates.`), a width's statistics (`slim.`) or a training
+/// gate (`train.`).
+fn is_backbone(name: &str) -> bool {
+    !["gates.", "slim.", "train."].iter().any(|p| name.starts_with(p))
 }
 
 impl Trainer {
@@ -173,7 +250,14 @@ impl Trainer {
             vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         trainable.sort_by(|a, b| a.0.cmp(&b.0));
         let sgd = Sgd::new(trainable, config.momentum, config.weight_decay);
-        Ok(Trainer { config, state: TrainState::default(), vs, net, sgd })
+        let teacher = match &config.init {
+            Some(path) => {
+                copy_backbone(&vs, path)?;
+                Some(Teacher::load(&spec, path)?)
+            }
+            None => None,
+        };
+        Ok(Trainer { config, state: TrainState::default(), vs, net, sgd, teacher })
     }
 
     /// Resumes the run saved in `run`.
@@ -223,11 +307,19 @@ impl Trainer {
         for exit in &full.exits {
             loss = &loss + exit.cross_entropy_for_logits(labels) * c.exit_weight;
         }
-        let soft = full.logits.detach().softmax(1, Kind::Float);
+        // The sub-networks learn from the full network's predictions, or in a retrofit from
+        // the frozen dense teacher's, which the full network learns from too.
+        let soft = match &self.teacher {
+            Some(teacher) => teacher.logits(images).softmax(1, Kind::Float),
+            None => full.logits.detach().softmax(1, Kind::Float),
+        };
         let distill = |logits: &Tensor, rows: (i64, i64)| {
             let target = soft.narrow(0, rows.0, rows.1);
             -(target * logits.log_softmax(1, Kind::Float)).sum(Kind::Float) / rows.1
         };
+        if self.teacher.is_some() {
+            loss = &loss + distill(&full.logits, (0, n));
+        }
         let quarter = n / 4;
         let parts = [(0, quarter), (quarter, quarter)];
         let random: Vec<i64> =
