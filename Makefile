@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers
+.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers bench-byom
 
 ## Fetch libtorch (PyPI wheel → .libtorch/) and the dataset; idempotent and cached.
 setup:
@@ -68,6 +68,12 @@ bench-reference: build
 bench-peers: build test-env
 	benches/setup-peers-env.sh >/dev/null
 	$(PYTHON) benches/peers.py
+
+## Bring your own model, end to end (not in CI, ~1.5 h): Fashion-MNIST as a folder of RGB
+## PNGs, a dense ResNet-20 trained on it in PyTorch, then sluice import -> retrofit ->
+## calibrate -> eval (benches/byom/run.sh; outputs in runs/byom/).
+bench-byom: build
+	benches/byom/run.sh
 
 ## Fuzz the request decoders with cargo-fuzz (fuzz/README.md; not part of `make test`):
 ## each target for FUZZ_SECONDS seconds, one after another, from its committed seed corpus

@@ -147,3 +147,78 @@ fn a_retrofit_starts_from_the_dense_weights_it_learns_from() {
         "{err}"
     );
 }
+
+/// Bottleneck ResNets train too: a ResNet-50 at 32×32 takes sandwich-rule steps (full,
+/// narrow, random-width and gated passes through three-convolution blocks), and its export
+/// serves the trained network's dense logits and the prefix gates' saliencies for both inner
+/// widths of every block; a gated policy runs at fewer FLOPs.
+#[test]
+fn bottleneck_networks_train_and_export() {
+    use sluice::data::{Normalization, Split};
+    use sluice::engine::{BlockGates, GateConfig};
+    tch::manual_seed(7);
+    let gates =
+        GateConfig { channel: true, block: BlockGates::Identity, exits: vec![], ..GateConfig::default() };
+    let config =
+        TrainConfig { arch: "resnet50".into(), dims: [3, 32, 32], classes: 4, gates, ..small_config() };
+    let mut trainer = Trainer::new(config).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    let x = Tensor::randn([8, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3]);
+    for _ in 0..2 {
+        let (loss, _) = trainer.step(&x, &y, &mut rng, 0.01);
+        assert!(loss.is_finite(), "{loss}");
+    }
+    let split = Split {
+        pixels: (0..16 * 3 * 32 * 32).map(|i| (i * 37 % 251) as u8).collect(),
+        labels: (0..16).map(|i| i % 4).collect(),
+        channels: 3,
+        rows: 32,
+        cols: 32,
+        norm: Normalization { mean: vec![0.5; 3], std: vec![0.25; 3] },
+    };
+    let labels = (0..4).map(|i| format!("c{i}")).collect();
+    let data = sluice::data::Dataset {
+        train: split.clone(),
+        validation: split.clone(),
+        test: split,
+        labels,
+        test_is_validation: false,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _guard = tch::no_grad_guard();
+    export_model(&trainer, &data, dir.path(), "r50", false).unwrap();
+    let model = Model::build(&ModelDir::open(dir.path()).unwrap().source(Default::default())).unwrap();
+    let x = data.test.images(0..4);
+    let trained = trainer.net.forward(&x, &PassMode::Widths(trainer.net.widest()), false).logits;
+    let (served, reports) = model.forward(&x, &GatePolicy::dense()).unwrap();
+    let scale = trained.abs().max().double_value(&[]).max(1.0);
+    let diff = (&served - &trained).abs().max().double_value(&[]);
+    assert!(diff < 1e-4 * scale, "served vs trained logits differ by {diff} (scale {scale})");
+    assert!(reports.iter().all(|r| r.executed_flops == r.dense_flops));
+
+    let scores = model.net.gate_scores(&x).unwrap();
+    let stem = trainer.net.backbone.stem_t(&x, false);
+    let hidden = trainer
+        .net
+        .gates
+        .trunk
+        .as_ref()
+        .unwrap()
+        .forward(&stem.mean_dim(&[2i64, 3][..], false, Kind::Float))
+        .relu();
+    for (slots, gate) in model.net.gates.blocks.iter().zip(&trainer.net.channel) {
+        let (Some(range), Some(gate)) = (&slots.channel, gate) else { continue };
+        let saliency = gate.saliency(&hidden);
+        let c = saliency.size()[1];
+        assert_eq!(range.len() as i64, 2 * c, "one saliency per channel of each inner width");
+        for group in 0..2 {
+            let served = scores.narrow(1, range.start as i64 + group * c, c);
+            let diff = (&served - &saliency).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "group {group}: channel saliency differs by {diff}");
+        }
+    }
+    let (logits, reports) = model.forward(&x, &GatePolicy::with_thresholds(0.5, 0.5, 1.0)).unwrap();
+    assert!(logits.isfinite().all().int64_value(&[]) == 1);
+    assert!(reports.iter().all(|r| r.executed_flops <= r.dense_flops + r.gate_flops));
+}

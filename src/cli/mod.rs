@@ -50,7 +50,8 @@ pub enum Command {
     /// Benchmarks that print tables.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Train a gated model on Fashion-MNIST (resumable) and export it as a model folder.
+    /// Train a gated model (from scratch, or retrofitted onto a dense one with --init) on a
+    /// dataset (--data), resumably, and export it as a model folder.
     Train(TrainArgs),
 }
 

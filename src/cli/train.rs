@@ -1,4 +1,4 @@
-//! `sluice train`: train (or resume) a gated model on Fashion-MNIST and export it as a model
+//! `sluice train`: train (or resume, or retrofit) a gated model on a dataset and export it as a model
 //! folder.
 
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ pub struct TrainArgs {
     /// The exported model's name.
     #[arg(long, env = "SLUICE_TRAIN_NAME", default_value = "fashion-resnet20")]
     pub name: String,
-    /// Architecture (a Basic-block ResNet).
+    /// Architecture: resnet20/32/56 (CIFAR-style), resnet18/34/50 (torchvision).
     #[arg(long, env = "SLUICE_TRAIN_ARCH", default_value = "resnet20")]
     pub arch: String,
     #[arg(long, env = "SLUICE_TRAIN_EPOCHS", default_value_t = 30)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::Trainer;
-use super::net::TrainableNet;
+use super::net::{TrainableNet, sliced_conv};
 use crate::data::{Dataset, Split};
 use crate::engine::model::{NetworkParams, load_params};
 use crate::engine::params::{BN_EPS, BatchNormParams, ResNetParams};
@@ -150,13 +150,15 @@ fn full_width_pass(b: &ResNetParams, x: &Tensor) -> Vec<(Tensor, Tensor)> {
     stats
 }
 
-/// For every allowed width below full, the statistics of the batch-norm after the
-/// width-reduced sum (`bn2`), measured with all blocks at the same relative width level.
+/// For every allowed width below full, the statistics of the batch-norms after a
+/// width-reduced sum (`bn2`; `bn2` and `bn3` in a Bottleneck), measured with all blocks at
+/// the same relative width level.
 fn calibrate_width_stats(net: &TrainableNet, serving: &NetworkParams, train: &Split) {
     let levels = net.layout.blocks.iter().map(|s| s.widths.len()).max().unwrap_or(1);
     let blocks = net.layout.blocks.len();
-    // sums[b][v] = (sum of means, sum of variances, batches)
-    let mut sums: Vec<Vec<Option<(Tensor, Tensor, f64)>>> =
+    // sums[b][v] = (per batch-norm: sum of means, sum of variances; batches)
+    type Sums = (Vec<(Tensor, Tensor)>, f64);
+    let mut sums: Vec<Vec<Option<Sums>>> =
         net.layout.blocks.iter().map(|s| (0..s.widths.len()).map(|_| None).collect()).collect();
     let n = CALIBRATION_IMAGES.min(train.len());
     for level in 0..levels {
@@ -171,83 +173,77 @@ fn calibrate_width_stats(net: &TrainableNet, serving: &NetworkParams, train: &Sp
         let widths: Vec<i64> = (0..blocks).map(|b| net.layout.blocks[b].widths[choice[b]]).collect();
         for start in (0..n).step_by(512) {
             let x = train.images(start..(start + 512).min(n));
-            for (b, (mean, var)) in stats_pass(net, &x, &widths).into_iter().enumerate() {
+            for (b, stats) in stats_pass(net, &x, &widths).into_iter().enumerate() {
                 let slot = &mut sums[b][choice[b]];
                 *slot = Some(match slot.take() {
-                    None => (mean, var, 1.0),
-                    Some((m, v, k)) => (m + mean, v + var, k + 1.0),
+                    None => (stats, 1.0),
+                    Some((acc, k)) => (
+                        acc.into_iter().zip(stats).map(|((m, v), (bm, bv))| (m + bm, v + bv)).collect(),
+                        k + 1.0,
+                    ),
                 });
             }
         }
     }
     for (b, gate) in serving.gates.blocks.iter().enumerate() {
         for (v, stats) in gate.slim_stats.iter().enumerate() {
-            if let Some((mean, var, k)) = &sums[b][v] {
-                stats[0].running_mean.shallow_clone().copy_(&(mean / *k));
-                stats[0].running_var.shallow_clone().copy_(&(var / *k));
+            if let Some((measured, k)) = &sums[b][v] {
+                // A Bottleneck's `bn2` has the width's channels: the first ones of the slot.
+                for (slot, (mean, var)) in stats.iter().zip(measured) {
+                    let len = mean.size()[0];
+                    slot.running_mean.narrow(0, 0, len).copy_(&(mean / *k));
+                    slot.running_var.narrow(0, 0, len).copy_(&(var / *k));
+                }
             }
         }
     }
 }
 
-/// An eval-mode pass at the given widths that normalises each narrowed `bn2` with its own
-/// batch statistics and returns them (per block: mean, unbiased variance).
-fn stats_pass(net: &TrainableNet, x: &Tensor, widths: &[i64]) -> Vec<(Tensor, Tensor)> {
+/// An eval-mode pass at the given widths that normalises every batch-norm after a narrowed
+/// sum with its own batch statistics and returns them (per block, per such batch-norm:
+/// mean, unbiased variance).
+fn stats_pass(net: &TrainableNet, x: &Tensor, widths: &[i64]) -> Vec<Vec<(Tensor, Tensor)>> {
     let b = &net.backbone;
     let mut h = b.stem_t(x, false);
     let mut out = Vec::new();
     for (block, &k) in b.blocks.iter().zip(widths) {
-        let (l1, l2) = (&block.layers[0], &block.layers[1]);
-        let s1 = &l1.conv.shape;
-        let z = h.conv2d(
-            &l1.conv.weight.narrow(0, 0, k),
-            None::<Tensor>,
-            [s1.stride; 2],
-            [s1.padding; 2],
-            [1, 1],
-            1,
-        );
-        let bn = &l1.bn;
-        let z = z
-            .batch_norm(
-                Some(&bn.weight.narrow(0, 0, k)),
-                Some(&bn.bias.narrow(0, 0, k)),
-                Some(&bn.running_mean.narrow(0, 0, k)),
-                Some(&bn.running_var.narrow(0, 0, k)),
-                false,
-                0.1,
-                BN_EPS,
-                false,
-            )
-            .relu();
-        let s2 = &l2.conv.shape;
-        let z = z.conv2d(
-            &l2.conv.weight.narrow(1, 0, k),
-            None::<Tensor>,
-            [s2.stride; 2],
-            [s2.padding; 2],
-            [1, 1],
-            1,
-        );
-        let mean = z.mean_dim(&[0i64, 2, 3][..], false, Kind::Float);
-        let var = z.var_dim(&[0i64, 2, 3][..], true, false);
+        let last = block.layers.len() - 1;
         let full = k == block.spec.inner_width();
-        let normalized = if full {
-            l2.bn.forward_t(&z, false)
-        } else {
-            z.batch_norm(
-                Some(&l2.bn.weight),
-                Some(&l2.bn.bias),
-                Some(&mean),
-                Some(&var),
-                false,
-                0.1,
-                BN_EPS,
-                false,
-            )
-        };
-        h = (normalized + block.shortcut_t(&h, false)).relu();
-        out.push((mean, var));
+        let mut z = h.shallow_clone();
+        let mut stats = Vec::new();
+        for (j, layer) in block.layers.iter().enumerate() {
+            let y = sliced_conv(block, j, &z, k);
+            let bn = &layer.bn;
+            let c = y.size()[1];
+            let (weight, bias) = (bn.weight.narrow(0, 0, c), bn.bias.narrow(0, 0, c));
+            let normalized = if j == 0 {
+                // conv1 sums over the whole input: its running statistics hold, narrowed.
+                let (m, v) = (bn.running_mean.narrow(0, 0, c), bn.running_var.narrow(0, 0, c));
+                y.batch_norm(Some(&weight), Some(&bias), Some(&m), Some(&v), false, 0.1, BN_EPS, false)
+            } else {
+                let mean = y.mean_dim(&[0i64, 2, 3][..], false, Kind::Float);
+                let var = y.var_dim(&[0i64, 2, 3][..], true, false);
+                let normalized = if full {
+                    bn.forward_t(&y, false)
+                } else {
+                    y.batch_norm(
+                        Some(&weight),
+                        Some(&bias),
+                        Some(&mean),
+                        Some(&var),
+                        false,
+                        0.1,
+                        BN_EPS,
+                        false,
+                    )
+                };
+                stats.push((mean, var));
+                normalized
+            };
+            z = if j < last { normalized.relu() } else { normalized };
+        }
+        h = (z + block.shortcut_t(&h, false)).relu();
+        out.push(stats);
     }
     out
 }

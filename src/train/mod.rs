@@ -1,5 +1,6 @@
-//! `sluice train`: a gated CIFAR-style ResNet trained from scratch on Fashion-MNIST with tch
-//! autograd, so one model serves the whole budget range (docs/training.md has the recipe):
+//! `sluice train`: a gated ResNet trained from scratch (or retrofitted onto a dense one,
+//! `TrainConfig::init`) with tch autograd on any dataset of `data`, so one model serves the
+//! whole budget range (docs/training.md has the recipe):
 //! slimmable widths by the sandwich rule with in-place distillation, block and prefix
 //! channel gates by straight-through estimation with a compute-rate term towards a target
 //! sampled per step, and exit heads by a weighted sum of their cross-entropies.

@@ -1,4 +1,4 @@
-//! The trainable gated network (CIFAR-style, Basic blocks): the backbone under torchvision's
+//! The trainable gated network (Basic or Bottleneck blocks): the backbone under torchvision's
 //! names, the gate MLP, block gates and exit heads under the serving names, and channel
 //! gates in a *prefix* parameterisation — saliency_c(x) = σ(a(x) − b_c) with increasing
 //! offsets b_c — so the kept set is always a leading prefix and `slice` mode runs exactly
@@ -7,7 +7,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use crate::engine::arch::{ArchSpec, BlockKind};
+use crate::engine::arch::ArchSpec;
 use crate::engine::flops::{residual_flops, shortcut_flops};
 use crate::engine::gates::{Dense, GateLayout, GateParams, round_up_width};
 use crate::engine::model::NetworkParams;
@@ -61,22 +61,18 @@ pub struct TrainableNet {
     /// The serving-named gate parameters; their `channel` entries stay unused in training.
     pub gates: GateParams,
     pub channel: Vec<Option<PrefixGate>>,
-    /// Per-block dense residual FLOPs, shortcut FLOPs, and the rest (stem, gate MLP, fc).
-    residual_flops: Vec<f64>,
+    /// Per-block residual FLOPs at inner-width fraction f: `lin·f + quad·f²` (`quad` is a
+    /// Bottleneck's middle convolution, narrowed on both sides), shortcut FLOPs, and the rest
+    /// (stem, gate MLP, fc).
+    residual_flops: Vec<(f64, f64)>,
     shortcut_flops: Vec<f64>,
     fixed_flops: f64,
     dense_flops: f64,
 }
 
 impl TrainableNet {
-    /// Registers every parameter under `root`. Only Basic-block (CIFAR-style) models train.
+    /// Registers every parameter under `root`.
     pub fn new(root: &nn::Path, spec: &ArchSpec, layout: &GateLayout, input_hw: i64) -> Result<Self, String> {
-        if spec.block != BlockKind::Basic {
-            return Err(format!(
-                "{}: training supports Basic-block ResNets (resnet20/32/56, 18/34)",
-                spec.name
-            ));
-        }
         let backbone = ResNetParams::new(root, spec);
         let no_channel =
             GateLayout::new(spec, &crate::engine::GateConfig { channel: false, ..layout.config.clone() })
@@ -116,13 +112,17 @@ impl TrainableNet {
         let (mut h, mut w) = (spec.after_stem_hw(input_hw), spec.after_stem_hw(input_hw));
         let (mut residual, mut shortcut) = (Vec::new(), Vec::new());
         for block in spec.block_specs() {
-            residual.push(residual_flops(&block, h, w, &[block.inner_width()]) as f64);
+            let at = |k: i64| residual_flops(&block, h, w, &vec![k; block.convs.len() - 1]) as f64;
+            let (full, half) = (at(block.inner_width()), at(block.inner_width() / 2));
+            // Exact: every convolution's cost is linear in each of its two widths.
+            let quad = if block.convs.len() > 2 { 2.0 * (full - 2.0 * half) } else { 0.0 };
+            residual.push((full - quad, quad));
             shortcut.push(shortcut_flops(&block, h, w) as f64);
             let s = block.stride();
             (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
         }
         let dense = crate::engine::flops::dense_flops(spec, input_hw, input_hw) as f64;
-        let fixed = dense - residual.iter().sum::<f64>() - shortcut.iter().sum::<f64>();
+        let fixed = dense - residual.iter().map(|(l, q)| l + q).sum::<f64>() - shortcut.iter().sum::<f64>();
         Ok(TrainableNet {
             spec: spec.clone(),
             layout: GateLayout { config: layout.config.clone(), ..layout.clone() },
@@ -181,7 +181,8 @@ impl TrainableNet {
                 };
                 if let Some(rate) = rate.as_mut() {
                     let cost = cost.unwrap_or_else(|| {
-                        Tensor::full([n], self.residual_flops[i], (Kind::Float, x.device()))
+                        let (lin, quad) = self.residual_flops[i];
+                        Tensor::full([n], lin + quad, (Kind::Float, x.device()))
                     });
                     *rate = &*rate + cost + self.shortcut_flops[i];
                 }
@@ -206,9 +207,8 @@ impl TrainableNet {
         let c = block.spec.inner_width();
         let n = x.size()[0];
         let mut fraction = Tensor::ones([n], (Kind::Float, x.device()));
-        // Batch statistics without touching running statistics: decisions mix in a batch.
-        let mut r = bn_batch(&block.layers[0].bn, &block.layers[0].conv.forward(x)).relu();
-        if let Some(gate) = &self.channel[i] {
+        // One prefix mask for every inner width of the block (both of a Bottleneck's).
+        let mask = self.channel[i].as_ref().map(|gate| {
             let saliency = gate.saliency(hidden);
             let kept = saliency.ge(0.5).to_kind(Kind::Float).sum_dim_intlist(&[1i64][..], false, Kind::Float);
             let kept = Vec::<f32>::try_from(&kept).unwrap_or_default();
@@ -219,16 +219,37 @@ impl TrainableNet {
                 Tensor::arange(c, (Kind::Float, x.device())).unsqueeze(0).lt_tensor(&widths.unsqueeze(1));
             let mask = prefix.to_kind(Kind::Float) + &saliency - saliency.detach();
             fraction = mask.sum_dim_intlist(&[1i64][..], false, Kind::Float) / c as f64;
-            r = &r * mask.view([n, c, 1, 1]);
+            mask.view([n, c, 1, 1])
+        });
+        // Batch statistics without touching running statistics: decisions mix in a batch.
+        let last = block.layers.len() - 1;
+        let mut r = x.shallow_clone();
+        for (j, layer) in block.layers.iter().enumerate() {
+            r = bn_batch(&layer.bn, &layer.conv.forward(&r));
+            if j < last {
+                r = r.relu();
+                if let Some(mask) = &mask {
+                    r = &r * mask;
+                }
+            }
         }
-        r = bn_batch(&block.layers[1].bn, &block.layers[1].conv.forward(&r));
+        let (lin, quad) = self.residual_flops[i];
+        let mut run = None;
         if let Some(gate) = &self.gates.blocks[i].block {
             let score = gate.forward(hidden).sigmoid().view([n]);
-            let run = score.ge(0.5).to_kind(Kind::Float) + &score - score.detach();
-            fraction = &fraction * &run;
-            r = &r * run.view([n, 1, 1, 1]);
+            let hard = score.ge(0.5).to_kind(Kind::Float) + &score - score.detach();
+            r = &r * hard.view([n, 1, 1, 1]);
+            run = Some(hard);
         }
-        (r, fraction * self.residual_flops[i])
+        let cost = if quad == 0.0 {
+            // Basic blocks: linear in the width (kept in this order: the shipped model's
+            // training reproduces bit for bit).
+            run.map_or(fraction.shallow_clone(), |run| &fraction * run) * lin
+        } else {
+            let cost = &fraction * lin + &fraction * &fraction * quad;
+            run.map_or(cost.shallow_clone(), |run| &cost * run)
+        };
+        (r, cost)
     }
 
     /// The serving parameters: the backbone and gates as the engine reads them, with every
@@ -246,9 +267,13 @@ impl TrainableNet {
                     copy(&dst.bias, &src.bias);
                 }
                 if let (Some(gate), Some(dst)) = (&self.channel[i], &dst.channel) {
+                    // One saliency per inner channel, repeated for each inner width (2 in a
+                    // Bottleneck): the same prefix for both.
                     let c = dst.weight.size()[0];
+                    let offsets = gate.offsets();
+                    let groups = c / offsets.size()[0];
                     copy(&dst.weight, &gate.demand.weight.expand([c, -1], false));
-                    copy(&dst.bias, &(&gate.demand.bias - gate.offsets()));
+                    copy(&dst.bias, &(&gate.demand.bias - offsets.repeat([groups])));
                 }
             }
             for (src, dst) in self.gates.exits.iter().zip(&serving.gates.exits) {
@@ -322,18 +347,38 @@ fn batch_statistics_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
     )
 }
 
-/// A Basic block's residual branch at inner width `k` (slimmable training): sliced weights,
-/// batch-norm over the kept channels. Running statistics are updated only in full passes.
+/// A block's residual branch at inner width `k` (slimmable training): every inner width
+/// sliced to `k` (both of a Bottleneck's), batch-norm over the kept channels. Running
+/// statistics are updated only in full passes.
 pub fn sliced_residual(block: &BlockParams, x: &Tensor, k: i64, train: bool, update_stats: bool) -> Tensor {
-    let (l1, l2) = (&block.layers[0], &block.layers[1]);
-    let s1 = &l1.conv.shape;
-    let w1 = l1.conv.weight.narrow(0, 0, k);
-    let h = x.conv2d(&w1, None::<Tensor>, [s1.stride; 2], [s1.padding; 2], [1, 1], 1);
-    let h = narrow_bn(&l1.bn, &h, k, train, update_stats).relu();
-    let s2 = &l2.conv.shape;
-    let w2 = l2.conv.weight.narrow(1, 0, k);
-    let h = h.conv2d(&w2, None::<Tensor>, [s2.stride; 2], [s2.padding; 2], [1, 1], 1);
-    if update_stats || !train { l2.bn.forward_t(&h, train) } else { bn_batch(&l2.bn, &h) }
+    let last = block.layers.len() - 1;
+    let mut h = x.shallow_clone();
+    for (j, layer) in block.layers.iter().enumerate() {
+        h = sliced_conv(block, j, &h, k);
+        h = if j < last {
+            narrow_bn(&layer.bn, &h, k, train, update_stats).relu()
+        } else if update_stats || !train {
+            layer.bn.forward_t(&h, train)
+        } else {
+            bn_batch(&layer.bn, &h)
+        };
+    }
+    h
+}
+
+/// The block's `j`-th convolution at inner width `k`: its outputs narrowed unless it is the
+/// last, its inputs unless it is the first.
+pub fn sliced_conv(block: &BlockParams, j: usize, x: &Tensor, k: i64) -> Tensor {
+    let conv = &block.layers[j].conv;
+    let mut w = conv.weight.shallow_clone();
+    if j + 1 < block.layers.len() {
+        w = w.narrow(0, 0, k);
+    }
+    if j > 0 {
+        w = w.narrow(1, 0, k);
+    }
+    let s = &conv.shape;
+    x.conv2d(&w, None::<Tensor>, [s.stride; 2], [s.padding; 2], [1, 1], 1)
 }
 
 fn narrow_bn(bn: &BatchNormParams, x: &Tensor, k: i64, train: bool, update_stats: bool) -> Tensor {
