@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 
-use crate::data::DataSpec;
+use crate::data::{DataSpec, Normalization};
 use crate::repository::ModelDir;
 use crate::train::export::export_model;
 use crate::train::{RunDir, TrainConfig, Trainer, has_checkpoint};
@@ -78,7 +78,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         let trainer = Trainer::resume(&run)?;
         tracing::info!(epoch = trainer.state.epoch, data = %trainer.config.data, "resuming");
         let spec: DataSpec = trainer.config.data.parse().map_err(anyhow::Error::msg)?;
-        let data = spec.load(Some(trainer.config.dims))?;
+        let mut data = spec.load(Some(trainer.config.dims))?;
+        if !trainer.config.mean.is_empty() {
+            let c = &trainer.config;
+            data.set_normalization(&Normalization { mean: c.mean.clone(), std: c.std.clone() });
+        }
         (trainer, data)
     } else {
         let spec = args.data.spec();
@@ -93,16 +97,23 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             (None, Some(_)) => bail!("--dims must be CxHxW"),
             (None, None) => Some([3, 32, 32]),
         };
-        let data = spec.load(size)?;
-        let t = &data.train;
+        let mut data = spec.load(size)?;
         let (arch, init) = match (&folder, &args.init) {
             (Some(dir), _) => {
                 data.check_fits(dir.config.input.dims, dir.config.output.labels.len())
                     .map_err(|e| anyhow::anyhow!("{spec}: {e}"))?;
+                // The teacher's inputs were normalised as its folder records.
+                if let Some(image) = &dir.config.input.image {
+                    data.set_normalization(&Normalization {
+                        mean: image.mean.clone(),
+                        std: image.std.clone(),
+                    });
+                }
                 (dir.config.architecture.clone(), Some(dir.dir.join(&dir.config.weights)))
             }
             (None, init) => (args.arch.clone(), init.clone()),
         };
+        let t = &data.train;
         // Absolute, so that `--resume` from another folder finds the teacher again.
         let init = init.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
         let config = TrainConfig {
@@ -116,6 +127,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             dims: [t.channels as i64, t.rows as i64, t.cols as i64],
             classes: data.labels.len(),
             init,
+            mean: t.norm.mean.clone(),
+            std: t.norm.std.clone(),
             ..TrainConfig::fashion_default()
         };
         (Trainer::new(config)?, data)

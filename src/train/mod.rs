@@ -65,6 +65,12 @@ pub struct TrainConfig {
     /// from, and the frozen teacher every pass learns from (docs/training.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// Per-channel normalisation the run trains with (a retrofit's is its teacher's); empty:
+    /// the dataset's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mean: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub std: Vec<f64>,
 }
 
 fn default_data() -> String {
@@ -107,6 +113,8 @@ impl TrainConfig {
             dims: default_dims(),
             classes: default_classes(),
             init: None,
+            mean: Vec::new(),
+            std: Vec::new(),
         }
     }
 }
