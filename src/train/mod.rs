@@ -140,6 +140,10 @@ pub struct EpochLog {
     pub gated_validation_accuracy: f64,
     pub gated_validation_rate: f64,
     pub seconds: f64,
+    /// Of which spent preparing batches (augmentation and normalisation; the loader's
+    /// share, on the training thread).
+    #[serde(default)]
+    pub data_seconds: f64,
 }
 
 /// A run's files.
@@ -378,8 +382,11 @@ impl Trainer {
             order.shuffle(&mut rng);
             let bar = progress_bar(batches as u64, epoch + 1, self.config.epochs, quiet);
             let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0usize);
+            let mut data_seconds = 0.0;
             for chunk in order.chunks(self.config.batch_size) {
+                let loading = Instant::now();
                 let (images, labels) = augmented_batch(&train, chunk, self.config.pad, &mut rng);
+                data_seconds += loading.elapsed().as_secs_f64();
                 let lr = cosine_lr(self.config.lr, self.state.step, warmup, total);
                 let (loss, ok) = self.step(&images, &labels, &mut rng, lr);
                 loss_sum += loss * chunk.len() as f64;
@@ -412,6 +419,7 @@ impl Trainer {
                 gated_validation_accuracy: gated_accuracy,
                 gated_validation_rate: gated_rate,
                 seconds,
+                data_seconds,
             };
             tracing::info!(
                 epoch = log.epoch,
@@ -421,6 +429,9 @@ impl Trainer {
                 gated_val_acc = format!("{:.4}", log.gated_validation_accuracy),
                 gated_rate = format!("{:.3}", log.gated_validation_rate),
                 seconds = format!("{seconds:.0}"),
+                // Images per second the batches were prepared at, against what training used.
+                loader_images_per_s = format!("{:.0}", seen as f64 / data_seconds.max(1e-9)),
+                train_images_per_s = format!("{:.0}", seen as f64 / seconds),
                 "epoch done"
             );
             self.state.history.push(log);
