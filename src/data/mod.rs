@@ -271,7 +271,18 @@ impl DataSpec {
                         "an image folder needs the image size (the model's input dims, or --dims)",
                     )
                 })?;
-                folder::load(dir, size)?
+                let started = std::time::Instant::now();
+                let data = folder::load(dir, size)?;
+                let test = if data.test_is_validation { 0 } else { data.test.len() };
+                let images = data.train.len() + data.validation.len() + test;
+                let seconds = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    images,
+                    seconds = format!("{seconds:.1}"),
+                    images_per_s = format!("{:.0}", images as f64 / seconds.max(1e-9)),
+                    "image folder decoded"
+                );
+                data
             }
         };
         let norm = Normalization::measure(&data.train);
