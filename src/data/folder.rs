@@ -80,7 +80,7 @@ fn class_names(root: &Path) -> Result<Vec<String>, DataError> {
     Ok(names)
 }
 
-/// Every PNG/JPEG under `root/<class>/`, sorted by class then file name. A class folder
+/// Every PNG/JPEG under `root/<class>/`, interleaved across classes (below). A class folder
 /// that is not one of `labels` is an error.
 fn files(root: &Path, labels: &[String]) -> Result<Vec<(PathBuf, u16)>, DataError> {
     let found = class_names(root)?;
@@ -90,7 +90,7 @@ fn files(root: &Path, labels: &[String]) -> Result<Vec<(PathBuf, u16)>, DataErro
             format!("class folder `{unknown}` is not among the training classes"),
         ));
     }
-    let mut out = Vec::new();
+    let mut per_class = Vec::new();
     for (label, name) in labels.iter().enumerate() {
         let class_dir = root.join(name);
         if !class_dir.is_dir() {
@@ -107,7 +107,16 @@ fn files(root: &Path, labels: &[String]) -> Result<Vec<(PathBuf, u16)>, DataErro
             })
             .collect();
         paths.sort();
-        out.extend(paths.into_iter().map(|p| (p, label as u16)));
+        per_class.push(paths.into_iter().map(|p| (p, label as u16)).collect::<Vec<_>>());
+    }
+    // Round-robin over the classes (each class's files in name order), so that every prefix
+    // of a split — `--limit`, the statistics samples, an evaluation batch — holds every
+    // class, as a shuffled dataset's would.
+    let longest = per_class.iter().map(Vec::len).max().unwrap_or(0);
+    let mut iters: Vec<_> = per_class.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::new();
+    for _ in 0..longest {
+        out.extend(iters.iter_mut().filter_map(Iterator::next));
     }
     Ok(out)
 }
@@ -191,6 +200,9 @@ mod tests {
         assert_eq!((data.train.len(), data.validation.len()), (46, 4));
         assert!(data.test_is_validation);
         assert_eq!(data.test.len(), 4);
+        // Classes alternate, so any prefix holds both.
+        assert_eq!(&data.train.labels[..4], &[0, 1, 0, 1]);
+        assert_eq!(&data.validation.labels[..], &[0, 1, 0, 1]);
         // Resized, planar RGB, labels from folder order.
         let first_dog = data.train.labels.iter().position(|&l| l == 1).unwrap();
         let img = data.train.image(first_dog);
