@@ -123,7 +123,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             lr: args.lr.unwrap_or(if init.is_some() { 0.01 } else { 0.1 }),
             limit: args.limit,
             seed: args.seed,
-            data: spec_text(&spec),
+            data: spec.to_arg(),
             dims: [t.channels as i64, t.rows as i64, t.cols as i64],
             classes: data.labels.len(),
             init,
@@ -140,16 +140,4 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         tracing::info!(dir = %dir.display(), "model exported");
     }
     Ok(())
-}
-
-/// `--data`'s text for a spec, saved with the run so `--resume` reads the same dataset.
-fn spec_text(spec: &DataSpec) -> String {
-    let (kind, dir) = match spec {
-        DataSpec::FashionMnist(d) => ("fashion-mnist", d),
-        DataSpec::Idx(d) => ("idx", d),
-        DataSpec::Cifar10(d) => ("cifar10", d),
-        DataSpec::Cifar100(d) => ("cifar100", d),
-        DataSpec::ImageFolder(d) => ("imagefolder", d),
-    };
-    format!("{kind}:{}", dir.display())
 }

@@ -255,6 +255,19 @@ impl std::fmt::Display for DataSpec {
 }
 
 impl DataSpec {
+    /// The `--data` text that parses back to this spec (saved with a training run, so
+    /// `--resume` reads the same dataset); kept beside [`std::str::FromStr`] above.
+    pub fn to_arg(&self) -> String {
+        let (kind, dir) = match self {
+            DataSpec::FashionMnist(d) => ("fashion-mnist", d),
+            DataSpec::Idx(d) => ("idx", d),
+            DataSpec::Cifar10(d) => ("cifar10", d),
+            DataSpec::Cifar100(d) => ("cifar100", d),
+            DataSpec::ImageFolder(d) => ("imagefolder", d),
+        };
+        format!("{kind}:{}", dir.display())
+    }
+
     /// Loads every split. Image folders are decoded at `size` `[C, H, W]` (required for
     /// them; the others have their own size). Normalisation: Fashion-MNIST's published
     /// statistics, otherwise measured on the training split.
@@ -333,4 +346,18 @@ pub(crate) fn labels_file_or_numbers(dir: &Path, classes: usize) -> Result<Vec<S
         return Err(DataError::format(&path, format!("{} names for {classes} classes", labels.len())));
     }
     Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_specs_round_trip_through_their_argument() {
+        for text in ["fashion-mnist:/d", "idx:/d", "cifar10:/d", "cifar100:/d", "imagefolder:/d"] {
+            let spec: DataSpec = text.parse().unwrap();
+            assert_eq!(spec.to_arg(), text);
+        }
+        assert!("cifar10".parse::<DataSpec>().unwrap_err().contains("needs a folder"));
+    }
 }
