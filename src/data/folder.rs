@@ -232,4 +232,51 @@ mod tests {
         let err = load(dir.path(), [1, 100_000, 100_000]).unwrap_err().to_string();
         assert!(err.contains("GiB in memory"), "{err}");
     }
+
+    /// CRC-32 (PNG's chunk checksum), for a hand-edited header.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    /// Both per-file limits refuse before decoding: a file over `MAX_FILE_BYTES` (its size
+    /// alone, read from the file system), and a PNG whose header claims more than
+    /// `MAX_FILE_PIXELS`.
+    #[test]
+    fn oversized_files_are_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        for class in ["a", "b"] {
+            for i in 0..10 {
+                write_png(&dir.path().join(class).join(format!("{i}.png")), 9, false);
+            }
+        }
+        let big = dir.path().join("a/big.png");
+        std::fs::File::create(&big).unwrap().set_len(MAX_FILE_BYTES as u64 + 1).unwrap();
+        let err = load(dir.path(), [1, 8, 8]).unwrap_err().to_string();
+        assert!(
+            err.contains("big.png") && err.contains(&format!("image files of at most {MAX_FILE_BYTES}")),
+            "{err}"
+        );
+        std::fs::remove_file(&big).unwrap();
+
+        // A valid 1×1 PNG whose header is edited to claim 9000×9000 pixels.
+        let mut png = Vec::new();
+        image::GrayImage::from_pixel(1, 1, image::Luma([0]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        png[16..20].copy_from_slice(&9000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&9000u32.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        assert!(9000u64 * 9000 > MAX_FILE_PIXELS);
+        std::fs::write(dir.path().join("b/huge.png"), &png).unwrap();
+        let err = load(dir.path(), [1, 8, 8]).unwrap_err().to_string();
+        assert!(err.contains("huge.png") && err.contains("81000000 pixels"), "{err}");
+    }
 }
