@@ -83,6 +83,20 @@ fn an_image_folder_trains_calibrates_and_evaluates() {
     }
     let out = ok(sluice(&["eval", &path("model"), "--data", &data, "--latency-images", "0"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("validation split (it has no test split)"));
+    // Over the memory limit the folder streams from disk: same images, same results.
+    let streamed = ok(sluice(&[
+        "eval",
+        &path("model"),
+        "--data",
+        &data,
+        "--data-memory-mib",
+        "0",
+        "--latency-images",
+        "0",
+        "--json",
+    ]));
+    assert!(String::from_utf8_lossy(&streamed.stderr).contains("streaming its files from disk"));
+    assert_eq!(json_lines(&streamed.stdout), rows);
 
     // A dataset that does not fit the model, and one that is not there, are named.
     let out = sluice(&["eval", &path("model"), "--data", "fashion-mnist", "--latency-images", "0"]);

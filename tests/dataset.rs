@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use sluice::data::FashionMnist;
 use sluice::data::fashion_mnist::{DEFAULT_DIR, VALIDATION_SIZE};
+use sluice::data::{FashionMnist, Pixels};
 use tch::Kind;
 
 fn data_dir() -> PathBuf {
@@ -21,7 +21,10 @@ fn fashion_mnist_loads_with_known_counts_and_checksums() {
         assert!(split.labels.iter().all(|&l| l <= 9));
     }
     // Pixel sums of the published files (computed independently with numpy).
-    let sum = |px: &[u8]| px.iter().map(|&p| p as u64).sum::<u64>();
+    let sum = |px: &Pixels| match px {
+        Pixels::Memory(px) => px.iter().map(|&p| p as u64).sum::<u64>(),
+        Pixels::Files(_) => panic!("Fashion-MNIST is decoded in memory"),
+    };
     assert_eq!(sum(&data.train.pixels) + sum(&data.validation.pixels), 3_431_114_169);
     assert_eq!(sum(&data.test.pixels), 573_469_082);
     let mut per_class = [0usize; 10];
@@ -32,7 +35,7 @@ fn fashion_mnist_loads_with_known_counts_and_checksums() {
 #[test]
 fn images_become_normalized_tensors() {
     let test = FashionMnist::load_test(&data_dir()).unwrap();
-    let images = test.images(0..100);
+    let images = test.images(0..100).unwrap();
     assert_eq!(images.size(), [100, 1, 28, 28]);
     assert_eq!(images.kind(), Kind::Float);
     let mean = images.mean(Kind::Float).double_value(&[]);

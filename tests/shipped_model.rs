@@ -30,12 +30,13 @@ fn the_shipped_model_keeps_its_accuracy_at_every_budget() {
         std::env::var_os("SLUICE_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| DEFAULT_DIR.into());
     let test = FashionMnist::load_test(&data_dir).unwrap().take(1000);
 
-    let (dense_accuracy, dense_fraction) = accuracy_and_flops(&model, &test, &GatePolicy::dense());
+    let (dense_accuracy, dense_fraction) = accuracy_and_flops(&model, &test, &GatePolicy::dense()).unwrap();
     println!("dense: accuracy {dense_accuracy:.4}, FLOP fraction {dense_fraction:.4}");
     assert!(dense_accuracy >= DENSE_FLOOR, "dense accuracy {dense_accuracy} below {DENSE_FLOOR}");
     let table = CalibrationTable::load(&dir.calibration_path().unwrap()).unwrap();
     for (budget, floor) in BUDGET_FLOORS {
-        let (accuracy, fraction) = accuracy_and_flops(&model, &test, &table.policy_for(budget).unwrap());
+        let (accuracy, fraction) =
+            accuracy_and_flops(&model, &test, &table.policy_for(budget).unwrap()).unwrap();
         println!("budget {budget}: accuracy {accuracy:.4}, FLOP fraction {fraction:.4}");
         assert!(accuracy >= floor, "budget {budget}: accuracy {accuracy} below {floor}");
         assert!(fraction <= budget + 0.02, "budget {budget}: {fraction} of dense FLOPs");

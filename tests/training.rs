@@ -25,7 +25,7 @@ fn small_config() -> TrainConfig {
 }
 
 fn batch(split: &sluice::data::Split, start: usize, n: usize) -> (Tensor, Tensor) {
-    (split.images(start..start + n), split.label_tensor(start..start + n))
+    (split.images(start..start + n).unwrap(), split.label_tensor(start..start + n))
 }
 
 #[test]
@@ -91,7 +91,7 @@ fn exported_models_serve_the_trained_network() {
     let small = Dataset { train: data.train.take(1024), ..data.clone() };
     export_model(&trainer, &small, dir.path(), "tiny", false).unwrap();
     let model = Model::build(&ModelDir::open(dir.path()).unwrap().source(Default::default())).unwrap();
-    let x = data.test.images(0..32);
+    let x = data.test.images(0..32).unwrap();
 
     // Every gate open: the served logits are the trained network's eval-mode outputs.
     let trained = trainer.net.forward(&x, &PassMode::Widths(trainer.net.widest()), false).logits;
@@ -133,7 +133,7 @@ fn a_retrofit_starts_from_the_dense_weights_it_learns_from() {
     }
     let config = TrainConfig { init: Some(dense.clone()), ..small_config() };
     let trainer = Trainer::new(config).unwrap();
-    let x = data().test.images(0..16);
+    let x = data().test.images(0..16).unwrap();
     let student = trainer.net.forward(&x, &PassMode::Widths(trainer.net.widest()), false).logits;
     let teacher = sluice::train::Teacher::load(&trainer.net.spec, &dense).unwrap().logits(&x);
     let diff = (&student - &teacher).abs().max().double_value(&[]);
@@ -154,7 +154,7 @@ fn a_retrofit_starts_from_the_dense_weights_it_learns_from() {
 /// widths of every block; a gated policy runs at fewer FLOPs.
 #[test]
 fn bottleneck_networks_train_and_export() {
-    use sluice::data::{Normalization, Split};
+    use sluice::data::{Normalization, Pixels, Split};
     use sluice::engine::{BlockGates, GateConfig};
     tch::manual_seed(7);
     let gates =
@@ -170,7 +170,7 @@ fn bottleneck_networks_train_and_export() {
         assert!(loss.is_finite(), "{loss}");
     }
     let split = Split {
-        pixels: (0..16 * 3 * 32 * 32).map(|i| (i * 37 % 251) as u8).collect(),
+        pixels: Pixels::Memory((0..16 * 3 * 32 * 32).map(|i| (i * 37 % 251) as u8).collect()),
         labels: (0..16).map(|i| i % 4).collect(),
         channels: 3,
         rows: 32,
@@ -189,7 +189,7 @@ fn bottleneck_networks_train_and_export() {
     let _guard = tch::no_grad_guard();
     export_model(&trainer, &data, dir.path(), "r50", false).unwrap();
     let model = Model::build(&ModelDir::open(dir.path()).unwrap().source(Default::default())).unwrap();
-    let x = data.test.images(0..4);
+    let x = data.test.images(0..4).unwrap();
     let trained = trainer.net.forward(&x, &PassMode::Widths(trainer.net.widest()), false).logits;
     let (served, reports) = model.forward(&x, &GatePolicy::dense()).unwrap();
     let scale = trained.abs().max().double_value(&[]).max(1.0);

@@ -11,7 +11,7 @@ use crate::control::calibration::{
 };
 use crate::engine::{ChannelMode, Model};
 use crate::repository::ModelDir;
-use crate::train::calibrate::{SweepGrid, sweep};
+use crate::train::calibrate::{SweepGrid, sweep_refined};
 
 /// Arguments of `sluice calibrate`.
 #[derive(Debug, Args)]
@@ -21,6 +21,14 @@ pub struct CalibrateArgs {
     /// Quantile steps of the channel and block threshold grids.
     #[arg(long, env = "SLUICE_CALIBRATE_STEPS", default_value_t = 12)]
     pub steps: usize,
+    /// After the quantile grid, sweep more threshold pairs wherever a budget's best point is
+    /// more than this fraction of dense FLOPs below it (0: no refinement).
+    #[arg(long, env = "SLUICE_CALIBRATE_MAX_GAP", default_value_t = 0.03)]
+    pub max_gap: f64,
+    /// How many refinement rounds `--max-gap` may take (each sweeps at most one pair per
+    /// budget).
+    #[arg(long, env = "SLUICE_CALIBRATE_REFINE_ROUNDS", default_value_t = 3)]
+    pub refine_rounds: usize,
     /// Use only the first N validation images (0: all).
     #[arg(long, env = "SLUICE_CALIBRATE_LIMIT", default_value_t = 0)]
     pub limit: usize,
@@ -40,7 +48,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     let model = Model::build(&dir.source(Default::default()))?;
     let data = args.data.load_for(&dir)?;
     let validation = if args.limit > 0 { data.validation.take(args.limit) } else { data.validation };
-    let grid = SweepGrid::from_scores(&model, &validation.images(0..validation.len().min(2000)), args.steps);
+    let grid = SweepGrid::from_scores(&model, &validation.images(0..validation.len().min(2000))?, args.steps);
     tracing::info!(
         channel = grid.channel.len(),
         block = grid.block.len(),
@@ -48,11 +56,14 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         images = validation.len(),
         "sweeping thresholds on the validation split"
     );
-    let points = sweep(&model, &validation, &grid, 500, |done, total| {
-        if done % 10 == 0 || done == total {
-            tracing::info!(done, total, "threshold pairs measured");
-        }
-    });
+    let rounds = if args.max_gap > 0.0 { args.refine_rounds } else { 0 };
+    let budgets = default_budgets();
+    let points =
+        sweep_refined(&model, &validation, &grid, 500, &budgets, args.max_gap, rounds, |done, total| {
+            if done % 10 == 0 || done == total {
+                tracing::info!(done, total, "threshold pairs measured");
+            }
+        })?;
     let dense = dense_point(&points).cloned().context("the sweep measured no dense point")?;
     let frontier = frontier(&points);
     let table = CalibrationTable {
@@ -60,7 +71,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         split: "validation".into(),
         images: validation.len(),
         channel_mode: ChannelMode::Slice,
-        budgets: budget_table(&frontier, &default_budgets(), &dense),
+        budgets: budget_table(&frontier, &budgets, &dense),
         frontier,
     };
     let out = args.out.clone().unwrap_or_else(|| args.model.join(CALIBRATION_FILE));

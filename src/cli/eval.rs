@@ -107,10 +107,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             policies.push((Some(e.budget), t.policy_for(e.budget)?));
         }
     }
-    let latencies = batch1_latencies(&model, &test, &policies, args.latency_images);
+    let latencies = batch1_latencies(&model, &test, &policies, args.latency_images)?;
     let mut rows = Vec::new();
     for (k, (budget, policy)) in policies.iter().enumerate() {
-        let (accuracy, flop_fraction) = accuracy_and_flops(&model, &test, policy);
+        let (accuracy, flop_fraction) = accuracy_and_flops(&model, &test, policy)?;
         let (latency_ms, latency_ratio) = latencies.get(k).copied().unzip();
         let row = EvalRow {
             budget: *budget,
@@ -150,11 +150,15 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
 }
 
 /// Test accuracy and mean executed FLOP fraction under `policy`.
-pub fn accuracy_and_flops(model: &Model, test: &crate::data::Split, policy: &GatePolicy) -> (f64, f64) {
+pub fn accuracy_and_flops(
+    model: &Model,
+    test: &crate::data::Split,
+    policy: &GatePolicy,
+) -> Result<(f64, f64), crate::data::DataError> {
     let (mut correct, mut totals) = (0i64, BatchTotals::default());
     for start in (0..test.len()).step_by(500) {
         let range = start..(start + 500).min(test.len());
-        let (logits, reports) = model.net.forward(&test.images(range.clone()), policy);
+        let (logits, reports) = model.net.forward(&test.images(range.clone())?, policy);
         correct += logits
             .argmax(1, false)
             .eq_tensor(&test.label_tensor(range))
@@ -164,7 +168,7 @@ pub fn accuracy_and_flops(model: &Model, test: &crate::data::Split, policy: &Gat
         totals.dense_flops += t.dense_flops;
         totals.executed_flops += t.executed_flops;
     }
-    (correct as f64 / test.len().max(1) as f64, totals.flop_fraction())
+    Ok((correct as f64 / test.len().max(1) as f64, totals.flop_fraction()))
 }
 
 /// Per policy: median batch-1 latency (ms) and median per-image ratio to the first policy,
@@ -174,14 +178,14 @@ fn batch1_latencies(
     test: &crate::data::Split,
     policies: &[(Option<f64>, GatePolicy)],
     images: usize,
-) -> Vec<(f64, f64)> {
+) -> Result<Vec<(f64, f64)>, crate::data::DataError> {
     let n = images.min(test.len());
     if n == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let k = policies.len();
     let mut times = vec![Vec::with_capacity(n); k];
-    let inputs: Vec<tch::Tensor> = (0..n).map(|i| test.images(i..i + 1)).collect();
+    let inputs = (0..n).map(|i| test.images(i..i + 1)).collect::<Result<Vec<_>, _>>()?;
     for x in inputs.iter().take(5) {
         policies.iter().for_each(|(_, p)| drop(model.net.forward(x, p)));
     }
@@ -193,13 +197,13 @@ fn batch1_latencies(
             times[p].push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
-    times
+    Ok(times
         .iter()
         .map(|t| {
             let ratios: Vec<f64> = t.iter().zip(&times[0]).map(|(a, d)| a / d).collect();
             (median(t), median(&ratios))
         })
-        .collect()
+        .collect())
 }
 
 fn label(budget: Option<f64>) -> String {

@@ -133,6 +133,10 @@ pub struct DataArgs {
     /// idx:DIR, cifar10:DIR, cifar100:DIR or imagefolder:DIR.
     #[arg(long, env = "SLUICE_DATA", default_value = "fashion-mnist")]
     pub data: crate::data::DataSpec,
+    /// The most MiB of decoded pixels a dataset is held in memory for (all splits); a larger
+    /// image folder streams its files from disk, batch by batch (IDX and CIFAR are refused).
+    #[arg(long, env = "SLUICE_DATA_MEMORY_MIB", default_value_t = crate::data::DEFAULT_MEMORY_LIMIT >> 20)]
+    pub data_memory_mib: u64,
 }
 
 impl DataArgs {
@@ -146,12 +150,17 @@ impl DataArgs {
         }
     }
 
+    /// `--data-memory-mib` in bytes.
+    pub fn memory_limit(&self) -> u64 {
+        self.data_memory_mib.saturating_mul(1 << 20)
+    }
+
     /// The dataset at `dir`'s input size, checked against its input and classes, normalised
     /// as the model records (`[input.image]`), else with the dataset's own statistics.
     pub fn load_for(&self, dir: &crate::repository::ModelDir) -> anyhow::Result<crate::data::Dataset> {
         let dims = dir.config.input.dims;
         let spec = self.spec();
-        let mut data = spec.load(Some(dims))?;
+        let mut data = spec.load(Some(dims), self.memory_limit())?;
         data.check_fits(dims, dir.config.output.labels.len())
             .map_err(|e| anyhow::anyhow!("{}: {e}", spec))?;
         if let Some(image) = &dir.config.input.image {

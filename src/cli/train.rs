@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::data::{DataSpec, Normalization};
 use crate::repository::ModelDir;
+use crate::train::augment::Augment;
 use crate::train::export::export_model;
 use crate::train::{RunDir, TrainConfig, Trainer, has_checkpoint};
 
@@ -56,6 +57,10 @@ pub struct TrainArgs {
     /// have their own.
     #[arg(long, env = "SLUICE_TRAIN_DIMS")]
     pub dims: Option<super::Shape>,
+    /// Training augmentation: pad-crop + flip below 96 pixels, random resized crop + flip
+    /// from there (auto), or one of them, or flips only (none).
+    #[arg(long, env = "SLUICE_TRAIN_AUGMENT", value_enum, default_value_t = Augment::Auto)]
+    pub augment: Augment,
     /// No progress bar (logs only).
     #[arg(long, env = "SLUICE_QUIET")]
     pub quiet: bool,
@@ -78,7 +83,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         let trainer = Trainer::resume(&run)?;
         tracing::info!(epoch = trainer.state.epoch, data = %trainer.config.data, "resuming");
         let spec: DataSpec = trainer.config.data.parse().map_err(anyhow::Error::msg)?;
-        let mut data = spec.load(Some(trainer.config.dims))?;
+        let mut data = spec.load(Some(trainer.config.dims), args.data.memory_limit())?;
         if !trainer.config.mean.is_empty() {
             let c = &trainer.config;
             data.set_normalization(&Normalization { mean: c.mean.clone(), std: c.std.clone() });
@@ -97,7 +102,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             (None, Some(_)) => bail!("--dims must be CxHxW"),
             (None, None) => Some([3, 32, 32]),
         };
-        let mut data = spec.load(size)?;
+        let mut data = spec.load(size, args.data.memory_limit())?;
         let (arch, init) = match (&folder, &args.init) {
             (Some(dir), _) => {
                 data.check_fits(dir.config.input.dims, dir.config.output.labels.len())
@@ -129,6 +134,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             init,
             mean: t.norm.mean.clone(),
             std: t.norm.std.clone(),
+            augment: args.augment,
             ..TrainConfig::fashion_default()
         };
         (Trainer::new(config)?, data)

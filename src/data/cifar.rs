@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::{DataError, Dataset, Normalization, Split, check_memory, default_holdout, hold_out};
+use super::{DataError, Dataset, Normalization, Pixels, Split, check_memory, default_holdout, hold_out};
 
 const PIXELS: usize = 3 * 32 * 32;
 
@@ -47,7 +47,7 @@ impl Variant {
 }
 
 /// Loads the training files (last 5000 images held out for validation) and the test file.
-pub fn load(dir: &Path, variant: Variant) -> Result<Dataset, DataError> {
+pub fn load(dir: &Path, variant: Variant, memory_limit: u64) -> Result<Dataset, DataError> {
     let (train_files, test_file, names_file) = variant.files();
     let paths: Vec<_> = train_files.iter().map(|f| dir.join(f)).chain([dir.join(test_file)]).collect();
     let record = variant.label_bytes().0 + PIXELS;
@@ -62,15 +62,24 @@ pub fn load(dir: &Path, variant: Variant) -> Result<Dataset, DataError> {
         }
         images += len / record as u64;
     }
-    check_memory(dir, images, PIXELS as u64)?;
+    check_memory(dir, images, PIXELS as u64, memory_limit)?;
     let norm = Normalization { mean: vec![0.0; 3], std: vec![1.0; 3] };
-    let mut full_train =
-        Split { pixels: Vec::new(), labels: Vec::new(), channels: 3, rows: 32, cols: 32, norm };
+    let split = |(pixels, labels)| Split {
+        pixels: Pixels::Memory(pixels),
+        labels,
+        channels: 3,
+        rows: 32,
+        cols: 32,
+        norm: norm.clone(),
+    };
+    let mut train_records = (Vec::new(), Vec::new());
     for path in &paths[..paths.len() - 1] {
-        read_records(path, variant, &mut full_train)?;
+        read_records(path, variant, &mut train_records)?;
     }
-    let mut test = Split { pixels: Vec::new(), labels: Vec::new(), ..full_train.clone() };
-    read_records(&paths[paths.len() - 1], variant, &mut test)?;
+    let full_train = split(train_records);
+    let mut test_records = (Vec::new(), Vec::new());
+    read_records(&paths[paths.len() - 1], variant, &mut test_records)?;
+    let test = split(test_records);
     let holdout = default_holdout(full_train.len());
     let (train, validation) = hold_out(full_train, holdout);
     let names_path = dir.join(names_file);
@@ -91,7 +100,8 @@ pub fn load(dir: &Path, variant: Variant) -> Result<Dataset, DataError> {
     Ok(Dataset { train, validation, test, labels, test_is_validation: false })
 }
 
-fn read_records(path: &Path, variant: Variant, into: &mut Split) -> Result<(), DataError> {
+/// Appends `path`'s records to `into`'s (pixels, labels).
+fn read_records(path: &Path, variant: Variant, into: &mut (Vec<u8>, Vec<u16>)) -> Result<(), DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let (head, label_at) = variant.label_bytes();
     for (i, record) in bytes.chunks_exact(head + PIXELS).enumerate() {
@@ -102,8 +112,8 @@ fn read_records(path: &Path, variant: Variant, into: &mut Split) -> Result<(), D
                 format!("record {i}: label {label} outside 0..{}", variant.classes()),
             ));
         }
-        into.labels.push(u16::from(label));
-        into.pixels.extend_from_slice(&record[head..]);
+        into.1.push(u16::from(label));
+        into.0.extend_from_slice(&record[head..]);
     }
     Ok(())
 }
@@ -129,16 +139,16 @@ mod tests {
     fn cifar10_records_become_planar_images_with_their_labels() {
         let dir = tempfile::tempdir().unwrap();
         write_cifar10(dir.path(), 20);
-        let data = load(dir.path(), Variant::Ten).unwrap();
+        let data = load(dir.path(), Variant::Ten, super::super::DEFAULT_MEMORY_LIMIT).unwrap();
         assert_eq!((data.train.len(), data.validation.len(), data.test.len()), (90, 10, 20));
         assert_eq!((data.test.channels, data.test.rows, data.test.cols), (3, 32, 32));
         for i in 0..data.test.len() {
             let label = data.test.labels[i] as u8;
-            assert!(data.test.image(i).iter().all(|&p| p == label * 20));
+            assert!(data.test.gather(&[i]).unwrap().iter().all(|&p| p == label * 20));
         }
         assert_eq!(data.labels[3], "3");
         std::fs::write(dir.path().join("batches.meta.txt"), "a\nb\n").unwrap();
-        let err = load(dir.path(), Variant::Ten).unwrap_err().to_string();
+        let err = load(dir.path(), Variant::Ten, super::super::DEFAULT_MEMORY_LIMIT).unwrap_err().to_string();
         assert!(err.contains("2 names for 10 classes"), "{err}");
     }
 
@@ -147,12 +157,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_cifar10(dir.path(), 2);
         std::fs::write(dir.path().join("test_batch.bin"), vec![0u8; 3000]).unwrap();
-        let err = load(dir.path(), Variant::Ten).unwrap_err().to_string();
+        let err = load(dir.path(), Variant::Ten, super::super::DEFAULT_MEMORY_LIMIT).unwrap_err().to_string();
         assert!(err.contains("test_batch.bin") && err.contains("whole number of 3073-byte records"), "{err}");
         let mut bad = vec![11u8];
         bad.extend(vec![0u8; PIXELS]);
         std::fs::write(dir.path().join("test_batch.bin"), bad).unwrap();
-        let err = load(dir.path(), Variant::Ten).unwrap_err().to_string();
+        let err = load(dir.path(), Variant::Ten, super::super::DEFAULT_MEMORY_LIMIT).unwrap_err().to_string();
         assert!(err.contains("label 11 outside 0..10"), "{err}");
     }
 }

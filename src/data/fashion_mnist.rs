@@ -9,7 +9,10 @@ use std::path::Path;
 
 use flate2::read::GzDecoder;
 
-use super::{DataError, Dataset, Normalization, Split, default_holdout, hold_out, labels_file_or_numbers};
+use super::{
+    DEFAULT_MEMORY_LIMIT, DataError, Dataset, Normalization, Pixels, Split, default_holdout, hold_out,
+    labels_file_or_numbers,
+};
 
 /// Where Debian installs the dataset.
 pub const DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -40,8 +43,8 @@ impl FashionMnist {
     /// 5000 validate, the 10000 test images test; the published statistics normalise.
     pub fn load(dir: &Path) -> Result<Dataset, DataError> {
         let norm = Normalization { mean: vec![MEAN], std: vec![STD] };
-        let full_train = read_split(dir, "train", &norm).map_err(install_hint)?;
-        let test = read_split(dir, "t10k", &norm).map_err(install_hint)?;
+        let full_train = read_split(dir, "train", &norm, DEFAULT_MEMORY_LIMIT).map_err(install_hint)?;
+        let test = read_split(dir, "t10k", &norm, DEFAULT_MEMORY_LIMIT).map_err(install_hint)?;
         for (split, prefix) in [(&full_train, "train"), (&test, "t10k")] {
             if let Some(bad) = split.labels.iter().find(|&&l| l as usize >= LABELS.len()) {
                 let path = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
@@ -55,7 +58,8 @@ impl FashionMnist {
 
     /// Loads only the test set (evaluation needs nothing else).
     pub fn load_test(dir: &Path) -> Result<Split, DataError> {
-        read_split(dir, "t10k", &Normalization { mean: vec![MEAN], std: vec![STD] }).map_err(install_hint)
+        let norm = Normalization { mean: vec![MEAN], std: vec![STD] };
+        read_split(dir, "t10k", &norm, DEFAULT_MEMORY_LIMIT).map_err(install_hint)
     }
 }
 
@@ -71,11 +75,12 @@ fn install_hint(e: DataError) -> DataError {
 }
 
 /// Any MNIST-style IDX folder: `train-` and `t10k-` `images-idx3-ubyte` / `labels-idx1-ubyte`
-/// files, gzip-compressed (`.gz`) or not. Class names from `labels.txt` if present.
-pub fn load_idx(dir: &Path) -> Result<Dataset, DataError> {
+/// files, gzip-compressed (`.gz`) or not. Class names from `labels.txt` if present. Each
+/// file's pixels must fit `memory_limit` bytes.
+pub fn load_idx(dir: &Path, memory_limit: u64) -> Result<Dataset, DataError> {
     let norm = Normalization { mean: vec![0.0], std: vec![1.0] };
-    let full_train = read_split(dir, "train", &norm)?;
-    let test = read_split(dir, "t10k", &norm)?;
+    let full_train = read_split(dir, "train", &norm, memory_limit)?;
+    let test = read_split(dir, "t10k", &norm, memory_limit)?;
     let classes = full_train.labels.iter().chain(&test.labels).max().map_or(0, |&m| m as usize + 1);
     let holdout = default_holdout(full_train.len());
     let (train, validation) = hold_out(full_train, holdout);
@@ -83,7 +88,7 @@ pub fn load_idx(dir: &Path) -> Result<Dataset, DataError> {
     Ok(Dataset { train, validation, test, labels, test_is_validation: false })
 }
 
-fn read_split(dir: &Path, prefix: &str, norm: &Normalization) -> Result<Split, DataError> {
+fn read_split(dir: &Path, prefix: &str, norm: &Normalization, limit: u64) -> Result<Split, DataError> {
     let file = |name: &str| {
         let gz = dir.join(format!("{prefix}-{name}.gz"));
         if gz.is_file() {
@@ -95,8 +100,8 @@ fn read_split(dir: &Path, prefix: &str, norm: &Normalization) -> Result<Split, D
         }
     };
     let (images_path, labels_path) = (file("images-idx3-ubyte"), file("labels-idx1-ubyte"));
-    let (dims, pixels) = read_idx(&images_path, 0x0803)?;
-    let (label_dims, labels) = read_idx(&labels_path, 0x0801)?;
+    let (dims, pixels) = read_idx(&images_path, 0x0803, limit)?;
+    let (label_dims, labels) = read_idx(&labels_path, 0x0801, limit)?;
     let [n, rows, cols] = dims[..] else {
         return Err(DataError::format(&images_path, format!("expected 3 dimensions, found {}", dims.len())));
     };
@@ -104,13 +109,13 @@ fn read_split(dir: &Path, prefix: &str, norm: &Normalization) -> Result<Split, D
         return Err(DataError::format(&labels_path, format!("{label_dims:?} labels for {n} images")));
     }
     let labels = labels.into_iter().map(u16::from).collect();
-    Ok(Split { pixels, labels, channels: 1, rows, cols, norm: norm.clone() })
+    Ok(Split { pixels: Pixels::Memory(pixels), labels, channels: 1, rows, cols, norm: norm.clone() })
 }
 
 /// Reads an IDX file (gzip-compressed when its name ends in `.gz`) with the given magic
-/// number; returns its dimensions and bytes. The header's size is checked against
-/// [`super::MAX_IN_MEMORY_BYTES`] before the data is read.
-fn read_idx(path: &Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+/// number; returns its dimensions and bytes. The header's size is checked against `limit`
+/// bytes before the data is read.
+fn read_idx(path: &Path, magic: u32, limit: u64) -> Result<(Vec<usize>, Vec<u8>), DataError> {
     let io = |source| DataError::io(path, source);
     let file = File::open(path).map_err(io)?;
     let mut reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
@@ -130,7 +135,7 @@ fn read_idx(path: &Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>), DataError>
     let ndim = (magic & 0xff) as usize;
     let dims = (0..ndim).map(|_| word().map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
     let item: u64 = dims[1..].iter().map(|&d| d as u64).product();
-    super::check_memory(path, dims[0] as u64, item)?;
+    super::check_memory(path, dims[0] as u64, item, limit)?;
     let expected = dims.iter().map(|&d| d as u64).product::<u64>() as usize;
     let mut bytes = Vec::with_capacity(expected);
     reader.take(expected as u64 + 1).read_to_end(&mut bytes).map_err(io)?;

@@ -4,22 +4,31 @@
 //! by a fixed rule: in each class, files sorted by name, every tenth (the 10th, 20th, …)
 //! validates. Without a test folder the validation split is also the test split, and
 //! reports say so. Images are decoded on all cores, converted to the model's channels and
-//! resized to its input size exactly as the server does for image inputs.
+//! resized to its input size exactly as the server does for image inputs: all at load when
+//! the decoded folder fits the memory limit, otherwise batch by batch as they are read (the
+//! splits then hold only the file names).
 
 use std::path::{Path, PathBuf};
 
 use super::pixels::decode_pixels;
-use super::{DataError, Dataset, Normalization, Split, check_memory};
+use super::{DataError, Dataset, Normalization, Pixels, Split};
 
 /// The largest image file read (bytes) and the most pixels decoded from one.
 pub const MAX_FILE_BYTES: usize = 64 << 20;
 pub const MAX_FILE_PIXELS: u64 = 64 << 20;
 
-/// Loads the folder at `size` `[C, H, W]`.
-pub fn load(dir: &Path, size: [i64; 3]) -> Result<Dataset, DataError> {
+/// Loads the folder at `size` `[C, H, W]`, streamed when its decoded pixels would exceed
+/// `memory_limit` bytes.
+pub fn load(dir: &Path, size: [i64; 3], memory_limit: u64) -> Result<Dataset, DataError> {
     let [c, h, w] = size;
     if !(c == 1 || c == 3) || h < 1 || w < 1 {
         return Err(DataError::format(dir, format!("cannot decode images to {size:?} (C must be 1 or 3)")));
+    }
+    if (h as u64).saturating_mul(w as u64) > MAX_FILE_PIXELS {
+        return Err(DataError::format(
+            dir,
+            format!("cannot decode images to {size:?}: at most {MAX_FILE_PIXELS} pixels per image"),
+        ));
     }
     let train_dir = dir.join("train");
     let (labels, train, validation, test) = if train_dir.is_dir() {
@@ -49,9 +58,20 @@ pub fn load(dir: &Path, size: [i64; 3]) -> Result<Dataset, DataError> {
     }
     let count = train.len() + validation.len() + test.as_ref().map_or(0, Vec::len);
     let image_bytes = (c * h * w) as u64;
-    check_memory(dir, count as u64, image_bytes)?;
+    let stream = (count as u64).saturating_mul(image_bytes) > memory_limit;
     let test_is_validation = test.is_none();
-    let decode = |list: &[(PathBuf, u16)]| decode_all(list, size);
+    let decode = |list: &[(PathBuf, u16)]| {
+        let labels = list.iter().map(|(_, l)| *l).collect();
+        let [c, h, w] = size.map(|v| v as usize);
+        let pixels = if stream {
+            Pixels::Files(list.iter().map(|(p, _)| p.clone()).collect())
+        } else {
+            let paths: Vec<&Path> = list.iter().map(|(p, _)| p.as_path()).collect();
+            Pixels::Memory(decode_files(&paths, [c, h, w])?)
+        };
+        let norm = Normalization { mean: vec![0.0; c], std: vec![1.0; c] };
+        Ok::<_, DataError>(Split { pixels, labels, channels: c, rows: h, cols: w, norm })
+    };
     let train = decode(&train)?;
     let validation = decode(&validation)?;
     let test = match test {
@@ -121,15 +141,15 @@ fn files(root: &Path, labels: &[String]) -> Result<Vec<(PathBuf, u16)>, DataErro
     Ok(out)
 }
 
-/// Decodes `list` on every core into one split (normalisation set later).
-fn decode_all(list: &[(PathBuf, u16)], size: [i64; 3]) -> Result<Split, DataError> {
-    let [c, h, w] = size.map(|v| v as usize);
+/// Decodes the image files `paths` on every core into planar `[C, H, W]` pixels, one image
+/// after another.
+pub(crate) fn decode_files(paths: &[&Path], [c, h, w]: [usize; 3]) -> Result<Vec<u8>, DataError> {
     let image_bytes = c * h * w;
-    let mut pixels = vec![0u8; list.len() * image_bytes];
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(list.len().max(1));
-    let per_worker = list.len().div_ceil(workers).max(1);
+    let mut pixels = vec![0u8; paths.len() * image_bytes];
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(paths.len().max(1));
+    let per_worker = paths.len().div_ceil(workers).max(1);
     std::thread::scope(|scope| {
-        let jobs: Vec<_> = list
+        let jobs: Vec<_> = paths
             .chunks(per_worker)
             .zip(pixels.chunks_mut(per_worker * image_bytes))
             .map(|(items, out)| scope.spawn(move || decode_chunk(items, out, [c, h, w])))
@@ -140,20 +160,13 @@ fn decode_all(list: &[(PathBuf, u16)], size: [i64; 3]) -> Result<Split, DataErro
             })
         })
     })?;
-    Ok(Split {
-        pixels,
-        labels: list.iter().map(|(_, l)| *l).collect(),
-        channels: c,
-        rows: h,
-        cols: w,
-        norm: Normalization { mean: vec![0.0; c], std: vec![1.0; c] },
-    })
+    Ok(pixels)
 }
 
 /// Decodes `items` into `out` (planar `[C, H, W]` per image).
-fn decode_chunk(items: &[(PathBuf, u16)], out: &mut [u8], [c, h, w]: [usize; 3]) -> Result<(), DataError> {
+fn decode_chunk(items: &[&Path], out: &mut [u8], [c, h, w]: [usize; 3]) -> Result<(), DataError> {
     let plane = h * w;
-    for ((path, _), dst) in items.iter().zip(out.chunks_mut(c * plane)) {
+    for (&path, dst) in items.iter().zip(out.chunks_mut(c * plane)) {
         let len = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?.len();
         if len > MAX_FILE_BYTES as u64 {
             return Err(DataError::format(
@@ -174,6 +187,7 @@ fn decode_chunk(items: &[(PathBuf, u16)], out: &mut [u8], [c, h, w]: [usize; 3])
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::DEFAULT_MEMORY_LIMIT;
 
     fn write_png(path: &Path, value: u8, rgb: bool) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -195,7 +209,7 @@ mod tests {
             }
         }
         std::fs::write(dir.path().join("cat/notes.txt"), "ignored").unwrap();
-        let data = load(dir.path(), [3, 16, 16]).unwrap();
+        let data = load(dir.path(), [3, 16, 16], DEFAULT_MEMORY_LIMIT).unwrap();
         assert_eq!(data.labels, ["cat", "dog"]);
         assert_eq!((data.train.len(), data.validation.len()), (46, 4));
         assert!(data.test_is_validation);
@@ -205,7 +219,7 @@ mod tests {
         assert_eq!(&data.validation.labels[..], &[0, 1, 0, 1]);
         // Resized, planar RGB, labels from folder order.
         let first_dog = data.train.labels.iter().position(|&l| l == 1).unwrap();
-        let img = data.train.image(first_dog);
+        let img = data.train.gather(&[first_dog]).unwrap();
         assert_eq!(img.len(), 3 * 16 * 16);
         assert!(img[..256].iter().all(|&p| p == 200) && img[256..512].iter().all(|&p| p == 100));
         assert!(img[512..].iter().all(|&p| p == 55));
@@ -219,18 +233,48 @@ mod tests {
                 write_png(&dir.path().join(split).join(class).join("x.png"), 7, false);
             }
         }
-        let data = load(dir.path(), [1, 8, 8]).unwrap();
+        let data = load(dir.path(), [1, 8, 8], DEFAULT_MEMORY_LIMIT).unwrap();
         assert_eq!((data.train.len(), data.validation.len(), data.test.len()), (3, 3, 3));
         assert!(!data.test_is_validation);
         write_png(&dir.path().join("val/zebra/y.png"), 1, false);
-        let err = load(dir.path(), [1, 8, 8]).unwrap_err().to_string();
+        let err = load(dir.path(), [1, 8, 8], DEFAULT_MEMORY_LIMIT).unwrap_err().to_string();
         assert!(err.contains("class folder `zebra` is not among the training classes"), "{err}");
         std::fs::remove_dir_all(dir.path().join("val/zebra")).unwrap();
         std::fs::write(dir.path().join("train/a/broken.png"), b"\x89PNG not really").unwrap();
-        let err = load(dir.path(), [1, 8, 8]).unwrap_err().to_string();
+        let err = load(dir.path(), [1, 8, 8], DEFAULT_MEMORY_LIMIT).unwrap_err().to_string();
         assert!(err.contains("broken.png"), "{err}");
-        let err = load(dir.path(), [1, 100_000, 100_000]).unwrap_err().to_string();
-        assert!(err.contains("GiB in memory"), "{err}");
+        let err = load(dir.path(), [1, 100_000, 100_000], DEFAULT_MEMORY_LIMIT).unwrap_err().to_string();
+        assert!(err.contains("at most 67108864 pixels per image"), "{err}");
+    }
+
+    /// Over the memory limit the splits hold file names and decode on every read: the same
+    /// pixels and statistics as decoding up front, and a file that breaks later is named.
+    #[test]
+    fn a_folder_over_the_memory_limit_streams_the_same_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        for (class, value) in [("a", 30u8), ("b", 90), ("c", 250)] {
+            for i in 0..12 {
+                write_png(&dir.path().join(class).join(format!("{i:02}.png")), value.wrapping_add(i), true);
+            }
+        }
+        let memory = load(dir.path(), [3, 8, 8], DEFAULT_MEMORY_LIMIT).unwrap();
+        // 36 images of 192 bytes: one byte less than they need streams them.
+        let streamed = load(dir.path(), [3, 8, 8], 36 * 192 - 1).unwrap();
+        assert!(!memory.train.is_streamed() && streamed.train.is_streamed() && streamed.test.is_streamed());
+        assert_eq!(streamed.train.labels, memory.train.labels);
+        let all: Vec<usize> = (0..memory.train.len()).rev().collect();
+        assert_eq!(streamed.train.gather(&all).unwrap(), memory.train.gather(&all).unwrap());
+        assert_eq!(
+            Normalization::measure(&streamed.train).unwrap(),
+            Normalization::measure(&memory.train).unwrap()
+        );
+        let (a, b) = (streamed.validation.images(0..3).unwrap(), memory.validation.images(0..3).unwrap());
+        assert!(a.equal(&b));
+        let first = streamed.train.take(5);
+        assert_eq!(first.gather(&[4]).unwrap(), memory.train.gather(&[4]).unwrap());
+        std::fs::remove_file(dir.path().join("c/05.png")).unwrap();
+        let err = streamed.train.gather(&all).unwrap_err().to_string();
+        assert!(err.contains("05.png"), "{err}");
     }
 
     /// CRC-32 (PNG's chunk checksum), for a hand-edited header.
@@ -258,7 +302,7 @@ mod tests {
         }
         let big = dir.path().join("a/big.png");
         std::fs::File::create(&big).unwrap().set_len(MAX_FILE_BYTES as u64 + 1).unwrap();
-        let err = load(dir.path(), [1, 8, 8]).unwrap_err().to_string();
+        let err = load(dir.path(), [1, 8, 8], DEFAULT_MEMORY_LIMIT).unwrap_err().to_string();
         assert!(
             err.contains("big.png") && err.contains(&format!("image files of at most {MAX_FILE_BYTES}")),
             "{err}"
@@ -275,7 +319,7 @@ mod tests {
         let crc = crc32(&png[12..29]);
         png[29..33].copy_from_slice(&crc.to_be_bytes());
         std::fs::write(dir.path().join("b/huge.png"), &png).unwrap();
-        let err = load(dir.path(), [1, 8, 8]).unwrap_err().to_string();
+        let err = load(dir.path(), [1, 8, 8], DEFAULT_MEMORY_LIMIT).unwrap_err().to_string();
         assert!(err.contains("huge.png") && err.contains("81000000 pixels"), "{err}");
     }
 }

@@ -2,8 +2,11 @@
 //! (`--data KIND:DIR`, [`DataSpec`]): Fashion-MNIST from Debian's package (the shipped
 //! model's), any IDX (MNIST-style) folder, the CIFAR-10/100 binary format, and image
 //! folders (torchvision's `ImageFolder` convention). Every dataset becomes three [`Split`]s
-//! of u8 pixels in memory — at most [`MAX_IN_MEMORY_BYTES`], checked from the file headers
-//! and counts before anything is decoded — and is normalised per channel.
+//! of u8 pixels, normalised per channel. A split's pixels are decoded in memory when the
+//! whole dataset fits the memory limit ([`DEFAULT_MEMORY_LIMIT`], `--data-memory-mib`;
+//! checked from file headers and counts before anything is decoded); a larger image folder
+//! streams instead, its files decoded on the pool of threads each time a batch is read. The
+//! fixed-size formats (IDX, CIFAR) over the limit are refused.
 
 pub mod cifar;
 pub mod fashion_mnist;
@@ -11,14 +14,19 @@ pub mod folder;
 pub mod pixels;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
 pub use fashion_mnist::FashionMnist;
 
-/// The most pixel bytes a dataset may occupy in memory (all three splits). A larger dataset
-/// is refused before it is decoded, naming its size (streaming from disk is not built yet).
-pub const MAX_IN_MEMORY_BYTES: u64 = 8 << 30;
+/// The default of the most pixel bytes a dataset is decoded into memory for (all three
+/// splits); a larger image folder streams from disk, a larger IDX or CIFAR set is refused.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 8 << 30;
+
+/// How many images of a streamed training split its normalisation is measured on (evenly
+/// spaced; a full pass would decode the whole dataset once more).
+pub const STREAMED_STATS_IMAGES: usize = 10_000;
 
 /// Errors reading a dataset; each names the file or folder.
 #[derive(Debug, thiserror::Error)]
@@ -47,11 +55,22 @@ pub struct Normalization {
 }
 
 impl Normalization {
-    /// Measured on `split`'s pixels, rounded to 4 decimals (what a config file records).
-    pub fn measure(split: &Split) -> Self {
+    /// Measured on `split`'s pixels (a streamed split: on [`STREAMED_STATS_IMAGES`] of
+    /// them), rounded to 4 decimals (what a config file records).
+    pub fn measure(split: &Split) -> Result<Self, DataError> {
+        let sample;
+        let (pixels, n) = match &split.pixels {
+            Pixels::Memory(p) => (&p[..], split.len()),
+            Pixels::Files(_) => {
+                let n = split.len().min(STREAMED_STATS_IMAGES);
+                let indices: Vec<usize> = (0..n).map(|i| i * split.len() / n.max(1)).collect();
+                sample = split.gather(&indices)?;
+                (&sample[..], n)
+            }
+        };
         let plane = split.rows * split.cols;
         let (mut sum, mut sq) = (vec![0f64; split.channels], vec![0f64; split.channels]);
-        for image in split.pixels.chunks(split.channels * plane) {
+        for image in pixels.chunks(split.channels * plane) {
             for (c, channel) in image.chunks(plane).enumerate() {
                 let (s, q) =
                     channel.iter().fold((0u64, 0u64), |(s, q), &p| (s + p as u64, q + (p as u64).pow(2)));
@@ -59,7 +78,7 @@ impl Normalization {
                 sq[c] += q as f64;
             }
         }
-        let n = (split.len() * plane).max(1) as f64;
+        let n = (n * plane).max(1) as f64;
         let round = |v: f64| (v * 1e4).round() / 1e4;
         let mean: Vec<f64> = sum.iter().map(|s| s / n / 255.0).collect();
         let std = sq
@@ -67,15 +86,23 @@ impl Normalization {
             .zip(&mean)
             .map(|(q, m)| round((q / n / 65025.0 - m * m).max(0.0).sqrt()).max(1e-4))
             .collect();
-        Normalization { mean: mean.into_iter().map(round).collect(), std }
+        Ok(Normalization { mean: mean.into_iter().map(round).collect(), std })
     }
+}
+
+/// Where a split's pixels are.
+#[derive(Debug, Clone)]
+pub enum Pixels {
+    /// Decoded: planar, `len = n × channels × rows × cols`.
+    Memory(Vec<u8>),
+    /// One image file per example, decoded and resized whenever it is read.
+    Files(Arc<[PathBuf]>),
 }
 
 /// Images and labels of one part of a dataset, as u8 pixels `[N, C, H, W]`.
 #[derive(Debug, Clone)]
 pub struct Split {
-    /// Planar pixels, `len = n × channels × rows × cols`.
-    pub pixels: Vec<u8>,
+    pub pixels: Pixels,
     pub labels: Vec<u16>,
     pub channels: usize,
     pub rows: usize,
@@ -98,18 +125,33 @@ impl Split {
         self.channels * self.rows * self.cols
     }
 
-    /// The pixels of image `i`.
-    pub fn image(&self, i: usize) -> &[u8] {
+    /// Whether the pixels are decoded from files on every read.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.pixels, Pixels::Files(_))
+    }
+
+    /// The planar pixels of the images at `indices`, one after another (a streamed split
+    /// decodes them on the pool of threads; a file that fails is named in the error).
+    pub fn gather(&self, indices: &[usize]) -> Result<Vec<u8>, DataError> {
         let n = self.image_bytes();
-        &self.pixels[i * n..(i + 1) * n]
+        match &self.pixels {
+            Pixels::Memory(p) => Ok(indices.iter().flat_map(|&i| &p[i * n..(i + 1) * n]).copied().collect()),
+            Pixels::Files(files) => {
+                let paths: Vec<&Path> = indices.iter().map(|&i| files[i].as_path()).collect();
+                folder::decode_files(&paths, [self.channels, self.rows, self.cols])
+            }
+        }
     }
 
     /// The images `range` as a normalised `[n, C, H, W]` f32 tensor.
-    pub fn images(&self, range: std::ops::Range<usize>) -> Tensor {
-        let n = self.image_bytes();
-        let bytes = &self.pixels[range.start * n..range.end * n];
+    pub fn images(&self, range: std::ops::Range<usize>) -> Result<Tensor, DataError> {
         let shape = [range.len() as i64, self.channels as i64, self.rows as i64, self.cols as i64];
-        self.normalize(&Tensor::from_slice(bytes).view(shape))
+        let n = self.image_bytes();
+        let pixels = match &self.pixels {
+            Pixels::Memory(p) => Tensor::from_slice(&p[range.start * n..range.end * n]),
+            Pixels::Files(_) => Tensor::from_slice(&self.gather(&range.collect::<Vec<_>>())?),
+        };
+        Ok(self.normalize(&pixels.view(shape)))
     }
 
     /// u8 pixels `[N, C, H, W]` → f32 normalised with this split's statistics.
@@ -135,7 +177,10 @@ impl Split {
     pub fn take(&self, n: usize) -> Split {
         let n = n.min(self.len());
         Split {
-            pixels: self.pixels[..n * self.image_bytes()].to_vec(),
+            pixels: match &self.pixels {
+                Pixels::Memory(p) => Pixels::Memory(p[..n * self.image_bytes()].to_vec()),
+                Pixels::Files(f) => Pixels::Files(f[..n].into()),
+            },
             labels: self.labels[..n].to_vec(),
             norm: self.norm.clone(),
             ..*self
@@ -144,12 +189,18 @@ impl Split {
 
     /// The first `at` examples and the rest.
     pub fn split_at(mut self, at: usize) -> (Split, Split) {
-        let tail = Split {
-            pixels: self.pixels.split_off(at * self.image_bytes()),
-            labels: self.labels.split_off(at),
-            norm: self.norm.clone(),
-            ..self
+        let bytes = at * self.image_bytes();
+        let tail_pixels = match &mut self.pixels {
+            Pixels::Memory(p) => Pixels::Memory(p.split_off(bytes)),
+            Pixels::Files(f) => {
+                let (head, tail) = f.split_at(at);
+                let tail = Pixels::Files(tail.into());
+                *f = head.into();
+                tail
+            }
         };
+        let tail =
+            Split { pixels: tail_pixels, labels: self.labels.split_off(at), norm: self.norm.clone(), ..self };
         (self, tail)
     }
 }
@@ -268,15 +319,17 @@ impl DataSpec {
         format!("{kind}:{}", dir.display())
     }
 
-    /// Loads every split. Image folders are decoded at `size` `[C, H, W]` (required for
-    /// them; the others have their own size). Normalisation: Fashion-MNIST's published
-    /// statistics, otherwise measured on the training split.
-    pub fn load(&self, size: Option<[i64; 3]>) -> Result<Dataset, DataError> {
+    /// Loads every split, decoding at most `memory_limit` bytes of pixels into memory (an
+    /// image folder over it streams; IDX and CIFAR over it are refused). Image folders are
+    /// decoded at `size` `[C, H, W]` (required for them; the others have their own size).
+    /// Normalisation: Fashion-MNIST's published statistics, otherwise measured on the
+    /// training split.
+    pub fn load(&self, size: Option<[i64; 3]>, memory_limit: u64) -> Result<Dataset, DataError> {
         let mut data = match self {
             DataSpec::FashionMnist(dir) => return FashionMnist::load(dir),
-            DataSpec::Idx(dir) => fashion_mnist::load_idx(dir)?,
-            DataSpec::Cifar10(dir) => cifar::load(dir, cifar::Variant::Ten)?,
-            DataSpec::Cifar100(dir) => cifar::load(dir, cifar::Variant::Hundred)?,
+            DataSpec::Idx(dir) => fashion_mnist::load_idx(dir, memory_limit)?,
+            DataSpec::Cifar10(dir) => cifar::load(dir, cifar::Variant::Ten, memory_limit)?,
+            DataSpec::Cifar100(dir) => cifar::load(dir, cifar::Variant::Hundred, memory_limit)?,
             DataSpec::ImageFolder(dir) => {
                 let size = size.ok_or_else(|| {
                     DataError::format(
@@ -285,36 +338,44 @@ impl DataSpec {
                     )
                 })?;
                 let started = std::time::Instant::now();
-                let data = folder::load(dir, size)?;
+                let data = folder::load(dir, size, memory_limit)?;
                 let test = if data.test_is_validation { 0 } else { data.test.len() };
                 let images = data.train.len() + data.validation.len() + test;
                 let seconds = started.elapsed().as_secs_f64();
-                tracing::info!(
-                    images,
-                    seconds = format!("{seconds:.1}"),
-                    images_per_s = format!("{:.0}", images as f64 / seconds.max(1e-9)),
-                    "image folder decoded"
-                );
+                if data.train.is_streamed() {
+                    tracing::info!(
+                        images,
+                        memory_limit_mib = memory_limit >> 20,
+                        "image folder larger than the memory limit: streaming its files from disk"
+                    );
+                } else {
+                    tracing::info!(
+                        images,
+                        seconds = format!("{seconds:.1}"),
+                        images_per_s = format!("{:.0}", images as f64 / seconds.max(1e-9)),
+                        "image folder decoded"
+                    );
+                }
                 data
             }
         };
-        let norm = Normalization::measure(&data.train);
+        let norm = Normalization::measure(&data.train)?;
         data.set_normalization(&norm);
         Ok(data)
     }
 }
 
-/// Refuses a dataset whose pixels would exceed [`MAX_IN_MEMORY_BYTES`].
-pub(crate) fn check_memory(path: &Path, images: u64, image_bytes: u64) -> Result<(), DataError> {
+/// Refuses a dataset whose pixels would exceed `limit` bytes.
+pub(crate) fn check_memory(path: &Path, images: u64, image_bytes: u64, limit: u64) -> Result<(), DataError> {
     let total = images.saturating_mul(image_bytes);
-    if total > MAX_IN_MEMORY_BYTES {
+    if total > limit {
         return Err(DataError::format(
             path,
             format!(
-                "{images} images of {image_bytes} bytes need {:.1} GiB in memory; at most {} GiB is loaded \
-                 (use a subset or a smaller image size)",
-                total as f64 / (1u64 << 30) as f64,
-                MAX_IN_MEMORY_BYTES >> 30
+                "{images} images of {image_bytes} bytes need {} MiB in memory; the limit is {} MiB \
+                 (--data-memory-mib; only image folders stream from disk)",
+                total.div_ceil(1 << 20),
+                limit >> 20
             ),
         ));
     }

@@ -4,8 +4,8 @@
 
 use tch::{Kind, Tensor};
 
-use crate::control::calibration::OperatingPoint;
-use crate::data::Split;
+use crate::control::calibration::{OperatingPoint, frontier};
+use crate::data::{DataError, Split};
 use crate::engine::{GatePolicy, Model};
 
 /// The thresholds a sweep tries.
@@ -77,7 +77,7 @@ pub fn sweep(
     grid: &SweepGrid,
     batch: usize,
     mut progress: impl FnMut(usize, usize),
-) -> Vec<OperatingPoint> {
+) -> Result<Vec<OperatingPoint>, DataError> {
     let _guard = tch::no_grad_guard();
     let n = split.len();
     let total = grid.channel.len() * grid.block.len();
@@ -91,7 +91,7 @@ pub fn sweep(
             for start in (0..n).step_by(batch.max(1)) {
                 let range = start..(start + batch).min(n);
                 let labels = &split.labels[range.clone()];
-                let trace = model.net.trace(&split.images(range.clone()), &policy);
+                let trace = model.net.trace(&split.images(range.clone())?, &policy);
                 let final_pred = argmax(&trace.final_logits);
                 let exit_conf: Vec<Vec<f32>> = trace.exit_logits.iter().map(confidence).collect();
                 let exit_pred: Vec<Vec<i64>> = trace.exit_logits.iter().map(argmax).collect();
@@ -124,7 +124,72 @@ pub fn sweep(
             progress(done, total);
         }
     }
-    points
+    Ok(points)
+}
+
+/// [`sweep`], then fills the frontier where it is too coarse for the budget table: for each
+/// of `budgets` whose best point sits more than `max_gap` of dense FLOPs below it, the
+/// threshold pair halfway between that point and the next frontier point above the budget
+/// is swept too (every exit threshold comes with it), for up to `rounds` rounds. Quantile
+/// grids follow the gates' score mass, which piles up near 0 and 1, so one quantile step can
+/// jump from 35% to 53% of dense FLOPs and leave every budget in between on the point below.
+#[allow(clippy::too_many_arguments)]
+pub fn sweep_refined(
+    model: &Model,
+    split: &Split,
+    grid: &SweepGrid,
+    batch: usize,
+    budgets: &[f64],
+    max_gap: f64,
+    rounds: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<OperatingPoint>, DataError> {
+    let mut points = sweep(model, split, grid, batch, &mut progress)?;
+    let mut swept: Vec<(f32, f32)> =
+        points.iter().map(|p| (p.channel_threshold, p.block_threshold)).collect();
+    for round in 0..rounds {
+        let pairs: Vec<(f32, f32)> = gap_pairs(&frontier(&points), budgets, max_gap)
+            .into_iter()
+            .filter(|pair| !swept.iter().any(|s| (s.0 - pair.0).abs() < 1e-5 && (s.1 - pair.1).abs() < 1e-5))
+            .collect();
+        if pairs.is_empty() {
+            break;
+        }
+        tracing::info!(
+            round = round + 1,
+            pairs = pairs.len(),
+            "refining the grid where budgets fall in gaps"
+        );
+        for &(c, b) in &pairs {
+            let one = SweepGrid { channel: vec![c], block: vec![b], exit: grid.exit.clone() };
+            points.extend(sweep(model, split, &one, batch, |_, _| {})?);
+        }
+        swept.extend(pairs);
+    }
+    Ok(points)
+}
+
+/// For each budget below 1 whose best frontier point (`frontier` ascending FLOPs, so
+/// ascending accuracy) is more than `max_gap` below it, the (channel, block) thresholds
+/// halfway to the first point above the budget; deduplicated.
+fn gap_pairs(frontier: &[OperatingPoint], budgets: &[f64], max_gap: f64) -> Vec<(f32, f32)> {
+    let mut pairs: Vec<(f32, f32)> = Vec::new();
+    for &budget in budgets.iter().filter(|&&b| b < 1.0) {
+        let below = frontier.iter().rev().find(|p| p.flop_fraction <= budget);
+        let above = frontier.iter().find(|p| p.flop_fraction > budget);
+        let (Some(lo), Some(hi)) = (below, above) else { continue };
+        if budget - lo.flop_fraction <= max_gap {
+            continue;
+        }
+        let mid = (
+            (lo.channel_threshold + hi.channel_threshold) / 2.0,
+            (lo.block_threshold + hi.block_threshold) / 2.0,
+        );
+        if !pairs.contains(&mid) {
+            pairs.push(mid);
+        }
+    }
+    pairs
 }
 
 fn argmax(logits: &Tensor) -> Vec<i64> {
@@ -133,4 +198,32 @@ fn argmax(logits: &Tensor) -> Vec<i64> {
 
 fn confidence(logits: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(logits.softmax(1, Kind::Float).amax(&[1i64][..], false)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(c: f32, b: f32, acc: f64, flops: f64) -> OperatingPoint {
+        OperatingPoint {
+            channel_threshold: c,
+            block_threshold: b,
+            exit_threshold: 1.0,
+            validation_accuracy: acc,
+            flop_fraction: flops,
+        }
+    }
+
+    #[test]
+    fn budgets_far_above_their_point_get_the_pair_halfway_to_the_next() {
+        let front =
+            vec![point(0.8, 0.0, 0.90, 0.35), point(0.4, 0.2, 0.92, 0.53), point(0.0, 0.0, 0.93, 1.0)];
+        // 0.40, 0.45 and 0.50 all sit on the 0.35 point: one pair between it and 0.53. 0.55
+        // is within 0.03 of 0.53; 0.60 … 0.95 fall between 0.53 and dense.
+        let pairs = gap_pairs(&front, &[0.4, 0.45, 0.5, 0.55, 0.6, 1.0], 0.03);
+        assert_eq!(pairs, vec![(0.6, 0.1), (0.2, 0.1)]);
+        assert!(gap_pairs(&front, &[0.36, 0.54], 0.03).is_empty());
+        // Below the cheapest point there is nothing to bisect towards from.
+        assert!(gap_pairs(&front, &[0.2], 0.03).is_empty());
+    }
 }

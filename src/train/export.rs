@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use super::Trainer;
 use super::net::{TrainableNet, sliced_conv};
-use crate::data::{Dataset, Split};
+use crate::data::{DataError, Dataset, Split};
 use crate::engine::model::{NetworkParams, load_params};
 use crate::engine::params::{BN_EPS, BatchNormParams, ResNetParams};
 use crate::engine::{ModelSource, weights};
@@ -32,7 +32,7 @@ pub fn export_model(
     let _guard = tch::no_grad_guard();
     std::fs::create_dir_all(dir)?;
     if precise_bn {
-        measure_full_width_stats(&trainer.net.backbone, train);
+        measure_full_width_stats(&trainer.net.backbone, train)?;
     }
     let source = ModelSource {
         gates: trainer.config.gates.clone(),
@@ -40,7 +40,7 @@ pub fn export_model(
     };
     let (vs, serving) = load_params(&source)?;
     trainer.net.export(&serving);
-    calibrate_width_stats(&trainer.net, &serving, train);
+    calibrate_width_stats(&trainer.net, &serving, train)?;
     weights::save(&vs, &dir.join("model.safetensors"))?;
     let config = ModelConfig {
         name: name.to_string(),
@@ -69,12 +69,12 @@ pub fn export_model(
 
 /// Re-measures every batch-norm's running statistics of the full-width network as exact
 /// averages over clean training images ("precise BN"), in place.
-pub fn measure_full_width_stats(b: &ResNetParams, train: &Split) {
+pub fn measure_full_width_stats(b: &ResNetParams, train: &Split) -> Result<(), DataError> {
     let n = CALIBRATION_IMAGES.min(train.len());
     let mut sums: Vec<(Tensor, Tensor)> = Vec::new();
     let mut batches = 0.0;
     for start in (0..n).step_by(512) {
-        let stats = full_width_pass(b, &train.images(start..(start + 512).min(n)));
+        let stats = full_width_pass(b, &train.images(start..(start + 512).min(n))?);
         if sums.is_empty() {
             sums = stats;
         } else {
@@ -89,6 +89,7 @@ pub fn measure_full_width_stats(b: &ResNetParams, train: &Split) {
         bn.running_mean.shallow_clone().copy_(&(m / batches));
         bn.running_var.shallow_clone().copy_(&(v / batches));
     }
+    Ok(())
 }
 
 /// Every batch-norm of the backbone in forward order: stem, then per block conv1's, conv2's
@@ -153,7 +154,11 @@ fn full_width_pass(b: &ResNetParams, x: &Tensor) -> Vec<(Tensor, Tensor)> {
 /// For every allowed width below full, the statistics of the batch-norms after a
 /// width-reduced sum (`bn2`; `bn2` and `bn3` in a Bottleneck), measured with all blocks at
 /// the same relative width level.
-fn calibrate_width_stats(net: &TrainableNet, serving: &NetworkParams, train: &Split) {
+fn calibrate_width_stats(
+    net: &TrainableNet,
+    serving: &NetworkParams,
+    train: &Split,
+) -> Result<(), DataError> {
     let levels = net.layout.blocks.iter().map(|s| s.widths.len()).max().unwrap_or(1);
     let blocks = net.layout.blocks.len();
     // sums[b][v] = (per batch-norm: sum of means, sum of variances; batches)
@@ -172,7 +177,7 @@ fn calibrate_width_stats(net: &TrainableNet, serving: &NetworkParams, train: &Sp
             .collect();
         let widths: Vec<i64> = (0..blocks).map(|b| net.layout.blocks[b].widths[choice[b]]).collect();
         for start in (0..n).step_by(512) {
-            let x = train.images(start..(start + 512).min(n));
+            let x = train.images(start..(start + 512).min(n))?;
             for (b, stats) in stats_pass(net, &x, &widths).into_iter().enumerate() {
                 let slot = &mut sums[b][choice[b]];
                 *slot = Some(match slot.take() {
@@ -197,6 +202,7 @@ fn calibrate_width_stats(net: &TrainableNet, serving: &NetworkParams, train: &Sp
             }
         }
     }
+    Ok(())
 }
 
 /// An eval-mode pass at the given widths that normalises every batch-norm after a narrowed

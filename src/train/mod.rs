@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{Dataset, Split};
+use crate::data::{DataError, Dataset, Split};
 use crate::engine::gates::GateLayout;
 use crate::engine::params::ResNetParams;
 use crate::engine::{ArchSpec, GateConfig};
@@ -42,8 +42,11 @@ pub struct TrainConfig {
     pub momentum: f64,
     pub weight_decay: f64,
     pub warmup_epochs: f64,
-    /// Random crop padding (pixels).
+    /// Random crop padding (pixels) of pad-crop augmentation.
     pub pad: usize,
+    /// The augmentation recipe; `auto` picks it by input size.
+    #[serde(default)]
+    pub augment: augment::Augment,
     /// Weight of each exit's cross-entropy.
     pub exit_weight: f64,
     /// Weight of the squared gap between the gated pass's compute rate and its target.
@@ -104,6 +107,7 @@ impl TrainConfig {
             weight_decay: 5e-4,
             warmup_epochs: 1.0,
             pad: 2,
+            augment: augment::Augment::Auto,
             exit_weight: 0.5,
             rate_weight: 4.0,
             min_rate: 0.2,
@@ -385,7 +389,7 @@ impl Trainer {
             let mut data_seconds = 0.0;
             for chunk in order.chunks(self.config.batch_size) {
                 let loading = Instant::now();
-                let (images, labels) = augmented_batch(&train, chunk, self.config.pad, &mut rng);
+                let (images, labels) = augmented_batch(&train, chunk, &self.config, &mut rng)?;
                 data_seconds += loading.elapsed().as_secs_f64();
                 let lr = cosine_lr(self.config.lr, self.state.step, warmup, total);
                 let (loss, ok) = self.step(&images, &labels, &mut rng, lr);
@@ -402,9 +406,9 @@ impl Trainer {
             }
             bar.finish_and_clear();
             let (validation_accuracy, _) =
-                self.evaluate(&data.validation, &PassMode::Widths(self.net.widest()));
+                self.evaluate(&data.validation, &PassMode::Widths(self.net.widest()))?;
             let (gated_accuracy, gated_rate) = if self.config.gates.has_trunk() {
-                self.evaluate(&data.validation, &PassMode::Gated)
+                self.evaluate(&data.validation, &PassMode::Gated)?
             } else {
                 (validation_accuracy, 1.0)
             };
@@ -441,12 +445,12 @@ impl Trainer {
     }
 
     /// Accuracy (and mean compute rate of gated passes) on a split, in eval mode.
-    pub fn evaluate(&self, split: &Split, mode: &PassMode) -> (f64, f64) {
+    pub fn evaluate(&self, split: &Split, mode: &PassMode) -> Result<(f64, f64), DataError> {
         let _guard = tch::no_grad_guard();
         let (mut correct, mut rate) = (0i64, 0.0);
         for start in (0..split.len()).step_by(500) {
             let range = start..(start + 500).min(split.len());
-            let out = self.net.forward(&split.images(range.clone()), mode, false);
+            let out = self.net.forward(&split.images(range.clone())?, mode, false);
             correct += out
                 .logits
                 .argmax(1, false)
@@ -458,17 +462,27 @@ impl Trainer {
             }
         }
         let n = split.len().max(1) as f64;
-        (correct as f64 / n, if matches!(mode, PassMode::Gated) { rate / n } else { 1.0 })
+        Ok((correct as f64 / n, if matches!(mode, PassMode::Gated) { rate / n } else { 1.0 }))
     }
 }
 
-fn augmented_batch(split: &Split, indices: &[usize], pad: usize, rng: &mut StdRng) -> (Tensor, Tensor) {
-    let images: Vec<&[u8]> = indices.iter().map(|&i| split.image(i)).collect();
-    let pixels = augment::pad_crop_flip(&images, split.channels, split.rows, split.cols, pad, rng);
+/// The images at `indices`, read (a streamed split decodes them here, on the pool of
+/// threads), augmented and normalised, with their labels.
+fn augmented_batch(
+    split: &Split,
+    indices: &[usize],
+    config: &TrainConfig,
+    rng: &mut StdRng,
+) -> Result<(Tensor, Tensor), DataError> {
+    let raw = split.gather(indices)?;
+    let images: Vec<&[u8]> = raw.chunks(split.image_bytes()).collect();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let shape = [split.channels, split.rows, split.cols];
+    let pixels = augment::augment(config.augment, &images, shape, config.pad, threads, rng);
     let shape = [indices.len() as i64, split.channels as i64, split.rows as i64, split.cols as i64];
     let images = split.normalize(&Tensor::from_slice(&pixels).view(shape));
     let labels: Vec<i64> = indices.iter().map(|&i| split.labels[i] as i64).collect();
-    (images, Tensor::from_slice(&labels))
+    Ok((images, Tensor::from_slice(&labels)))
 }
 
 fn progress_bar(len: u64, epoch: usize, epochs: usize, quiet: bool) -> ProgressBar {
