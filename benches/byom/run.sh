@@ -7,31 +7,37 @@
 #      calibrate -> eval, with the report in OUT/models/retrofit/report.
 # Every step is skipped when its output exists, so a rerun resumes. Usage:
 #   benches/byom/run.sh [OUT=runs/byom]   (TEACHER_EPOCHS=5 RETROFIT_EPOCHS=3 THREADS=2)
+# The Bottleneck variant: a torchvision ResNet-50 on a subset, at the same 32x32 input:
+#   ARCH=resnet50 LIMIT=10000 TEACHER_EPOCHS=2 RETROFIT_EPOCHS=1 IMAGES=runs/byom/images \
+#     benches/byom/run.sh runs/byom-r50
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$root/runs/byom}
 sluice=$root/target/release/sluice
 py=$("$root/benches/setup-bench-env.sh")
 threads=${THREADS:-2}
+arch=${ARCH:-resnet20}
+limit=${LIMIT:-0}
+images=${IMAGES:-$out/images}
 mkdir -p "$out/models"
-data="imagefolder:$out/images"
+data="imagefolder:$images"
 step() { echo "== $(date -u +%H:%M:%S) $*"; }
 
 [ -x "$sluice" ] || (cd "$root" && cargo build --release)
-if [ ! -d "$out/images/test" ]; then
+if [ ! -d "$images/test" ]; then
   step "writing the image folder"
-  "$py" "$root/benches/byom/fashion_imagefolder.py" "$out/images"
+  "$py" "$root/benches/byom/fashion_imagefolder.py" "$images"
 fi
 if [ ! -f "$out/teacher.json" ]; then
   step "training the dense teacher in PyTorch"
-  "$py" "$root/benches/byom/train_teacher.py" "$out/images" "$out/teacher.safetensors" \
-    --epochs "${TEACHER_EPOCHS:-5}" --threads "$threads"
+  "$py" "$root/benches/byom/train_teacher.py" "$images" "$out/teacher.safetensors" \
+    --epochs "${TEACHER_EPOCHS:-5}" --threads "$threads" --arch "$arch" --limit "$limit"
 fi
 read -r mean std < <("$py" -c 'import json,sys; t=json.load(open(sys.argv[1])); print(",".join(map(str,t["mean"])), ",".join(map(str,t["std"])))' "$out/teacher.json")
 "$py" -c 'import json,sys; print("\n".join(json.load(open(sys.argv[1]))["classes"]))' "$out/teacher.json" > "$out/labels.txt"
 if [ ! -d "$out/models/teacher" ]; then
   step "sluice model import"
-  "$sluice" model import "$out/teacher.safetensors" "$out/models/teacher" --arch resnet20 --dims 3x32x32 \
+  "$sluice" model import "$out/teacher.safetensors" "$out/models/teacher" --arch "$arch" --dims 3x32x32 \
     --mean "$mean" --std "$std" --labels "$out/labels.txt"
 fi
 step "sluice eval (the imported dense network)"
@@ -40,7 +46,7 @@ if [ ! -f "$out/models/retrofit/config.toml" ]; then
   step "sluice train --init (gate retrofit)"
   resume=(); [ -f "$out/retrofit-run/checkpoint.json" ] && resume=(--resume)
   "$sluice" train --init "$out/models/teacher" --data "$data" --epochs "${RETROFIT_EPOCHS:-3}" \
-    --threads "$threads" --out "$out/retrofit-run" --export "$out/models/retrofit" --name retrofit "${resume[@]}"
+    --limit "$limit" --threads "$threads" --out "$out/retrofit-run" --export "$out/models/retrofit" --name retrofit "${resume[@]}"
 fi
 if [ ! -f "$out/models/retrofit/calibration.json" ]; then
   step "sluice calibrate"

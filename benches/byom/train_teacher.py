@@ -1,4 +1,4 @@
-"""Trains a dense CIFAR-style ResNet-20 in PyTorch on an image folder (torchvision's
+"""Trains a dense ResNet in PyTorch on an image folder (torchvision's
 ImageFolder: train/ and val/ [and test/]) and exports its state_dict as safetensors with the
 names sluice reads — the "network trained elsewhere" of the bring-your-own-model proof
 (benches/byom/run.sh). Standard recipe: SGD with momentum 0.9, weight decay 5e-4, cosine
@@ -6,6 +6,10 @@ learning rate from 0.1, random crop (padding 4) and horizontal flip, per-channel
 normalisation measured on the training images. Needs torch, torchvision, safetensors.
 
     python benches/byom/train_teacher.py DATA OUT.safetensors [--epochs 15] [--threads 2]
+        [--arch resnet20|resnet50] [--limit N]
+
+--arch resnet50 is torchvision's ResNet-50 (Bottleneck blocks, its ImageNet stem) at the
+folder's image size; --limit trains on N training images spread evenly over the folder.
 
 Prints the statistics it normalised with (pass them to `sluice model import`) and the
 validation and test accuracy; writes OUT.json with them.
@@ -59,6 +63,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", choices=["resnet20", "resnet50"], default="resnet20")
+    ap.add_argument("--limit", type=int, default=0, help="train on N images, every len/N-th (0: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -71,11 +77,18 @@ def main():
     val_set = torchvision.datasets.ImageFolder(os.path.join(args.data, "val"), plain)
     test_dir = os.path.join(args.data, "test")
     test_set = torchvision.datasets.ImageFolder(test_dir, plain) if os.path.isdir(test_dir) else val_set
+    if args.limit and args.limit < len(train_set):
+        train_set = torch.utils.data.Subset(train_set, range(0, len(train_set), len(train_set) // args.limit))
+        train_set = torch.utils.data.Subset(train_set, range(args.limit))
     train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=1,
                                         persistent_workers=True)
     val = torch.utils.data.DataLoader(val_set, batch_size=500)
     test = torch.utils.data.DataLoader(test_set, batch_size=500)
-    model = CifarResNet(20, 3, len(train_set.classes))
+    classes = val_set.classes
+    if args.arch == "resnet50":
+        model = torchvision.models.resnet50(num_classes=len(classes))
+    else:
+        model = CifarResNet(20, 3, len(classes))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, epochs=args.epochs, steps_per_epoch=len(train),
                                                 pct_start=0.15, anneal_strategy="cos")
@@ -89,7 +102,8 @@ def main():
             sched.step()
         print(f"epoch {epoch + 1}/{args.epochs}: validation accuracy {accuracy(model, val):.4f} "
               f"({time.time() - started:.0f} s)", flush=True)
-    result = {"mean": mean, "std": std, "classes": train_set.classes, "epochs": args.epochs,
+    result = {"mean": mean, "std": std, "classes": classes, "arch": args.arch,
+              "train_images": len(train_set), "epochs": args.epochs,
               "seconds": round(time.time() - started, 1), "validation_accuracy": accuracy(model, val),
               "test_accuracy": accuracy(model, test)}
     model.eval()
