@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod calibration;
+pub mod controller;
 pub mod policy;
 
 pub use policy::{
