@@ -9,7 +9,8 @@
 #   benches/byom/run.sh [OUT=runs/byom]   (TEACHER_EPOCHS=5 RETROFIT_EPOCHS=3 THREADS=2)
 # The Bottleneck variant: a torchvision ResNet-50 on a subset, at the same 32x32 input:
 #   ARCH=resnet50 LIMIT=10000 TEACHER_EPOCHS=2 RETROFIT_EPOCHS=1 IMAGES=runs/byom/images \
-#     benches/byom/run.sh runs/byom-r50
+#     EVAL_LIMIT=2000 benches/byom/run.sh runs/byom-r50
+# (EVAL_LIMIT: calibrate and evaluate on the first N validation / test images.)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$root/runs/byom}
@@ -18,6 +19,7 @@ py=$("$root/benches/setup-bench-env.sh")
 threads=${THREADS:-2}
 arch=${ARCH:-resnet20}
 limit=${LIMIT:-0}
+eval_limit=${EVAL_LIMIT:-0}
 images=${IMAGES:-$out/images}
 mkdir -p "$out/models"
 data="imagefolder:$images"
@@ -41,7 +43,7 @@ if [ ! -d "$out/models/teacher" ]; then
     --mean "$mean" --std "$std" --labels "$out/labels.txt"
 fi
 step "sluice eval (the imported dense network)"
-"$sluice" eval "$out/models/teacher" --data "$data" --threads "$threads" --latency-images 0
+"$sluice" eval "$out/models/teacher" --data "$data" --threads "$threads" --latency-images 0 --limit "$eval_limit"
 if [ ! -f "$out/models/retrofit/config.toml" ]; then
   step "sluice train --init (gate retrofit)"
   resume=(); [ -f "$out/retrofit-run/checkpoint.json" ] && resume=(--resume)
@@ -50,10 +52,11 @@ if [ ! -f "$out/models/retrofit/config.toml" ]; then
 fi
 if [ ! -f "$out/models/retrofit/calibration.json" ]; then
   step "sluice calibrate"
-  "$sluice" calibrate "$out/models/retrofit" --data "$data" --threads "$threads"
+  "$sluice" calibrate "$out/models/retrofit" --data "$data" --threads "$threads" --limit "$eval_limit"
 fi
 step "sluice eval (the retrofitted model at every budget)"
-"$sluice" eval "$out/models/retrofit" --data "$data" --threads "$threads" --report "$out/models/retrofit/report"
+"$sluice" eval "$out/models/retrofit" --data "$data" --threads "$threads" --limit "$eval_limit" \
+  --report "$out/models/retrofit/report"
 "$py" - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
