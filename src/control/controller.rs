@@ -11,8 +11,10 @@
 //!
 //! - utilisation `ρ = λ · s_i / c`; at `ρ ≥` [`MAX_UTILISATION`] the level cannot keep up;
 //! - latency = backlog drain `q · s_i / c` + one batch `b · s_i` + queueing wait, whose mean
-//!   is Pollaczek–Khinchine's for deterministic service, `ρ / (1 − ρ) · s_i / 2`, and whose
-//!   tail is taken as exponential (`× ln(1 / (1 − p))` for percentile `p`);
+//!   is Pollaczek–Khinchine's for deterministic service (`ρ / (1 − ρ) · s_i / 2` for one
+//!   engine; `c` engines are treated as one `c` times as fast, `s_i / c` — an approximation
+//!   the correction below absorbs), and whose tail is taken as exponential
+//!   (`× ln(1 / (1 − p))` for percentile `p`);
 //! - times a correction factor learned from the measured percentile at the live level
 //!   (clamped to [0.5, 4]), so a model that predicts too little — or far too much — is
 //!   corrected within a few ticks.
@@ -33,6 +35,8 @@ pub const FIXED_COST_SHARE: f64 = 0.3;
 /// A higher budget is taken back only when its prediction is this fraction of the target or
 /// less (the hysteresis band that keeps the controller from flapping at a steady load).
 pub const RAISE_HEADROOM: f64 = 0.75;
+/// Consecutive ticks a higher level must qualify for before it is taken (the default).
+pub const DEFAULT_HOLD_TICKS: u32 = 5;
 /// Weight of the newest sample in the moving averages.
 const SMOOTHING: f64 = 0.3;
 
@@ -108,7 +112,8 @@ pub struct Decision {
     pub budget: f64,
     /// Predicted percentile latency at that budget, ms (infinite: it cannot keep up).
     pub predicted_ms: f64,
-    /// Whether the budget is the floor.
+    /// Whether the budget is the floor and the floor is below the ceiling (running at the
+    /// operator's own budget is not "at the floor", even where the two coincide).
     pub at_floor: bool,
     /// Whether even the floor is predicted to miss the target (admission control sheds).
     pub cannot_meet: bool,
@@ -121,6 +126,8 @@ pub struct Decision {
 pub struct Controller {
     levels: Vec<Level>,
     objective: Objective,
+    /// The objective's floor level (the floor in force is never above the ceiling).
+    objective_floor: usize,
     /// Indices into `levels` of the lowest and highest level allowed.
     floor: usize,
     ceiling: usize,
@@ -137,6 +144,8 @@ pub struct Controller {
     queued: f64,
     /// Consecutive ticks a higher level has qualified for.
     calm: u32,
+    /// Whether the last tick changed the level (its measurement still reflects the old one).
+    just_changed: bool,
     /// Ticks a higher level must qualify before it is taken.
     hold: u32,
 }
@@ -150,6 +159,8 @@ pub enum ControllerError {
     Target(f64),
     #[error("objective.floor: {0}")]
     Floor(String),
+    #[error("the calibration table's budgets must ascend, with finite accuracy and FLOP fractions")]
+    Levels,
 }
 
 impl Controller {
@@ -169,13 +180,19 @@ impl Controller {
         if !(objective.target_ms.is_finite() && objective.target_ms > 0.0) {
             return Err(ControllerError::Target(objective.target_ms));
         }
+        if levels.windows(2).any(|w| w[0].budget >= w[1].budget)
+            || levels.iter().any(|l| !(l.flop_fraction.is_finite() && l.accuracy.is_finite()))
+        {
+            return Err(ControllerError::Levels);
+        }
         let ceiling = index_at_or_below(&levels, ceiling);
-        let floor = floor_index(&levels, objective.floor)?.min(ceiling);
+        let objective_floor = floor_index(&levels, objective.floor)?;
         Ok(Controller {
+            objective_floor,
+            floor: objective_floor.min(ceiling),
             per_image: vec![None; levels.len()],
             levels,
             objective,
-            floor,
             ceiling,
             current: ceiling,
             engines: engines.max(1),
@@ -184,15 +201,18 @@ impl Controller {
             rate: 0.0,
             queued: 0.0,
             calm: 0,
+            just_changed: false,
             hold,
         })
     }
 
     /// The operator changed the budget: the new ceiling (and the live level if above it).
+    /// A budget below the lowest calibrated level is the lowest level. The floor is the
+    /// objective's again wherever the ceiling allows it.
     pub fn set_ceiling(&mut self, budget: f64) {
         self.ceiling = index_at_or_below(&self.levels, budget);
-        self.floor = self.floor.min(self.ceiling);
-        self.current = self.current.min(self.ceiling);
+        self.floor = self.objective_floor.min(self.ceiling);
+        self.current = self.current.clamp(self.floor, self.ceiling);
     }
 
     /// The budget the floor maps to.
@@ -251,7 +271,7 @@ impl Controller {
         }
         let batch = self.batch.max(1.0) * s;
         let backlog = self.queued * s / c;
-        let wait = rho / (1.0 - rho) * s / 2.0 * self.objective.percentile.tail();
+        let wait = rho / (1.0 - rho) * (s / c) / 2.0 * self.objective.percentile.tail();
         Some((backlog + batch + wait) * 1e3)
     }
 
@@ -267,6 +287,9 @@ impl Controller {
         self.rate += SMOOTHING * (load.arrival_rate.max(0.0) - self.rate);
         self.queued += SMOOTHING * (load.queued as f64 - self.queued);
         if let (Some(measured), Some(predicted)) = (load.measured_ms, self.raw_prediction(self.current))
+            && !self.just_changed
+            && measured.is_finite()
+            && measured >= 0.0
             && predicted.is_finite()
             && predicted > 0.0
         {
@@ -287,7 +310,9 @@ impl Controller {
                 self.calm = 0;
                 self.decision(previous, true)
             }
-            Some(b) if b < self.current => {
+            // Lower at once; and a live level predicted to miss is left for one that meets
+            // the target even if that one is higher (costs are learned per level).
+            Some(b) if b < self.current || !meets(self, self.current, target) => {
                 self.current = b;
                 self.calm = 0;
                 self.decision(previous, false)
@@ -311,7 +336,8 @@ impl Controller {
         }
     }
 
-    fn decision(&self, previous: usize, cannot_meet: bool) -> Decision {
+    fn decision(&mut self, previous: usize, cannot_meet: bool) -> Decision {
+        self.just_changed = self.current != previous;
         Decision {
             budget: self.budget(),
             predicted_ms: self.predicted_ms(self.current).unwrap_or(f64::NAN),
@@ -383,10 +409,20 @@ mod tests {
     /// from a seeded generator, batches of up to 8 images costing `true_cost` each, a controller tick every
     /// 100 ms. Returns, per tick, (time s, budget, p99 of requests completed in the tick).
     fn simulate(controller: &mut Controller, phases: &[(f64, f64)]) -> Vec<(f64, f64, f64)> {
+        simulate_engines(controller, phases, 1)
+    }
+
+    /// [`simulate`] with `engines` engines, each taking the next batch when it is free.
+    fn simulate_engines(
+        controller: &mut Controller,
+        phases: &[(f64, f64)],
+        engines: usize,
+    ) -> Vec<(f64, f64, f64)> {
         let dt = 1e-4;
-        let (mut t, mut next_arrival, mut busy_until) = (0.0, 0.0, 0.0);
+        let (mut t, mut next_arrival) = (0.0, 0.0);
+        let mut busy_until = vec![0.0; engines];
         let mut queue: VecDeque<f64> = VecDeque::new();
-        let mut running: Vec<f64> = Vec::new();
+        let mut running: Vec<Vec<f64>> = vec![Vec::new(); engines];
         let (mut arrived, mut done): (usize, Vec<f64>) = (0, Vec::new());
         let mut next_tick = 0.1;
         let mut trace = Vec::new();
@@ -404,14 +440,16 @@ mod tests {
                 arrived += 1;
                 next_arrival += -(1.0 - rng.r#gen::<f64>()).ln() / rate.max(1e-9);
             }
-            if t >= busy_until {
-                done.extend(running.drain(..).map(|a| (t - a) * 1e3));
-                if !queue.is_empty() {
-                    let n = queue.len().min(8);
-                    running.extend(queue.drain(..n));
-                    let seconds = n as f64 * true_cost(controller.budget());
-                    controller.observe_batch(controller.budget(), n, seconds);
-                    busy_until = t + seconds;
+            for e in 0..engines {
+                if t >= busy_until[e] {
+                    done.extend(running[e].drain(..).map(|a| (t - a) * 1e3));
+                    if !queue.is_empty() {
+                        let n = queue.len().min(8);
+                        running[e].extend(queue.drain(..n));
+                        let seconds = n as f64 * true_cost(controller.budget());
+                        controller.observe_batch(controller.budget(), n, seconds);
+                        busy_until[e] = t + seconds;
+                    }
                 }
             }
             if t >= next_tick {
@@ -444,7 +482,8 @@ mod tests {
 
     #[test]
     fn overload_lowers_the_budget_until_the_target_holds() {
-        // 1300 images/s: 1.3× what the dense network can serve (1000/s), half of the floor's.
+        // 1300 images/s: 1.3× what the dense network can serve (1000/s), two thirds of
+        // what the floor (0.3: 0.51 ms per image, about 1960/s) can.
         let mut c = controller(20.0);
         let trace = simulate(&mut c, &[(6.0, 1300.0)]);
         let settled = &trace[30..];
@@ -453,6 +492,19 @@ mod tests {
         assert!(worst <= 20.0, "p99 {worst} ms over the 20 ms target once settled: {trace:?}");
         // It gives away no more than it must: not the floor, where a higher level serves.
         assert!(settled.iter().all(|&(_, b, _)| b > 0.3), "{trace:?}");
+    }
+
+    #[test]
+    fn four_engines_keep_the_budget_at_half_load_and_lower_it_at_overload() {
+        // Four engines serve 4000 images/s dense.
+        let mut c = Controller::new(levels(), objective(20.0), 1.0, 4, 5).unwrap();
+        let trace = simulate_engines(&mut c, &[(3.0, 2000.0), (5.0, 5200.0)], 4);
+        let half: Vec<_> = trace.iter().filter(|&&(t, _, _)| (1.0..3.0).contains(&t)).collect();
+        assert!(half.iter().all(|&&(_, b, _)| b >= 1.0), "half load gives nothing away: {trace:?}");
+        let over: Vec<_> = trace.iter().filter(|&&(t, _, _)| t >= 5.0).collect();
+        assert!(over.iter().all(|&&(_, b, _)| b < 1.0), "1.3× load lowers it: {trace:?}");
+        let worst = over.iter().map(|&&(_, _, p99)| p99).fold(0.0, f64::max);
+        assert!(worst <= 20.0, "p99 {worst} ms: {trace:?}");
     }
 
     #[test]
@@ -492,7 +544,7 @@ mod tests {
         // Light load: the operator's 0.8, never the dense 1.0 above it.
         let trace = simulate(&mut c, &[(2.0, 200.0)]);
         assert!(trace.iter().all(|&(_, b, _)| (b - 0.8).abs() < 1e-9), "{trace:?}");
-        // Far beyond the floor's capacity (≈ 1960/s): at the floor, and it says it cannot meet.
+        // A backlog of 500 and 5000/s arriving: at the floor, and it says it cannot meet.
         c.observe_batch(0.3, 8, 8.0 * true_cost(0.3));
         let d = c.tick(&Load { arrival_rate: 5000.0, queued: 500, measured_ms: None });
         assert!(d.at_floor && d.cannot_meet && (d.budget - 0.3).abs() < 1e-9, "{d:?}");
@@ -500,6 +552,20 @@ mod tests {
         c.set_ceiling(0.5);
         let d = c.tick(&Load { arrival_rate: 10.0, queued: 0, measured_ms: None });
         assert!(d.budget <= 0.5 + 1e-9, "{d:?}");
+        // A floor lowered with the ceiling comes back with it.
+        let drop = Objective { floor: Floor::MaxAccuracyDrop(1.0), ..objective(20.0) };
+        let mut c = Controller::new(levels(), drop, 1.0, 1, 5).unwrap();
+        c.set_ceiling(0.5);
+        assert!((c.floor_budget() - 0.5).abs() < 1e-9);
+        c.set_ceiling(1.0);
+        assert!((c.floor_budget() - 0.8).abs() < 1e-9, "{}", c.floor_budget());
+        // A measurement that is not a number teaches nothing.
+        c.observe_batch(1.0, 1, 1e-3);
+        for _ in 0..10 {
+            let d = c.tick(&Load { arrival_rate: 100.0, queued: 0, measured_ms: Some(f64::NAN) });
+            assert!(d.predicted_ms.is_finite() && !d.cannot_meet, "{d:?}");
+        }
+        assert!(c.budget() >= 1.0, "light load raised it back to the ceiling: {}", c.budget());
     }
 
     #[test]
@@ -523,6 +589,12 @@ mod tests {
         assert_eq!(
             Controller::new(vec![], objective(5.0), 1.0, 1, 5).unwrap_err(),
             ControllerError::NotCalibrated
+        );
+        let mut unordered = levels();
+        unordered.swap(0, 1);
+        assert_eq!(
+            Controller::new(unordered, objective(5.0), 1.0, 1, 5).unwrap_err(),
+            ControllerError::Levels
         );
     }
 
