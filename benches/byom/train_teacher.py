@@ -78,8 +78,9 @@ def main():
     test_dir = os.path.join(args.data, "test")
     test_set = torchvision.datasets.ImageFolder(test_dir, plain) if os.path.isdir(test_dir) else val_set
     if args.limit and args.limit < len(train_set):
-        train_set = torch.utils.data.Subset(train_set, range(0, len(train_set), len(train_set) // args.limit))
-        train_set = torch.utils.data.Subset(train_set, range(args.limit))
+        # Evenly spaced over the class-sorted folder, so every class keeps its share.
+        n = len(train_set)
+        train_set = torch.utils.data.Subset(train_set, [i * n // args.limit for i in range(args.limit)])
     train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=1,
                                         persistent_workers=True)
     val = torch.utils.data.DataLoader(val_set, batch_size=500)

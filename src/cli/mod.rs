@@ -160,15 +160,15 @@ impl DataArgs {
     pub fn load_for(&self, dir: &crate::repository::ModelDir) -> anyhow::Result<crate::data::Dataset> {
         let dims = dir.config.input.dims;
         let spec = self.spec();
-        let mut data = spec.load(Some(dims), self.memory_limit())?;
+        let recorded = dir
+            .config
+            .input
+            .image
+            .as_ref()
+            .map(|image| crate::data::Normalization { mean: image.mean.clone(), std: image.std.clone() });
+        let data = spec.load(Some(dims), self.memory_limit(), recorded.as_ref())?;
         data.check_fits(dims, dir.config.output.labels.len())
             .map_err(|e| anyhow::anyhow!("{}: {e}", spec))?;
-        if let Some(image) = &dir.config.input.image {
-            data.set_normalization(&crate::data::Normalization {
-                mean: image.mean.clone(),
-                std: image.std.clone(),
-            });
-        }
         Ok(data)
     }
 }

@@ -83,11 +83,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         let trainer = Trainer::resume(&run)?;
         tracing::info!(epoch = trainer.state.epoch, data = %trainer.config.data, "resuming");
         let spec: DataSpec = trainer.config.data.parse().map_err(anyhow::Error::msg)?;
-        let mut data = spec.load(Some(trainer.config.dims), args.data.memory_limit())?;
-        if !trainer.config.mean.is_empty() {
-            let c = &trainer.config;
-            data.set_normalization(&Normalization { mean: c.mean.clone(), std: c.std.clone() });
-        }
+        let c = &trainer.config;
+        let saved = (!c.mean.is_empty()).then(|| Normalization { mean: c.mean.clone(), std: c.std.clone() });
+        let data = spec.load(Some(c.dims), args.data.memory_limit(), saved.as_ref())?;
         (trainer, data)
     } else {
         let spec = args.data.spec();
@@ -102,18 +100,16 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             (None, Some(_)) => bail!("--dims must be CxHxW"),
             (None, None) => Some([3, 32, 32]),
         };
-        let mut data = spec.load(size, args.data.memory_limit())?;
+        // A teacher's inputs were normalised as its folder records.
+        let teacher_norm = folder
+            .as_ref()
+            .and_then(|dir| dir.config.input.image.as_ref())
+            .map(|image| Normalization { mean: image.mean.clone(), std: image.std.clone() });
+        let data = spec.load(size, args.data.memory_limit(), teacher_norm.as_ref())?;
         let (arch, init) = match (&folder, &args.init) {
             (Some(dir), _) => {
                 data.check_fits(dir.config.input.dims, dir.config.output.labels.len())
                     .map_err(|e| anyhow::anyhow!("{spec}: {e}"))?;
-                // The teacher's inputs were normalised as its folder records.
-                if let Some(image) = &dir.config.input.image {
-                    data.set_normalization(&Normalization {
-                        mean: image.mean.clone(),
-                        std: image.std.clone(),
-                    });
-                }
                 (dir.config.architecture.clone(), Some(dir.dir.join(&dir.config.weights)))
             }
             (None, init) => (args.arch.clone(), init.clone()),

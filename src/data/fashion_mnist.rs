@@ -105,6 +105,9 @@ fn read_split(dir: &Path, prefix: &str, norm: &Normalization, limit: u64) -> Res
     let [n, rows, cols] = dims[..] else {
         return Err(DataError::format(&images_path, format!("expected 3 dimensions, found {}", dims.len())));
     };
+    if rows == 0 || cols == 0 {
+        return Err(DataError::format(&images_path, format!("images of {rows}×{cols} pixels")));
+    }
     if label_dims != [n] {
         return Err(DataError::format(&labels_path, format!("{label_dims:?} labels for {n} images")));
     }

@@ -5,7 +5,7 @@
 //! of u8 pixels, normalised per channel. A split's pixels are decoded in memory when the
 //! whole dataset fits the memory limit ([`DEFAULT_MEMORY_LIMIT`], `--data-memory-mib`;
 //! checked from file headers and counts before anything is decoded); a larger image folder
-//! streams instead, its files decoded on the pool of threads each time a batch is read. The
+//! streams instead, its files decoded on every core each time a batch is read. The
 //! fixed-size formats (IDX, CIFAR) over the limit are refused.
 
 pub mod cifar;
@@ -24,9 +24,13 @@ pub use fashion_mnist::FashionMnist;
 /// splits); a larger image folder streams from disk, a larger IDX or CIFAR set is refused.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 8 << 30;
 
-/// How many images of a streamed training split its normalisation is measured on (evenly
-/// spaced; a full pass would decode the whole dataset once more).
-pub const STREAMED_STATS_IMAGES: usize = 10_000;
+/// How many images of a training split its normalisation is measured on: the first ones
+/// (every format's order mixes the classes, image folders' by construction), the same rule
+/// in memory and streamed, so `--data-memory-mib` never changes a model's statistics.
+pub const STATS_IMAGES: usize = 10_000;
+
+/// Images read at a time while measuring (bounds a streamed split's decode buffer).
+const STATS_CHUNK: usize = 256;
 
 /// Errors reading a dataset; each names the file or folder.
 #[derive(Debug, thiserror::Error)]
@@ -55,27 +59,22 @@ pub struct Normalization {
 }
 
 impl Normalization {
-    /// Measured on `split`'s pixels (a streamed split: on [`STREAMED_STATS_IMAGES`] of
-    /// them), rounded to 4 decimals (what a config file records).
+    /// Measured on the first [`STATS_IMAGES`] of `split`'s images, read [`STATS_CHUNK`] at
+    /// a time, rounded to 4 decimals (what a config file records).
     pub fn measure(split: &Split) -> Result<Self, DataError> {
-        let sample;
-        let (pixels, n) = match &split.pixels {
-            Pixels::Memory(p) => (&p[..], split.len()),
-            Pixels::Files(_) => {
-                let n = split.len().min(STREAMED_STATS_IMAGES);
-                let indices: Vec<usize> = (0..n).map(|i| i * split.len() / n.max(1)).collect();
-                sample = split.gather(&indices)?;
-                (&sample[..], n)
-            }
-        };
+        let n = split.len().min(STATS_IMAGES);
         let plane = split.rows * split.cols;
         let (mut sum, mut sq) = (vec![0f64; split.channels], vec![0f64; split.channels]);
-        for image in pixels.chunks(split.channels * plane) {
-            for (c, channel) in image.chunks(plane).enumerate() {
-                let (s, q) =
-                    channel.iter().fold((0u64, 0u64), |(s, q), &p| (s + p as u64, q + (p as u64).pow(2)));
-                sum[c] += s as f64;
-                sq[c] += q as f64;
+        for start in (0..n).step_by(STATS_CHUNK) {
+            let indices: Vec<usize> = (start..(start + STATS_CHUNK).min(n)).collect();
+            let pixels = split.gather(&indices)?;
+            for image in pixels.chunks(split.image_bytes().max(1)) {
+                for (c, channel) in image.chunks(plane.max(1)).enumerate() {
+                    let (s, q) =
+                        channel.iter().fold((0u64, 0u64), |(s, q), &p| (s + p as u64, q + (p as u64).pow(2)));
+                    sum[c] += s as f64;
+                    sq[c] += q as f64;
+                }
             }
         }
         let n = (n * plane).max(1) as f64;
@@ -131,7 +130,7 @@ impl Split {
     }
 
     /// The planar pixels of the images at `indices`, one after another (a streamed split
-    /// decodes them on the pool of threads; a file that fails is named in the error).
+    /// decodes them on every core; a file that fails is named in the error).
     pub fn gather(&self, indices: &[usize]) -> Result<Vec<u8>, DataError> {
         let n = self.image_bytes();
         match &self.pixels {
@@ -322,11 +321,23 @@ impl DataSpec {
     /// Loads every split, decoding at most `memory_limit` bytes of pixels into memory (an
     /// image folder over it streams; IDX and CIFAR over it are refused). Image folders are
     /// decoded at `size` `[C, H, W]` (required for them; the others have their own size).
-    /// Normalisation: Fashion-MNIST's published statistics, otherwise measured on the
+    /// Normalisation: `norm` when given (a model's or a run's recorded statistics; nothing
+    /// is measured), else Fashion-MNIST's published statistics, else measured on the
     /// training split.
-    pub fn load(&self, size: Option<[i64; 3]>, memory_limit: u64) -> Result<Dataset, DataError> {
+    pub fn load(
+        &self,
+        size: Option<[i64; 3]>,
+        memory_limit: u64,
+        norm: Option<&Normalization>,
+    ) -> Result<Dataset, DataError> {
         let mut data = match self {
-            DataSpec::FashionMnist(dir) => return FashionMnist::load(dir),
+            DataSpec::FashionMnist(dir) => {
+                let mut data = FashionMnist::load(dir)?;
+                if let Some(norm) = norm {
+                    data.set_normalization(norm);
+                }
+                return Ok(data);
+            }
             DataSpec::Idx(dir) => fashion_mnist::load_idx(dir, memory_limit)?,
             DataSpec::Cifar10(dir) => cifar::load(dir, cifar::Variant::Ten, memory_limit)?,
             DataSpec::Cifar100(dir) => cifar::load(dir, cifar::Variant::Hundred, memory_limit)?,
@@ -359,7 +370,10 @@ impl DataSpec {
                 data
             }
         };
-        let norm = Normalization::measure(&data.train)?;
+        let norm = match norm {
+            Some(norm) => norm.clone(),
+            None => Normalization::measure(&data.train)?,
+        };
         data.set_normalization(&norm);
         Ok(data)
     }

@@ -3,7 +3,7 @@
 //! resized crop (8–100% of the area, aspect 3/4–4/3, bilinear back to the input size) for
 //! ImageNet-size ones, each with a horizontal flip. The random draws happen in order on the
 //! caller's generator (a seeded run stays reproducible); the pixel work of a batch is split
-//! across a pool of threads.
+//! over scoped threads when it is large enough to pay for them ([`MIN_BYTES_PER_THREAD`]).
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,10 @@ pub enum Augment {
     /// Flips only.
     None,
 }
+
+/// Output bytes below which a batch's pixel work stays on the calling thread (spawning
+/// costs more than a few hundred kilobytes of crops).
+pub const MIN_BYTES_PER_THREAD: usize = 1 << 20;
 
 /// Inputs at least this tall or wide count as ImageNet-size for [`Augment::Auto`].
 pub const RESIZED_CROP_FROM: usize = 96;
@@ -74,31 +78,39 @@ pub fn augment(
         .collect();
     let image_bytes = channels * rows * cols;
     let mut out = vec![0u8; images.len() * image_bytes];
-    let per_thread = images.len().div_ceil(threads.max(1)).max(1);
+    let threads = threads.min(out.len() / MIN_BYTES_PER_THREAD).max(1);
+    let per_thread = images.len().div_ceil(threads).max(1);
+    let work = |imgs: &[&[u8]], wins: &[Window], dst: &mut [u8]| {
+        for ((img, win), dst) in imgs.iter().zip(wins).zip(dst.chunks_mut(image_bytes)) {
+            for (src, dst) in img.chunks(rows * cols).zip(dst.chunks_mut(rows * cols)) {
+                if win.height == rows && win.width == cols {
+                    shift_flip_plane(src, dst, rows, cols, win.top, win.left, win.flip);
+                } else {
+                    resize_flip_plane(src, dst, rows, cols, win);
+                }
+            }
+        }
+    };
+    if threads == 1 {
+        work(images, &windows, &mut out);
+        return out;
+    }
     std::thread::scope(|scope| {
         for ((imgs, wins), dst) in images
             .chunks(per_thread)
             .zip(windows.chunks(per_thread))
             .zip(out.chunks_mut(per_thread * image_bytes))
         {
-            scope.spawn(move || {
-                for ((img, win), dst) in imgs.iter().zip(wins).zip(dst.chunks_mut(image_bytes)) {
-                    for (src, dst) in img.chunks(rows * cols).zip(dst.chunks_mut(rows * cols)) {
-                        if win.height == rows && win.width == cols {
-                            shift_flip_plane(src, dst, rows, cols, win.top, win.left, win.flip);
-                        } else {
-                            resize_flip_plane(src, dst, rows, cols, win);
-                        }
-                    }
-                }
-            });
+            scope.spawn(move || work(imgs, wins, dst));
         }
     });
     out
 }
 
 /// torchvision's `RandomResizedCrop` draw (scale 0.08–1, log-uniform aspect 3/4–4/3, ten
-/// tries, then the whole image), plus a flip.
+/// tries), plus a flip. Where all ten fail (only possible for very elongated inputs) it
+/// falls back to the whole image, where torchvision takes a centre crop clamped to the
+/// aspect range.
 fn resized_crop_window(rows: usize, cols: usize, rng: &mut impl Rng) -> Window {
     let area = (rows * cols) as f64;
     let flip = rng.gen_bool(0.5);
@@ -186,6 +198,27 @@ mod tests {
         }
     }
 
+    /// The shipped model's recipe depends on this order: per image dy, dx, then the flip,
+    /// drawn from the run's generator (as before `--augment` existed).
+    #[test]
+    fn pad_crop_draws_dy_dx_flip_per_image_in_order() {
+        let images: Vec<Vec<u8>> =
+            (0..6u8).map(|k| (0..2 * 28 * 28).map(|i| (i % 200) as u8 + k).collect()).collect();
+        let refs: Vec<&[u8]> = images.iter().map(|v| &v[..]).collect();
+        let got = pad_crop(&refs, [2, 28, 28], 2, &mut rand::rngs::StdRng::seed_from_u64(5));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut want = vec![0u8; got.len()];
+        for (img, dst) in refs.iter().zip(want.chunks_mut(2 * 28 * 28)) {
+            let dy = rng.gen_range(0..=4usize) as isize - 2;
+            let dx = rng.gen_range(0..=4usize) as isize - 2;
+            let flip = rng.gen_bool(0.5);
+            for (src, dst) in img.chunks(28 * 28).zip(dst.chunks_mut(28 * 28)) {
+                shift_flip_plane(src, dst, 28, 28, dy, dx, flip);
+            }
+        }
+        assert!(got == want, "the pad-crop draws changed order");
+    }
+
     #[test]
     fn auto_picks_the_recipe_by_input_size() {
         assert_eq!(Augment::Auto.resolve(32, 32), Augment::PadCrop);
@@ -225,16 +258,19 @@ mod tests {
             assert!(w.top >= 0 && w.left >= 0 && w.height >= 1 && w.width >= 1);
             assert!(w.top as usize + w.height <= 224 && w.left as usize + w.width <= 160, "{w:?}");
         }
+        // 24 images of 3×224×224 (3.6 MB): work for three threads.
+        let plane = 3 * 224 * 224;
         let images: Vec<Vec<u8>> =
-            (0..5u8).map(|k| (0..3 * 100 * 100).map(|i| (i % 251) as u8 ^ k).collect()).collect();
+            (0..24u8).map(|k| (0..plane).map(|i| (i % 251) as u8 ^ k).collect()).collect();
         let refs: Vec<&[u8]> = images.iter().map(|v| &v[..]).collect();
         let run = |threads| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-            augment(Augment::Auto, &refs, [3, 100, 100], 4, threads, &mut rng)
+            augment(Augment::Auto, &refs, [3, 224, 224], 4, threads, &mut rng)
         };
         let one = run(1);
-        assert_eq!(one.len(), 5 * 3 * 100 * 100);
+        assert_eq!(one.len(), 24 * plane);
         assert_eq!(one, run(3));
-        assert_ne!(&one[..30000], &images[0][..], "a 100×100 input gets a resized crop");
+        let cropped = images.iter().zip(one.chunks(plane)).filter(|(a, b)| a[..] != b[..]).count();
+        assert!(cropped >= 20, "224×224 inputs get resized crops: {cropped} of 24 changed");
     }
 }

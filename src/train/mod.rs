@@ -44,8 +44,9 @@ pub struct TrainConfig {
     pub warmup_epochs: f64,
     /// Random crop padding (pixels) of pad-crop augmentation.
     pub pad: usize,
-    /// The augmentation recipe; `auto` picks it by input size.
-    #[serde(default)]
+    /// The augmentation recipe; `auto` picks it by input size. Runs saved before the field
+    /// existed used pad-crop at every size, and resume as they were.
+    #[serde(default = "legacy_augment")]
     pub augment: augment::Augment,
     /// Weight of each exit's cross-entropy.
     pub exit_weight: f64,
@@ -74,6 +75,10 @@ pub struct TrainConfig {
     pub mean: Vec<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub std: Vec<f64>,
+}
+
+fn legacy_augment() -> augment::Augment {
+    augment::Augment::PadCrop
 }
 
 fn default_data() -> String {
@@ -435,7 +440,7 @@ impl Trainer {
                 seconds = format!("{seconds:.0}"),
                 // Images per second the batches were prepared at, against what training used.
                 loader_images_per_s = format!("{:.0}", seen as f64 / data_seconds.max(1e-9)),
-                train_images_per_s = format!("{:.0}", seen as f64 / seconds),
+                train_images_per_s = format!("{:.1}", seen as f64 / seconds),
                 "epoch done"
             );
             self.state.history.push(log);
