@@ -8,8 +8,8 @@
 # Every step is skipped when its output exists, so a rerun resumes. Usage:
 #   benches/byom/run.sh [OUT=runs/byom]   (TEACHER_EPOCHS=5 RETROFIT_EPOCHS=3 THREADS=2)
 # The Bottleneck variant: a torchvision ResNet-50 on a subset, at the same 32x32 input:
-#   ARCH=resnet50 LIMIT=10000 TEACHER_EPOCHS=2 RETROFIT_EPOCHS=1 IMAGES=runs/byom/images \
-#     EVAL_LIMIT=2000 benches/byom/run.sh runs/byom-r50
+#   ARCH=resnet50 LIMIT=20000 TEACHER_EPOCHS=5 RETROFIT_EPOCHS=1 IMAGES=runs/byom/images \
+#     EVAL_LIMIT=1000 benches/byom/run.sh runs/byom-r50      (about 45 minutes)
 # (EVAL_LIMIT: calibrate and evaluate on the first N validation / test images.)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
