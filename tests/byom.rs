@@ -50,6 +50,8 @@ fn an_image_folder_trains_calibrates_and_evaluates() {
         &path("model"),
         "--name",
         "colours",
+        "--augment",
+        "none",
         "--quiet",
     ]));
     let config: toml::Table =
@@ -67,6 +69,7 @@ fn an_image_folder_trains_calibrates_and_evaluates() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/checkpoint.json")).unwrap())
             .unwrap();
     assert_eq!(run["config"]["classes"], 3);
+    assert_eq!(run["config"]["augment"], "none", "--augment is recorded with the run");
     assert!(run["config"]["data"].as_str().unwrap().starts_with("imagefolder:"));
 
     ok(sluice(&["calibrate", &path("model"), "--data", &data, "--steps", "3"]));

@@ -139,6 +139,12 @@ pub struct DataArgs {
     pub data_memory_mib: u64,
 }
 
+/// The normalisation a model folder records (`[input.image] mean, std`), if any.
+pub fn recorded_normalization(dir: &crate::repository::ModelDir) -> Option<crate::data::Normalization> {
+    let image = dir.config.input.image.as_ref()?;
+    Some(crate::data::Normalization { mean: image.mean.clone(), std: image.std.clone() })
+}
+
 impl DataArgs {
     /// The dataset asked for (Fashion-MNIST from `$SLUICE_DATA_DIR` when set).
     pub fn spec(&self) -> crate::data::DataSpec {
@@ -160,13 +166,7 @@ impl DataArgs {
     pub fn load_for(&self, dir: &crate::repository::ModelDir) -> anyhow::Result<crate::data::Dataset> {
         let dims = dir.config.input.dims;
         let spec = self.spec();
-        let recorded = dir
-            .config
-            .input
-            .image
-            .as_ref()
-            .map(|image| crate::data::Normalization { mean: image.mean.clone(), std: image.std.clone() });
-        let data = spec.load(Some(dims), self.memory_limit(), recorded.as_ref())?;
+        let data = spec.load(Some(dims), self.memory_limit(), recorded_normalization(dir).as_ref())?;
         data.check_fits(dims, dir.config.output.labels.len())
             .map_err(|e| anyhow::anyhow!("{}: {e}", spec))?;
         Ok(data)

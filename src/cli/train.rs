@@ -101,10 +101,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             (None, None) => Some([3, 32, 32]),
         };
         // A teacher's inputs were normalised as its folder records.
-        let teacher_norm = folder
-            .as_ref()
-            .and_then(|dir| dir.config.input.image.as_ref())
-            .map(|image| Normalization { mean: image.mean.clone(), std: image.std.clone() });
+        let teacher_norm = folder.as_ref().and_then(super::recorded_normalization);
         let data = spec.load(size, args.data.memory_limit(), teacher_norm.as_ref())?;
         let (arch, init) = match (&folder, &args.init) {
             (Some(dir), _) => {
