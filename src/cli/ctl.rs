@@ -1,4 +1,5 @@
-//! `sluice ctl gating get|set`: a client of a running server's control API (HTTP).
+//! `sluice ctl gating get|set` and `sluice ctl controller get|set|on|off`: a client of a
+//! running server's control API (HTTP).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use crate::control::PolicyChange;
+use crate::control::controller::{ControllerChange, Percentile};
 use crate::engine::ChannelMode;
 
 /// `sluice ctl ...`
@@ -15,6 +17,50 @@ pub enum CtlCommand {
     /// Read or change a model's live gating policy.
     #[command(subcommand)]
     Gating(GatingCommand),
+    /// Read or change a model's latency objective and adaptive budget controller.
+    #[command(subcommand)]
+    Controller(ControllerCommand),
+}
+
+/// `sluice ctl controller ...`
+#[derive(Debug, Subcommand)]
+pub enum ControllerCommand {
+    /// Print the gating state with the controller's settings and state.
+    Get(Target),
+    /// Change the objective (patch by default; --replace resets unset fields).
+    Set(ControllerSetArgs),
+    /// Switch the controller on (the objective must have a target).
+    On(Target),
+    /// Switch the controller off: the operator's budget is live again at once.
+    Off(Target),
+}
+
+/// Arguments of `sluice ctl controller set`.
+#[derive(Debug, Args)]
+pub struct ControllerSetArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The latency target in milliseconds.
+    #[arg(long, env = "SLUICE_CTL_TARGET_MS")]
+    pub target_ms: Option<f64>,
+    /// Which percentile the target bounds: p95 or p99.
+    #[arg(long, env = "SLUICE_CTL_PERCENTILE")]
+    pub percentile: Option<Percentile>,
+    /// The floor: the largest drop in calibrated accuracy accepted (percentage points).
+    #[arg(long, env = "SLUICE_CTL_MAX_ACCURACY_DROP", conflicts_with = "min_budget")]
+    pub max_accuracy_drop: Option<f64>,
+    /// The floor as an explicit minimum budget.
+    #[arg(long, env = "SLUICE_CTL_MIN_BUDGET")]
+    pub min_budget: Option<f64>,
+    /// Switch the controller on (or off with --enable=false).
+    #[arg(long, env = "SLUICE_CTL_ENABLE")]
+    pub enable: Option<bool>,
+    /// Replace the settings (unset fields take their defaults) instead of patching them.
+    #[arg(long, env = "SLUICE_CTL_REPLACE")]
+    pub replace: bool,
+    /// Who is changing it (recorded in the server's log).
+    #[arg(long, env = "SLUICE_CTL_ACTOR")]
+    pub actor: Option<String>,
 }
 
 /// `sluice ctl gating ...`
@@ -74,7 +120,36 @@ pub struct SetArgs {
 }
 
 pub fn run(command: &CtlCommand) -> anyhow::Result<()> {
-    let CtlCommand::Gating(g) = command;
+    match command {
+        CtlCommand::Gating(g) => gating(g),
+        CtlCommand::Controller(c) => controller(c),
+    }
+}
+
+fn controller(command: &ControllerCommand) -> anyhow::Result<()> {
+    let actor = || std::env::var("USER").ok();
+    let switch =
+        |enabled: bool| ControllerChange { enabled: Some(enabled), actor: actor(), ..Default::default() };
+    let (target, method, change) = match command {
+        ControllerCommand::Get(t) => return send(t, "/gating", "GET", None),
+        ControllerCommand::On(t) => (t, "PATCH", switch(true)),
+        ControllerCommand::Off(t) => (t, "PATCH", switch(false)),
+        ControllerCommand::Set(s) => {
+            let change = ControllerChange {
+                enabled: s.enable,
+                percentile: s.percentile,
+                target_ms: s.target_ms,
+                max_accuracy_drop: s.max_accuracy_drop,
+                min_budget: s.min_budget,
+                actor: s.actor.clone().or_else(actor),
+            };
+            (&s.target, if s.replace { "PUT" } else { "PATCH" }, change)
+        }
+    };
+    send(target, "/gating/controller", method, Some(serde_json::to_string(&change)?))
+}
+
+fn gating(g: &GatingCommand) -> anyhow::Result<()> {
     let (target, method, body) = match g {
         GatingCommand::Get(t) => (t, "GET", None),
         GatingCommand::Set(s) => {
@@ -106,6 +181,11 @@ pub fn run(command: &CtlCommand) -> anyhow::Result<()> {
             (&s.target, if s.replace { "PUT" } else { "PATCH" }, Some(serde_json::to_string(&change)?))
         }
     };
+    send(target, "/gating", method, body)
+}
+
+/// Sends one control-API call to `{url}/v2/models/{model}{path}` and prints the answer.
+fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyhow::Result<()> {
     let token = match (&target.token, &target.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(f)) => {
@@ -113,7 +193,7 @@ pub fn run(command: &CtlCommand) -> anyhow::Result<()> {
         }
         (None, None) => None,
     };
-    let url = format!("{}/v2/models/{}/gating", target.url.trim_end_matches('/'), target.model);
+    let url = format!("{}/v2/models/{}{path}", target.url.trim_end_matches('/'), target.model);
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut response = match (method, body) {

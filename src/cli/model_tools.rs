@@ -106,6 +106,7 @@ pub(crate) fn new_config(
         policy: GatePolicy::dense(),
         limits: Default::default(),
         requests: Default::default(),
+        controller: Default::default(),
     }
 }
 

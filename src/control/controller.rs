@@ -28,6 +28,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::calibration::CalibrationTable;
+
 /// Utilisation above which a level counts as unable to keep up.
 pub const MAX_UTILISATION: f64 = 0.95;
 /// Share of a batch's compute that does not shrink with FLOPs, for levels not measured yet.
@@ -39,6 +41,149 @@ pub const RAISE_HEADROOM: f64 = 0.75;
 pub const DEFAULT_HOLD_TICKS: u32 = 5;
 /// Weight of the newest sample in the moving averages.
 const SMOOTHING: f64 = 0.3;
+/// The tick of `[controller]` by default, and its allowed range (ms).
+pub const DEFAULT_TICK_MS: u64 = 100;
+pub const TICK_MS_RANGE: (u64, u64) = (10, 10_000);
+/// The floor when the objective names none: at most this many points of calibrated accuracy.
+pub const DEFAULT_MAX_ACCURACY_DROP: f64 = 1.0;
+/// The largest latency target accepted (ms): a longer one is a mistake, not an objective.
+pub const MAX_TARGET_MS: f64 = 600_000.0;
+
+/// `[controller]` of a model's `config.toml`, and what the control API reads and changes:
+/// the latency objective and whether the adaptive budget controller pursues it. Off by
+/// default; `tick_ms` and `hold_ticks` are read at load only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    pub enabled: bool,
+    pub percentile: Percentile,
+    /// The latency target in ms (required to enable the controller).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_ms: Option<f64>,
+    /// The floor as the largest calibrated accuracy drop accepted, in percentage points of
+    /// the dense accuracy (default [`DEFAULT_MAX_ACCURACY_DROP`] when no floor is named).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_accuracy_drop: Option<f64>,
+    /// The floor as an explicit budget (instead of `max_accuracy_drop`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_budget: Option<f64>,
+    pub tick_ms: u64,
+    pub hold_ticks: u32,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            enabled: false,
+            percentile: Percentile::P99,
+            target_ms: None,
+            max_accuracy_drop: None,
+            min_budget: None,
+            tick_ms: DEFAULT_TICK_MS,
+            hold_ticks: DEFAULT_HOLD_TICKS,
+        }
+    }
+}
+
+impl ControllerConfig {
+    pub fn is_default(&self) -> bool {
+        *self == ControllerConfig::default()
+    }
+
+    /// The objective (`None`: no target set), checked field by field.
+    pub fn objective(&self) -> Result<Option<Objective>, ControllerError> {
+        let (lo, hi) = TICK_MS_RANGE;
+        if !(lo..=hi).contains(&self.tick_ms) {
+            return Err(ControllerError::Setting(format!(
+                "controller.tick_ms must be within [{lo}, {hi}], got {}",
+                self.tick_ms
+            )));
+        }
+        if !(1..=1000).contains(&self.hold_ticks) {
+            return Err(ControllerError::Setting(format!(
+                "controller.hold_ticks must be within [1, 1000], got {}",
+                self.hold_ticks
+            )));
+        }
+        let floor = match (self.max_accuracy_drop, self.min_budget) {
+            (Some(_), Some(_)) => {
+                return Err(ControllerError::Floor(
+                    "set controller.max_accuracy_drop or controller.min_budget, not both".into(),
+                ));
+            }
+            (Some(points), None) => Floor::MaxAccuracyDrop(points),
+            (None, Some(budget)) => Floor::MinBudget(budget),
+            (None, None) => Floor::MaxAccuracyDrop(DEFAULT_MAX_ACCURACY_DROP),
+        };
+        check_floor(floor)?;
+        match self.target_ms {
+            None if self.enabled => Err(ControllerError::Setting(
+                "controller.target_ms: required to enable the controller (the latency objective in ms)"
+                    .into(),
+            )),
+            None => Ok(None),
+            Some(t) if !(t.is_finite() && t > 0.0 && t <= MAX_TARGET_MS) => Err(ControllerError::Target(t)),
+            Some(target_ms) => Ok(Some(Objective { percentile: self.percentile, target_ms, floor })),
+        }
+    }
+}
+
+/// A change to [`ControllerConfig`] through the control API (HTTP `PUT`/`PATCH` body, gRPC,
+/// `sluice ctl controller`). Naming one floor clears the other.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerChange {
+    pub enabled: Option<bool>,
+    pub percentile: Option<Percentile>,
+    pub target_ms: Option<f64>,
+    pub max_accuracy_drop: Option<f64>,
+    pub min_budget: Option<f64>,
+    /// Who asks (recorded in the log).
+    pub actor: Option<String>,
+}
+
+impl ControllerChange {
+    /// The settings this change makes from `current`: `replace` starts from the defaults
+    /// (keeping the load-time `tick_ms` and `hold_ticks`), else unset fields keep their values.
+    pub fn apply(&self, current: &ControllerConfig, replace: bool) -> ControllerConfig {
+        let mut c = if replace {
+            ControllerConfig {
+                tick_ms: current.tick_ms,
+                hold_ticks: current.hold_ticks,
+                ..Default::default()
+            }
+        } else {
+            current.clone()
+        };
+        if let Some(enabled) = self.enabled {
+            c.enabled = enabled;
+        }
+        if let Some(p) = self.percentile {
+            c.percentile = p;
+        }
+        if let Some(t) = self.target_ms {
+            c.target_ms = Some(t);
+        }
+        if self.max_accuracy_drop.is_some() || self.min_budget.is_some() {
+            c.max_accuracy_drop = self.max_accuracy_drop;
+            c.min_budget = self.min_budget;
+        }
+        c
+    }
+}
+
+/// The calibration table's rows as the controller's levels.
+pub fn levels(table: &CalibrationTable) -> Vec<Level> {
+    table
+        .budgets
+        .iter()
+        .map(|e| Level {
+            budget: e.budget,
+            accuracy: e.point.validation_accuracy,
+            flop_fraction: e.point.flop_fraction,
+        })
+        .collect()
+}
 
 /// Which latency percentile the objective bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,7 +193,26 @@ pub enum Percentile {
     P99,
 }
 
+impl std::str::FromStr for Percentile {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "p95" => Ok(Percentile::P95),
+            "p99" => Ok(Percentile::P99),
+            other => Err(format!("percentile: `{other}` is not p95 or p99")),
+        }
+    }
+}
+
 impl Percentile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Percentile::P95 => "p95",
+            Percentile::P99 => "p99",
+        }
+    }
+
     /// The quantile, 0.95 or 0.99.
     pub fn quantile(self) -> f64 {
         match self {
@@ -135,8 +299,11 @@ pub struct Controller {
     engines: usize,
     /// Per level: moving average of compute seconds per image, once measured.
     per_image: Vec<Option<f64>>,
-    /// Moving average of images per batch.
+    /// Moving average of images per batch (decaying to 1 over ticks without batches: a
+    /// request arriving at an idle server runs alone).
     batch: f64,
+    /// Whether a batch was observed since the last tick.
+    batch_seen: bool,
     /// Measured / predicted at the live level, moving average, clamped to [0.5, 4].
     correction: f64,
     /// Moving averages of the arrival rate and the queue depth.
@@ -155,10 +322,12 @@ pub struct Controller {
 pub enum ControllerError {
     #[error("the model has no calibration table: the controller chooses among calibrated budgets")]
     NotCalibrated,
-    #[error("objective.target_ms must be a positive number of milliseconds, got {0}")]
+    #[error("controller.target_ms must be a positive number of milliseconds up to 600000, got {0}")]
     Target(f64),
-    #[error("objective.floor: {0}")]
+    #[error("{0}")]
     Floor(String),
+    #[error("{0}")]
+    Setting(String),
     #[error("the calibration table's budgets must ascend, with finite accuracy and FLOP fractions")]
     Levels,
 }
@@ -197,6 +366,7 @@ impl Controller {
             current: ceiling,
             engines: engines.max(1),
             batch: 1.0,
+            batch_seen: false,
             correction: 1.0,
             rate: 0.0,
             queued: 0.0,
@@ -246,6 +416,7 @@ impl Controller {
         let sample = seconds / images as f64;
         self.per_image[i] = Some(self.per_image[i].map_or(sample, |s| s + SMOOTHING * (sample - s)));
         self.batch += SMOOTHING * (images as f64 - self.batch);
+        self.batch_seen = true;
     }
 
     /// Seconds of compute per image at level `i`: measured, else scaled from the nearest
@@ -286,6 +457,9 @@ impl Controller {
         let previous = self.current;
         self.rate += SMOOTHING * (load.arrival_rate.max(0.0) - self.rate);
         self.queued += SMOOTHING * (load.queued as f64 - self.queued);
+        if !std::mem::take(&mut self.batch_seen) {
+            self.batch += SMOOTHING * (1.0 - self.batch);
+        }
         if let (Some(measured), Some(predicted)) = (load.measured_ms, self.raw_prediction(self.current))
             && !self.just_changed
             && measured.is_finite()
@@ -368,12 +542,20 @@ fn floor_index(levels: &[Level], floor: Floor) -> Result<usize, ControllerError>
             // The lowest level at or above the minimum.
             Ok(levels.iter().position(|l| l.budget >= b - 1e-9).unwrap_or(levels.len() - 1))
         }
-        Floor::MaxAccuracyDrop(p) => {
-            Err(ControllerError::Floor(format!("max_accuracy_drop must be ≥ 0 percentage points, got {p}")))
+        _ => check_floor(floor).map(|()| 0),
+    }
+}
+
+/// Checks a floor's number.
+fn check_floor(floor: Floor) -> Result<(), ControllerError> {
+    match floor {
+        Floor::MaxAccuracyDrop(p) if !(p.is_finite() && p >= 0.0) => Err(ControllerError::Floor(format!(
+            "controller.max_accuracy_drop must be ≥ 0 percentage points, got {p}"
+        ))),
+        Floor::MinBudget(b) if !(b.is_finite() && (0.0..=1.0).contains(&b)) => {
+            Err(ControllerError::Floor(format!("controller.min_budget must be within [0, 1], got {b}")))
         }
-        Floor::MinBudget(b) => {
-            Err(ControllerError::Floor(format!("min_budget must be within [0, 1], got {b}")))
-        }
+        _ => Ok(()),
     }
 }
 
@@ -385,6 +567,43 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    #[test]
+    fn the_config_section_parses_with_defaults_and_names_bad_fields() {
+        let c: ControllerConfig = toml::from_str("enabled = true\ntarget_ms = 4.0\n").unwrap();
+        let expected =
+            Objective { percentile: Percentile::P99, target_ms: 4.0, floor: Floor::MaxAccuracyDrop(1.0) };
+        assert_eq!(c.objective().unwrap(), Some(expected));
+        assert_eq!((c.tick_ms, c.hold_ticks), (DEFAULT_TICK_MS, DEFAULT_HOLD_TICKS));
+        assert!(toml::from_str::<ControllerConfig>("target = 4").unwrap_err().to_string().contains("target"));
+        let off: ControllerConfig = toml::from_str("min_budget = 0.4").unwrap();
+        assert_eq!(off.objective().unwrap(), None, "no target: no objective, and off");
+        for (text, names) in [
+            ("enabled = true", "target_ms"),
+            ("target_ms = 0.0", "target_ms"),
+            ("target_ms = 4.0\ntick_ms = 1", "tick_ms"),
+            ("target_ms = 4.0\nhold_ticks = 0", "hold_ticks"),
+            ("target_ms = 4.0\nmin_budget = 0.4\nmax_accuracy_drop = 1.0", "not both"),
+            ("target_ms = 4.0\nmax_accuracy_drop = -1.0", "max_accuracy_drop"),
+        ] {
+            let c: ControllerConfig = toml::from_str(text).unwrap();
+            let e = c.objective().unwrap_err().to_string();
+            assert!(e.contains(names), "{text}: {e}");
+        }
+        // PATCH: naming one floor replaces the other; PUT resets unset fields but keeps the
+        // load-time tick and hold.
+        let current = ControllerConfig {
+            enabled: true,
+            target_ms: Some(4.0),
+            max_accuracy_drop: Some(1.0),
+            tick_ms: 50,
+            ..Default::default()
+        };
+        let patched = ControllerChange { min_budget: Some(0.4), ..Default::default() }.apply(&current, false);
+        assert_eq!((patched.enabled, patched.max_accuracy_drop, patched.min_budget), (true, None, Some(0.4)));
+        let replaced = ControllerChange { target_ms: Some(9.0), ..Default::default() }.apply(&current, true);
+        assert_eq!((replaced.enabled, replaced.target_ms, replaced.tick_ms), (false, Some(9.0), 50));
+    }
 
     /// Budgets 0.3 … 1.0; accuracy from 90% to 93%; FLOPs = budget.
     fn levels() -> Vec<Level> {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::calibration::{BudgetError, CalibrationTable};
-use crate::engine::{ChannelMode, GatePolicy};
+use crate::engine::{ChannelMode, GatePolicy, PolicySource};
 
 /// Gating asked for by one request (resolved by the model's policy store).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -158,12 +158,23 @@ pub struct PolicyStore {
     gate_ids: Vec<String>,
     /// What a request may ask for (operator-set).
     bounds: RequestBounds,
-    /// Serialises changes so versions increase one at a time.
-    writer: Mutex<()>,
+    /// The operator's side, changed only under this lock (which also serialises changes, so
+    /// versions increase one at a time).
+    writer: Mutex<Operator>,
+}
+
+/// What the operator set, and the controller's cap on it.
+struct Operator {
+    /// The operator's (or the config's) policy: what is persisted, and the ceiling of the
+    /// adaptive budget controller.
+    policy: Arc<GatePolicy>,
+    /// The budget the controller holds the live policy to while it is below the operator's.
+    cap: Option<f64>,
 }
 
 impl PolicyStore {
-    /// A store starting at `initial` (a budget in it is resolved through the table).
+    /// A store starting at `initial` (a budget in it is resolved through the table; its
+    /// `source` says where it came from).
     pub fn new(
         initial: GatePolicy,
         calibration: Option<CalibrationTable>,
@@ -177,11 +188,12 @@ impl PolicyStore {
             calibration,
             gate_ids,
             bounds,
-            writer: Mutex::new(()),
+            writer: Mutex::new(Operator { policy: Arc::new(GatePolicy::dense()), cap: None }),
         };
         let resolved = store.resolve_budget(initial)?;
         let first = Arc::new(GatePolicy { version: resolved.version.max(1), ..resolved });
-        store.current.store(first);
+        store.current.store(first.clone());
+        store.writer.lock().unwrap_or_else(|e| e.into_inner()).policy = first;
         Ok(store)
     }
 
@@ -199,22 +211,26 @@ impl PolicyStore {
         (self.snapshot(), rx)
     }
 
-    /// Applies `change`: one atomic, versioned swap that batches pick up from the next one.
-    /// Logs old → new and who, persists, notifies watchers.
+    /// Applies an operator's `change` to the operator's policy: one atomic, versioned swap
+    /// that batches pick up from the next one. Logs old → new and who, persists the
+    /// operator's policy, notifies watchers. While the controller caps the budget below the
+    /// new one, the live policy runs at the cap (source `controller`).
     pub fn change(
         &self,
         change: &PolicyChange,
         kind: ChangeKind,
         who: &str,
     ) -> Result<Arc<GatePolicy>, ChangeError> {
-        let _turn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut operator = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
-        let proposed = change.apply(&old, kind)?;
+        let proposed = change.apply(&operator.policy, kind)?;
         let resolved = self.resolve_budget(proposed)?;
-        let new = Arc::new(GatePolicy { version: old.version + 1, ..resolved });
+        let mine =
+            Arc::new(GatePolicy { version: old.version + 1, source: PolicySource::Operator, ..resolved });
+        let live = self.capped(&mine, operator.cap)?;
         if let Some(path) = &self.persist {
             // Persist first: a policy that cannot be kept is not applied.
-            let text = serde_json::to_string_pretty(&*new)
+            let text = serde_json::to_string_pretty(&*mine)
                 .map_err(|e| ChangeError::NotPersisted(format!("cannot serialise the policy: {e}")))?;
             let tmp = path.with_extension("json.tmp");
             std::fs::write(&tmp, text + "\n").and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
@@ -222,18 +238,64 @@ impl PolicyStore {
                 ChangeError::NotPersisted(format!("cannot persist the policy to {}: {e}", path.display()))
             })?;
         }
+        operator.policy = mine;
+        self.publish(&old, live.clone(), who);
+        Ok(live)
+    }
+
+    /// The adaptive controller's side: holds the live budget to `cap` while that is below the
+    /// operator's budget (`None`, or a cap at or above it: the operator's policy). A new
+    /// version (source `controller`) only when the live settings change; not persisted. A
+    /// policy without a budget (thresholds) is never capped.
+    pub fn cap_budget(&self, cap: Option<f64>, why: &str) -> Result<Option<Arc<GatePolicy>>, PolicyError> {
+        let mut operator = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let derived = self.capped(&operator.policy, cap)?;
+        operator.cap = cap;
+        let old = self.current.load_full();
+        if same_settings(&old, &derived) {
+            return Ok(None);
+        }
+        let new = Arc::new(GatePolicy {
+            version: old.version + 1,
+            source: PolicySource::Controller,
+            ..(*derived).clone()
+        });
+        self.publish(&old, new.clone(), why);
+        Ok(Some(new))
+    }
+
+    /// The operator's policy (the controller's ceiling), whatever the controller does.
+    pub fn operator_policy(&self) -> Arc<GatePolicy> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).policy.clone()
+    }
+
+    /// `policy` at the budget `cap` where that is below its own (same version; source
+    /// `controller`), else `policy`.
+    fn capped(&self, policy: &Arc<GatePolicy>, cap: Option<f64>) -> Result<Arc<GatePolicy>, PolicyError> {
+        match (policy.budget, cap) {
+            (Some(budget), Some(cap)) if cap < budget - 1e-9 => {
+                let lower =
+                    GatePolicy { budget: Some(cap), source: PolicySource::Controller, ..(**policy).clone() };
+                Ok(Arc::new(self.resolve_budget(lower)?))
+            }
+            _ => Ok(policy.clone()),
+        }
+    }
+
+    /// Makes `new` live, tells watchers and logs old → new.
+    fn publish(&self, old: &GatePolicy, new: Arc<GatePolicy>, who: &str) {
         self.current.store(new.clone());
         // No receivers is not an error: nobody is watching.
         let _ = self.changes.send(new.clone());
         tracing::info!(
             who,
+            source = new.source.as_str(),
             old_version = old.version,
             new_version = new.version,
-            old = %serde_json::to_string(&*old).unwrap_or_default(),
+            old = %serde_json::to_string(old).unwrap_or_default(),
             new = %serde_json::to_string(&*new).unwrap_or_default(),
             "gating policy changed"
         );
-        Ok(new)
     }
 
     /// The live policy (one atomic load).
@@ -256,7 +318,12 @@ impl PolicyStore {
                 PolicyError("budget: this model has no calibration table; set thresholds instead".into())
             })?;
             let from_table = table.policy_for(budget)?;
-            policy = GatePolicy { version: policy.version, overrides: policy.overrides, ..from_table };
+            policy = GatePolicy {
+                version: policy.version,
+                overrides: policy.overrides,
+                source: policy.source,
+                ..from_table
+            };
         }
         policy.validate(&self.gate_ids).map_err(|e| PolicyError(e.to_string()))?;
         Ok(policy)
@@ -341,6 +408,12 @@ impl PolicyStore {
     }
 }
 
+/// Whether two policies run the same (everything but version and source equal).
+fn same_settings(a: &GatePolicy, b: &GatePolicy) -> bool {
+    GatePolicy { version: 0, source: PolicySource::Config, ..a.clone() }
+        == GatePolicy { version: 0, source: PolicySource::Config, ..b.clone() }
+}
+
 /// Parses a channel mode name.
 pub fn parse_mode(s: &str) -> Result<ChannelMode, PolicyError> {
     match s {
@@ -357,6 +430,67 @@ mod tests {
     fn store() -> PolicyStore {
         PolicyStore::new(GatePolicy::dense(), None, vec!["layer1.1.block".into()], RequestBounds::default())
             .unwrap()
+    }
+
+    fn calibrated(initial: GatePolicy) -> PolicyStore {
+        use crate::control::calibration::{BudgetEntry, CalibrationTable, OperatingPoint};
+        let entry = |budget: f64, t: f32| BudgetEntry {
+            budget,
+            point: OperatingPoint {
+                channel_threshold: t,
+                block_threshold: t,
+                exit_threshold: 1.0,
+                validation_accuracy: 0.9,
+                flop_fraction: budget,
+            },
+        };
+        let table = CalibrationTable {
+            model: "m".into(),
+            split: "validation".into(),
+            images: 0,
+            channel_mode: ChannelMode::Slice,
+            budgets: vec![entry(0.3, 0.9), entry(0.5, 0.5), entry(1.0, 0.0)],
+            frontier: Vec::new(),
+        };
+        PolicyStore::new(initial, Some(table), Vec::new(), RequestBounds::default()).unwrap()
+    }
+
+    #[test]
+    fn the_controller_caps_the_operators_budget_and_never_changes_it() {
+        let s = calibrated(GatePolicy { budget: Some(1.0), ..GatePolicy::dense() });
+        let (_, mut rx) = s.subscribe();
+        let capped = s.cap_budget(Some(0.5), "test").unwrap().unwrap();
+        assert_eq!((capped.version, capped.budget, capped.source), (2, Some(0.5), PolicySource::Controller));
+        assert_eq!(capped.channel_threshold, 0.5, "resolved through the table");
+        assert_eq!(s.operator_policy().budget, Some(1.0));
+        assert!(s.cap_budget(Some(0.5), "again").unwrap().is_none(), "no version without a change");
+        // The operator raises the budget under the cap: theirs is kept, the cap stays live.
+        let budget = |b: f64| PolicyChange { budget: Some(b), ..Default::default() };
+        let live = s.change(&budget(0.8), ChangeKind::Patch, "op").unwrap();
+        assert_eq!((live.version, live.budget, live.source), (3, Some(0.5), PolicySource::Controller));
+        assert_eq!(
+            (s.operator_policy().budget, s.operator_policy().source),
+            (Some(0.8), PolicySource::Operator)
+        );
+        // ... lowers it below the cap: the operator's budget is live.
+        let live = s.change(&budget(0.3), ChangeKind::Patch, "op").unwrap();
+        assert_eq!((live.budget, live.source), (Some(0.3), PolicySource::Operator));
+        assert!(s.cap_budget(None, "release").unwrap().is_none(), "nothing capped, nothing changes");
+        // Released above it: the operator's budget comes back as a controller version.
+        s.change(&budget(1.0), ChangeKind::Patch, "op").unwrap();
+        s.cap_budget(Some(0.5), "load").unwrap().unwrap();
+        let back = s.cap_budget(None, "calm").unwrap().unwrap();
+        assert_eq!(
+            (back.budget, back.channel_threshold, back.source),
+            (Some(1.0), 0.0, PolicySource::Controller)
+        );
+        // Thresholds are never capped.
+        let thresholds = PolicyChange { block_threshold: Some(0.4), ..Default::default() };
+        s.change(&thresholds, ChangeKind::Patch, "op").unwrap();
+        assert!(s.cap_budget(Some(0.3), "load").unwrap().is_none());
+        assert_eq!(s.snapshot().budget, None);
+        let seen: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).map(|p| p.version).collect();
+        assert_eq!(seen, (2..=s.snapshot().version).collect::<Vec<_>>(), "watchers see every version");
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub use folded::{Format, Layout, Precision};
 pub use gated::{ExitTrace, GatedResNet};
 pub use gates::{BlockGates, GateConfig};
 pub use model::{Model, ModelSource};
-pub use policy::{ChannelMode, GatePolicy};
+pub use policy::{ChannelMode, GatePolicy, PolicySource};
 pub use report::{BatchTotals, BlockDecision, ComputeReport};
 
 /// Errors of the engine layer.

@@ -49,6 +49,39 @@ pub struct GatePolicy {
     pub overrides: BTreeMap<String, f32>,
     /// The compute budget these thresholds came from, if any (fraction of dense FLOPs).
     pub budget: Option<f64>,
+    /// Who made this version (a label for responses, logs and watchers; the engine ignores it).
+    #[serde(skip_serializing_if = "PolicySource::is_config")]
+    pub source: PolicySource,
+}
+
+/// Who made a policy version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicySource {
+    /// The model's `config.toml` at start.
+    #[default]
+    Config,
+    /// The policy persisted by an earlier run (`policy.json`) at start.
+    Persisted,
+    /// An operator, through the control API.
+    Operator,
+    /// The adaptive budget controller (a lower budget than the operator's, under load).
+    Controller,
+}
+
+impl PolicySource {
+    pub fn is_config(&self) -> bool {
+        *self == PolicySource::Config
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicySource::Config => "config",
+            PolicySource::Persisted => "persisted",
+            PolicySource::Operator => "operator",
+            PolicySource::Controller => "controller",
+        }
+    }
 }
 
 impl Default for GatePolicy {
@@ -68,6 +101,7 @@ impl GatePolicy {
             channel_mode: ChannelMode::Slice,
             overrides: BTreeMap::new(),
             budget: None,
+            source: PolicySource::Config,
         }
     }
 

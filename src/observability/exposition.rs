@@ -67,6 +67,23 @@ impl FloatGauge {
     }
 }
 
+/// A float that only increases (seconds spent in a state).
+#[derive(Clone, Debug, Default)]
+pub struct FloatCounter(Arc<AtomicU64>);
+
+impl FloatCounter {
+    /// Adds `v` (ignored unless finite and positive).
+    pub fn inc_by(&self, v: f64) {
+        if v.is_finite() && v > 0.0 {
+            let _ = self.0.fetch_update(Relaxed, Relaxed, |bits| Some((f64::from_bits(bits) + v).to_bits()));
+        }
+    }
+
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Relaxed))
+    }
+}
+
 /// Observations counted into fixed buckets (`le` upper bounds), with their sum.
 #[derive(Clone, Debug)]
 pub struct Histogram(Arc<HistogramCore>);
@@ -169,6 +186,13 @@ impl Sample for Gauge {
 
 impl Sample for FloatGauge {
     const TYPE: &'static str = "gauge";
+    fn render(&self, name: &str, labels: &str, _: &[String], out: &mut String) {
+        line(out, name, "", labels, "", self.get());
+    }
+}
+
+impl Sample for FloatCounter {
+    const TYPE: &'static str = "counter";
     fn render(&self, name: &str, labels: &str, _: &[String], out: &mut String) {
         line(out, name, "", labels, "", self.get());
     }

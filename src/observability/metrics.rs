@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub use super::exposition::{Counter as IntCounter, FloatGauge, Gauge as IntGauge};
+pub use super::exposition::{Counter as IntCounter, FloatCounter, FloatGauge, Gauge as IntGauge};
 use super::exposition::{Family, Histogram, ProcessCollector, Registry};
 use crate::engine::{BlockDecision, ComputeReport, GatePolicy};
 
@@ -43,6 +43,16 @@ pub struct Metrics {
     deadline_dropped: Family<IntCounter, 1>,
     connections: Family<IntGauge, 1>,
     connections_refused: Family<IntCounter, 1>,
+    controller_enabled: Family<IntGauge, 1>,
+    controller_target: Family<FloatGauge, 1>,
+    controller_floor: Family<FloatGauge, 1>,
+    controller_predicted: Family<FloatGauge, 1>,
+    controller_measured: Family<FloatGauge, 1>,
+    controller_at_floor: Family<IntGauge, 1>,
+    controller_floor_seconds: Family<FloatCounter, 1>,
+    controller_cannot_meet: Family<IntGauge, 1>,
+    controller_changes: Family<IntCounter, 1>,
+    slo_violations: Family<IntCounter, 1>,
 }
 
 impl Metrics {
@@ -165,6 +175,61 @@ impl Metrics {
                 "Connections closed at once because the listener had its maximum open.",
                 ["listener"],
             ),
+            controller_enabled: Family::new(
+                "sluice_controller_enabled",
+                "1 while the adaptive budget controller is switched on for the model (it may still be \
+                 suspended: see the control API), else 0.",
+                ["model"],
+            ),
+            controller_target: Family::new(
+                "sluice_controller_target_seconds",
+                "The latency objective's target (of the percentile the objective names); 0 when none is set.",
+                ["model"],
+            ),
+            controller_floor: Family::new(
+                "sluice_controller_floor_budget",
+                "The lowest budget the controller may choose (the objective's floor, never above the \
+                 operator's budget); -1 while the controller is off.",
+                ["model"],
+            ),
+            controller_predicted: Family::new(
+                "sluice_controller_predicted_seconds",
+                "The controller's predicted latency percentile at the budget it chose, last tick \
+                 (+Inf: that budget cannot keep up; NaN: nothing measured yet).",
+                ["model"],
+            ),
+            controller_measured: Family::new(
+                "sluice_controller_measured_seconds",
+                "The objective's latency percentile of the requests answered in the last tick (NaN: too \
+                 few to say).",
+                ["model"],
+            ),
+            controller_at_floor: Family::new(
+                "sluice_controller_at_floor",
+                "1 while the controller holds the budget at its floor below the operator's, else 0.",
+                ["model"],
+            ),
+            controller_floor_seconds: Family::new(
+                "sluice_controller_at_floor_seconds_total",
+                "Seconds the controller has held the budget at its floor.",
+                ["model"],
+            ),
+            controller_cannot_meet: Family::new(
+                "sluice_controller_cannot_meet",
+                "1 while even the floor budget is predicted to miss the latency target (admission \
+                 control sheds load), else 0.",
+                ["model"],
+            ),
+            controller_changes: Family::new(
+                "sluice_controller_changes_total",
+                "Policy versions the controller made (budget lowered or given back).",
+                ["model"],
+            ),
+            slo_violations: Family::new(
+                "sluice_slo_violations_total",
+                "Answered requests slower than the model's latency target (counted while a target is set).",
+                ["model"],
+            ),
         };
         let r = &mut m.registry;
         r.add(m.requests.clone());
@@ -190,6 +255,16 @@ impl Metrics {
         r.add(m.deadline_dropped.clone());
         r.add(m.connections.clone());
         r.add(m.connections_refused.clone());
+        r.add(m.controller_enabled.clone());
+        r.add(m.controller_target.clone());
+        r.add(m.controller_floor.clone());
+        r.add(m.controller_predicted.clone());
+        r.add(m.controller_measured.clone());
+        r.add(m.controller_at_floor.clone());
+        r.add(m.controller_floor_seconds.clone());
+        r.add(m.controller_cannot_meet.clone());
+        r.add(m.controller_changes.clone());
+        r.add(m.slo_violations.clone());
         r.add(ProcessCollector);
         m
     }
@@ -233,6 +308,18 @@ impl Metrics {
             engine_restarts: self.engine_restarts.get([model]),
             engines_live: self.engines_live.get([model]),
             deadline_dropped: self.deadline_dropped.get([model]),
+            controller: ControllerMetrics {
+                enabled: self.controller_enabled.get([model]),
+                target: self.controller_target.get([model]),
+                floor: self.controller_floor.get([model]),
+                predicted: self.controller_predicted.get([model]),
+                measured: self.controller_measured.get([model]),
+                at_floor: self.controller_at_floor.get([model]),
+                floor_seconds: self.controller_floor_seconds.get([model]),
+                cannot_meet: self.controller_cannot_meet.get([model]),
+                changes: self.controller_changes.get([model]),
+                slo_violations: self.slo_violations.get([model]),
+            },
         }
     }
 
@@ -356,6 +443,22 @@ pub struct ModelMetrics {
     pub engine_restarts: IntCounter,
     pub engines_live: IntGauge,
     pub deadline_dropped: IntCounter,
+    pub controller: ControllerMetrics,
+}
+
+/// Handles of one model's adaptive-budget-controller metrics.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    pub enabled: IntGauge,
+    pub target: FloatGauge,
+    pub floor: FloatGauge,
+    pub predicted: FloatGauge,
+    pub measured: FloatGauge,
+    pub at_floor: IntGauge,
+    pub floor_seconds: FloatCounter,
+    pub cannot_meet: IntGauge,
+    pub changes: IntCounter,
+    pub slo_violations: IntCounter,
 }
 
 impl ModelMetrics {
@@ -415,7 +518,7 @@ mod tests {
         let text = m.render();
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!((types, helps), (23 + 7, 23 + 7), "every family and the process's own, with help");
+        assert_eq!((types, helps), (33 + 7, 33 + 7), "every family and the process's own, with help");
         for counter in ["sluice_requests_total", "sluice_admin_rejections_total", "process_cpu_seconds_total"]
         {
             assert!(text.contains(&format!("\n# TYPE {counter} counter\n")), "{counter}:\n{text}");

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::control::RequestBounds;
+use crate::control::controller::ControllerConfig;
 use crate::engine::{ArchSpec, EngineError, Format, GateConfig, GatePolicy, Layout, ModelSource, Precision};
 
 /// File name of a model folder's configuration.
@@ -51,6 +52,10 @@ pub struct ModelConfig {
     /// What a single request may ask of the gating (docs/gating.md).
     #[serde(default)]
     pub requests: RequestBounds,
+    /// The latency objective and the adaptive budget controller (docs/controller.md); off
+    /// by default.
+    #[serde(default, skip_serializing_if = "ControllerConfig::is_default")]
+    pub controller: ControllerConfig,
 }
 
 /// Overrides of the limits sluice derives from the model (docs/security.md).

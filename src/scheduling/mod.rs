@@ -5,5 +5,7 @@ pub mod queue;
 pub mod scheduler;
 pub mod worker;
 
-pub use scheduler::{EngineAnswer, QueueTicket, ScheduleError, SchedulerConfig, SchedulerHandle};
+pub use scheduler::{
+    BatchSample, EngineAnswer, LoadSample, QueueTicket, ScheduleError, SchedulerConfig, SchedulerHandle,
+};
 pub use worker::{BatchOutput, InputBatch, WorkerConfig, WorkerError};

@@ -46,6 +46,11 @@ impl<T> BatchQueue<T> {
         self.waiting.len()
     }
 
+    /// Items (images) waiting, over all requests.
+    pub fn items(&self) -> usize {
+        self.waiting.iter().map(|p| p.items).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()
     }

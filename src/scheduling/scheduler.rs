@@ -67,6 +67,31 @@ pub struct EngineAnswer {
     pub batch_size: usize,
 }
 
+/// One batch the engines ran, as the latency controller learns from it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchSample {
+    /// The budget of the batch's policy (`None`: raw thresholds).
+    pub budget: Option<f64>,
+    pub images: usize,
+    /// Engine time of the batch.
+    pub compute: Duration,
+}
+
+/// What the scheduler measured since the last [`SchedulerHandle::take_load`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadSample {
+    /// Images queued (requests refused because the queue was full count as one image each:
+    /// they were offered load too).
+    pub arrived: u64,
+    /// Images waiting for a batch now.
+    pub queued: usize,
+    /// The batches run, oldest first, at most [`BATCH_SAMPLES`] (the newest).
+    pub batches: Vec<BatchSample>,
+}
+
+/// Batches kept between two reads of the load; older ones are dropped first.
+pub const BATCH_SAMPLES: usize = 1024;
+
 type Reply = oneshot::Sender<Result<EngineAnswer, ScheduleError>>;
 
 struct Job {
@@ -122,6 +147,10 @@ struct Shared {
     live_engines: AtomicUsize,
     /// Test hook: the next engine to take a batch panics outside the batch's guard.
     inject_panic: AtomicBool,
+    /// Images offered since the last load reading (see [`LoadSample::arrived`]).
+    arrived: AtomicU64,
+    /// Batches run since the last load reading, at most [`BATCH_SAMPLES`].
+    batches: Mutex<std::collections::VecDeque<BatchSample>>,
 }
 
 struct State {
@@ -146,7 +175,10 @@ impl SchedulerHandle {
     /// Takes a place in the queue, or fails at once when the queue is full or closed.
     pub fn admit(&self) -> Result<QueueTicket, ScheduleError> {
         let permit = self.admission.clone().try_acquire_owned().map_err(|e| match e {
-            tokio::sync::TryAcquireError::NoPermits => ScheduleError::QueueFull(self.shared.model.clone()),
+            tokio::sync::TryAcquireError::NoPermits => {
+                self.shared.arrived.fetch_add(1, Ordering::Relaxed);
+                ScheduleError::QueueFull(self.shared.model.clone())
+            }
             tokio::sync::TryAcquireError::Closed => ScheduleError::Stopped(self.shared.model.clone()),
         })?;
         let inflight = GaugeGuard::new(&self.shared.metrics.inflight);
@@ -179,6 +211,16 @@ impl SchedulerHandle {
     /// Requests admitted and not yet answered.
     pub fn inflight(&self) -> usize {
         self.shared.config.queue_capacity - self.admission.available_permits()
+    }
+
+    /// What was measured since the last call: images offered, images queued now, batches
+    /// run. One reader (the model's latency controller) is expected.
+    pub fn take_load(&self) -> LoadSample {
+        let arrived = self.shared.arrived.swap(0, Ordering::Relaxed);
+        let queued = self.shared.lock().queue.items();
+        let batches =
+            std::mem::take(&mut *self.shared.batches.lock().unwrap_or_else(PoisonError::into_inner));
+        LoadSample { arrived, queued, batches: batches.into() }
     }
 
     /// Engines running their loop: 0 means the model cannot answer (not ready).
@@ -224,6 +266,8 @@ pub fn start(
         spinning: AtomicBool::new(false),
         live_engines: AtomicUsize::new(0),
         inject_panic: AtomicBool::new(false),
+        arrived: AtomicU64::new(0),
+        batches: Mutex::new(std::collections::VecDeque::new()),
         config,
         live,
         metrics,
@@ -274,6 +318,7 @@ impl Shared {
     }
 
     fn enqueue(&self, pending: Pending<Job>) -> Result<(), ScheduleError> {
+        let items = pending.items as u64;
         {
             let mut state = self.lock();
             if !state.open {
@@ -281,6 +326,7 @@ impl Shared {
             }
             state.queue.push(pending);
         }
+        self.arrived.fetch_add(items, Ordering::Relaxed);
         self.events.fetch_add(1, Ordering::Release);
         self.wake.notify_one();
         Ok(())
@@ -415,6 +461,11 @@ impl Shared {
             Ok(Ok(out)) => {
                 self.metrics.compute_duration.observe(compute_time.as_secs_f64());
                 self.metrics.record_batch(&out.reports);
+                self.record_sample(BatchSample {
+                    budget: policy.budget,
+                    images: items,
+                    compute: compute_time,
+                });
                 reply_all(waiting, &out, compute_time, items);
             }
             Ok(Err(e)) => {
@@ -427,6 +478,17 @@ impl Shared {
                 fail_all(waiting, &self.model, &format!("the engine panicked: {what}"));
             }
         }
+    }
+}
+
+impl Shared {
+    /// Keeps a batch for the next load reading (dropping the oldest beyond [`BATCH_SAMPLES`]).
+    fn record_sample(&self, sample: BatchSample) {
+        let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+        if batches.len() == BATCH_SAMPLES {
+            batches.pop_front();
+        }
+        batches.push_back(sample);
     }
 }
 

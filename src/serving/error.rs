@@ -62,6 +62,13 @@ impl ApiError {
     }
 }
 
+impl From<crate::control::controller::ControllerError> for ApiError {
+    /// Invalid controller settings (or a model without a calibration table) are the caller's.
+    fn from(e: crate::control::controller::ControllerError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
 impl From<crate::control::ChangeError> for ApiError {
     /// An invalid change is the caller's fault (400); one that could not be persisted is the
     /// server's (500), and the live policy is unchanged either way.

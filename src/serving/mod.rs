@@ -3,6 +3,7 @@
 //! scheduler, live policy, metrics and statistics. It turns a decoded request into a
 //! response and knows no wire format; HTTP and gRPC only translate.
 
+pub mod adaptive;
 pub mod error;
 pub mod image;
 pub mod limits;
@@ -298,7 +299,12 @@ impl ServingCore {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
         // The body is complete: take a place in the model's queue before decoding it.
-        let ticket: QueueTicket = model.scheduler.admit().map_err(schedule_error)?;
+        let ticket: QueueTicket = model.scheduler.admit().map_err(|e| {
+            match (schedule_error(e), model.adaptive.shedding_reason()) {
+                (ApiError::Busy(why), Some(reason)) => ApiError::Busy(format!("{why} ({reason})")),
+                (other, _) => other,
+            }
+        })?;
         let input_started = Instant::now();
         let prepared = if model.interface.input_datatype == DataType::Bytes {
             let m = model.clone();
@@ -348,6 +354,7 @@ impl ServingCore {
         let output_started = Instant::now();
         let response = outputs::response(&req, &model, &prepared.outputs, &answer, overridden);
         model.stats.success(prepared.items, &answer, input_time, output_started.elapsed());
+        model.adaptive.record(started.elapsed());
         let executed: u64 = answer.reports.iter().map(|r| r.executed_flops).sum();
         let span = tracing::Span::current();
         span.record("flops_executed", executed);

@@ -5,13 +5,15 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use super::adaptive::{Adaptive, ControllerView};
 use super::stats::InferStats;
+use crate::control::controller::{ControllerChange, ControllerError};
 use std::sync::Arc;
 
 use crate::control::calibration::CalibrationTable;
 use crate::control::{ChangeError, ChangeKind, PolicyChange, PolicyStore};
 use crate::engine::gates::GateLayout;
-use crate::engine::{GatePolicy, Layout, Precision};
+use crate::engine::{GatePolicy, Layout, PolicySource, Precision};
 
 /// Where a model's live policy is persisted across restarts.
 pub const POLICY_FILE: &str = "policy.json";
@@ -51,6 +53,32 @@ impl Default for LoadOptions {
     }
 }
 
+/// Runs the model's controller every `tick` until aborted.
+fn spawn_ticker(
+    tick: std::time::Duration,
+    adaptive: Arc<Adaptive>,
+    policy: Arc<PolicyStore>,
+    scheduler: SchedulerHandle,
+    metrics: ModelMetrics,
+) -> tokio::task::AbortHandle {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        let mut last = Instant::now();
+        loop {
+            interval.tick().await;
+            let now = Instant::now();
+            let load = scheduler.take_load();
+            if let Some(new) = adaptive.tick(&policy, load, now - last) {
+                metrics.set_policy(&new);
+            }
+            last = now;
+        }
+    })
+    .abort_handle()
+}
+
 /// A loaded, serving model.
 pub struct ModelRuntime {
     pub dir: ModelDir,
@@ -63,8 +91,21 @@ pub struct ModelRuntime {
     pub instances: usize,
     /// Deadline of requests that set none (`limits.default_timeout_ms`).
     pub default_timeout: Option<std::time::Duration>,
+    /// The latency objective and the adaptive budget controller.
+    pub adaptive: Arc<Adaptive>,
+    /// The controller's tick task (calibrated models only); stopped with the runtime.
+    _ticker: Option<AbortOnDrop>,
     /// The engine threads; dropping the runtime stops them.
     _engines: Scheduler,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl ModelRuntime {
@@ -89,9 +130,9 @@ impl ModelRuntime {
             let p: GatePolicy =
                 serde_json::from_str(&text).with_context(|| format!("{}", persisted.display()))?;
             tracing::info!(model = %name, version = p.version, "starting from the persisted policy");
-            p
+            GatePolicy { source: PolicySource::Persisted, ..p }
         } else {
-            config.policy.clone()
+            GatePolicy { source: PolicySource::Config, ..config.policy.clone() }
         };
         let mut bounds = config.requests.clone();
         if let Some(floor) = options.min_request_budget {
@@ -131,6 +172,14 @@ impl ModelRuntime {
             item_shape: config.input.dims,
             idle_spin: std::time::Duration::from_micros(config.batching.idle_spin_us),
         };
+        let adaptive = Adaptive::new(
+            config.controller.clone(),
+            policy.calibration(),
+            instances,
+            model_metrics.controller.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("model `{name}`: {e}"))?;
+        let adaptive = Arc::new(adaptive);
         let policy = Arc::new(policy);
         let live: scheduler::LivePolicy = {
             let policy = policy.clone();
@@ -153,6 +202,16 @@ impl ModelRuntime {
         let load_seconds = started.elapsed().as_secs_f64();
         let default_timeout = super::default_timeout(config.limits.default_timeout_ms);
         model_metrics.load_seconds.set(load_seconds);
+        let ticker = policy.calibration().is_some().then(|| {
+            let tick = std::time::Duration::from_millis(config.controller.tick_ms);
+            AbortOnDrop(spawn_ticker(
+                tick,
+                adaptive.clone(),
+                policy.clone(),
+                scheduler.clone(),
+                model_metrics.clone(),
+            ))
+        });
         Ok(ModelRuntime {
             interface: ModelInterface::from_config(config),
             dir,
@@ -163,6 +222,8 @@ impl ModelRuntime {
             load_seconds,
             instances,
             default_timeout,
+            adaptive,
+            _ticker: ticker,
             _engines: engines,
         })
     }
@@ -185,6 +246,21 @@ impl ModelRuntime {
             max_queue_delay_us: self.dir.config.batching.max_queue_delay_us,
             instances: self.instances,
         }
+    }
+
+    /// Changes the controller's settings (`replace`: unset fields take their defaults) and
+    /// publishes the policy gauges if switching it off gave the operator's budget back.
+    pub fn change_controller(
+        &self,
+        change: &ControllerChange,
+        replace: bool,
+        who: &str,
+    ) -> Result<ControllerView, ControllerError> {
+        let (view, released) = self.adaptive.change(change, replace, &self.policy, who)?;
+        if let Some(p) = released {
+            self.metrics.set_policy(&p);
+        }
+        Ok(view)
     }
 
     /// Changes the live policy (see [`PolicyStore::change`]) and publishes its gauges.

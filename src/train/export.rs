@@ -62,6 +62,7 @@ pub fn export_model(
         policy: Default::default(),
         limits: Default::default(),
         requests: Default::default(),
+        controller: Default::default(),
     };
     std::fs::write(dir.join(CONFIG_FILE), toml::to_string_pretty(&config)?)?;
     Ok(())

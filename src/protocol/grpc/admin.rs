@@ -12,11 +12,13 @@ use tonic::{Request, Response, Status};
 use super::admin_pb::gating_admin_server::{GatingAdmin, GatingAdminServer};
 use super::admin_pb::{self as pb};
 use crate::control::auth::{AdminAccess, Denied};
+use crate::control::controller::{ControllerChange, Percentile};
 use crate::control::policy::parse_mode;
 use crate::control::{ChangeKind, PolicyChange};
 use crate::engine::{ChannelMode, GatePolicy};
 use crate::observability::Metrics;
 use crate::serving::ApiError;
+use crate::serving::adaptive::{ControllerState, ControllerView};
 use crate::serving::{ModelRuntime, ServingCore};
 
 /// The service implementation.
@@ -73,7 +75,54 @@ fn policy(p: &GatePolicy) -> pb::Policy {
         exit_threshold: p.exit_threshold,
         channel_mode: mode_name(p.channel_mode),
         overrides: p.overrides.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        source: p.source.as_str().into(),
     }
+}
+
+fn controller_status(v: &ControllerView) -> pb::ControllerStatus {
+    let c = &v.config;
+    pb::ControllerStatus {
+        enabled: c.enabled,
+        percentile: c.percentile.as_str().into(),
+        target_ms: c.target_ms,
+        max_accuracy_drop: c.max_accuracy_drop,
+        min_budget: c.min_budget,
+        state: match v.state {
+            ControllerState::Off => "off",
+            ControllerState::Suspended => "suspended",
+            ControllerState::Active => "active",
+        }
+        .into(),
+        reason: v.reason.clone().unwrap_or_default(),
+        budget: v.budget,
+        ceiling: v.ceiling,
+        floor: v.floor,
+        at_floor: v.at_floor,
+        cannot_meet: v.cannot_meet,
+        predicted_ms: v.predicted_ms,
+        measured_ms: v.measured_ms,
+        arrival_rate: v.arrival_rate,
+        seconds_at_floor: v.seconds_at_floor,
+        changes: v.changes,
+        tick_ms: c.tick_ms,
+        hold_ticks: c.hold_ticks,
+    }
+}
+
+fn controller_change(c: Option<pb::ControllerChange>, actor: &str) -> Result<ControllerChange, Status> {
+    let c = c.unwrap_or_default();
+    let percentile = match &c.percentile {
+        Some(p) => Some(p.parse::<Percentile>().map_err(Status::invalid_argument)?),
+        None => None,
+    };
+    Ok(ControllerChange {
+        enabled: c.enabled,
+        percentile,
+        target_ms: c.target_ms,
+        max_accuracy_drop: c.max_accuracy_drop,
+        min_budget: c.min_budget,
+        actor: (!actor.is_empty()).then(|| actor.to_string()),
+    })
 }
 
 fn state(m: &ModelRuntime, p: &GatePolicy) -> pb::GatingState {
@@ -99,6 +148,8 @@ fn state(m: &ModelRuntime, p: &GatePolicy) -> pb::GatingState {
         policy: Some(policy(p)),
         calibration,
         gates: m.policy.gate_ids().to_vec(),
+        controller: Some(controller_status(&m.adaptive.view())),
+        operator_policy: Some(policy(&m.policy.operator_policy())),
     }
 }
 
@@ -142,6 +193,24 @@ impl GatingAdminService {
         let new = m.change_policy(&change, kind, &who).map_err(|e| Status::from(ApiError::from(e)))?;
         Ok(Response::new(state(&m, &new)))
     }
+
+    fn apply_controller(
+        &self,
+        r: Request<pb::ChangeControllerRequest>,
+        replace: bool,
+    ) -> Result<Response<pb::GatingState>, Status> {
+        let peer = r.remote_addr();
+        let r = r.into_inner();
+        let m = self.model(&r.model)?;
+        let change = controller_change(r.change, &r.actor)?;
+        let who = format!(
+            "{} via grpc from {}",
+            change.actor.as_deref().unwrap_or("anonymous"),
+            peer.map_or("?".into(), |p| p.to_string())
+        );
+        m.change_controller(&change, replace, &who).map_err(|e| Status::from(ApiError::from(e)))?;
+        Ok(Response::new(state(&m, &m.policy.snapshot())))
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::GatingState, Status>> + Send>>;
@@ -168,6 +237,20 @@ impl GatingAdmin for GatingAdminService {
         r: Request<pb::ChangeGatingRequest>,
     ) -> Result<Response<pb::GatingState>, Status> {
         self.apply(r, ChangeKind::Patch)
+    }
+
+    async fn set_controller(
+        &self,
+        r: Request<pb::ChangeControllerRequest>,
+    ) -> Result<Response<pb::GatingState>, Status> {
+        self.apply_controller(r, true)
+    }
+
+    async fn patch_controller(
+        &self,
+        r: Request<pb::ChangeControllerRequest>,
+    ) -> Result<Response<pb::GatingState>, Status> {
+        self.apply_controller(r, false)
     }
 
     type WatchGatingStream = WatchStream;

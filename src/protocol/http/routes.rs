@@ -73,6 +73,10 @@ pub fn admin_router(core: Arc<ServingCore>, limits: HttpLimits) -> Router {
             "/v2/models/{model}/gating",
             get(admin::get_gating).put(admin::put_gating).patch(admin::patch_gating),
         )
+        .route(
+            "/v2/models/{model}/gating/controller",
+            get(admin::get_gating).put(admin::put_controller).patch(admin::patch_controller),
+        )
         .layer(DefaultBodyLimit::max(ADMIN_MAX_BODY_BYTES))
         .with_state(HttpState { core, limits, admin: AdminAccess::Open })
 }
@@ -93,6 +97,10 @@ pub fn router(core: Arc<ServingCore>, limits: HttpLimits, admin: AdminAccess) ->
         .route(
             "/v2/models/{model}/gating",
             get(admin::get_gating).put(admin::put_gating).patch(admin::patch_gating),
+        )
+        .route(
+            "/v2/models/{model}/gating/controller",
+            get(admin::get_gating).put(admin::put_controller).patch(admin::patch_controller),
         )
         .nest("/v2/models/{model}", model_routes.clone())
         .nest("/v2/models/{model}/versions/{version}", model_routes)
