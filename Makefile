@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers bench-byom
+.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers bench-byom bench-slo
 
 ## Fetch libtorch (PyPI wheel → .libtorch/) and the dataset; idempotent and cached.
 setup:
@@ -74,6 +74,13 @@ bench-peers: build test-env
 ## calibrate -> eval (benches/byom/run.sh; outputs in runs/byom/).
 bench-byom: build
 	benches/byom/run.sh
+
+## The latency-SLO proof of issue 14 (not in CI, ~12 min): the dense model's batch-1 latency
+## (SLO p99 = 4x) and saturation throughput, then one seeded Poisson schedule (0.5x, 2x, 0.5x
+## saturation, PHASE_SECONDS=60 each) against three servers: the adaptive budget controller,
+## fixed dense, fixed floor budget (benches/slo/run.sh; tables, goodput, slo.svg in runs/slo/).
+bench-slo: build test-env
+	benches/slo/run.sh
 
 ## Fuzz the request decoders with cargo-fuzz (fuzz/README.md; not part of `make test`):
 ## each target for FUZZ_SECONDS seconds, one after another, from its committed seed corpus
