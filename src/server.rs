@@ -22,6 +22,10 @@ use crate::serving::{LoadOptions, ServingCore};
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub model_repository: std::path::PathBuf,
+    /// Serve the repository's one model under this name (`--model-name`).
+    pub model_name: Option<String>,
+    /// How often the policy file (`load.policy_file`) is read.
+    pub policy_file_poll: Duration,
     pub address: std::net::IpAddr,
     pub http_port: u16,
     pub grpc_port: u16,
@@ -56,8 +60,11 @@ pub async fn run(
     on_ready: impl FnOnce(BoundAddresses),
 ) -> anyhow::Result<()> {
     let repository = &config.model_repository;
-    let dirs = crate::serving::scan_repository(repository)
+    let mut dirs = crate::serving::scan_repository(repository)
         .with_context(|| format!("reading the model repository {}", repository.display()))?;
+    if let Some(name) = &config.model_name {
+        crate::repository::rename_single(&mut dirs, name)?;
+    }
     let fd_limit = crate::protocol::conn::raise_fd_limit();
     let wanted = (config.http.connections.max_connections + config.grpc.connections.max_connections) as u64;
     if fd_limit < wanted + 256 {
@@ -144,6 +151,17 @@ pub async fn run(
     };
     match loaded {
         Some(Ok(())) => {
+            // Follows the policy file from the contents the models loaded with.
+            let _follower = config.load.policy_file.as_ref().map(|f| {
+                core.metrics.policy_file_applied(f.file.version);
+                let task = crate::serving::policy_watch::follow(
+                    core.clone(),
+                    f.path.clone(),
+                    config.policy_file_poll,
+                    f.bytes.clone(),
+                );
+                AbortOnDrop(tokio::spawn(task).abort_handle())
+            });
             on_ready(addresses);
             stop.await;
         }
@@ -171,6 +189,15 @@ pub async fn run(
         info!("all requests finished");
     }
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Serves `/metrics` on a runtime and thread of its own, so a scrape is answered however

@@ -1,5 +1,6 @@
 //! `sluice ctl gating get|set` and `sluice ctl controller get|set|on|off`: a client of a
-//! running server's control API (HTTP).
+//! running server's control API (HTTP), or of every replica of a fleet (`--url a,b,c` or
+//! `--dns service:port`), reporting each one's answer.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -79,8 +80,13 @@ pub struct Target {
     #[arg(long, env = "SLUICE_CTL_MODEL")]
     pub model: String,
     /// The control API: the loopback admin listener, or the HTTP port when a token is set.
-    #[arg(long, env = "SLUICE_CTL_URL", default_value = "http://127.0.0.1:8003")]
-    pub url: String,
+    /// Several (comma-separated or repeated) address a fleet: the call goes to each.
+    #[arg(long, env = "SLUICE_CTL_URL", default_value = "http://127.0.0.1:8003", value_delimiter = ',')]
+    pub url: Vec<String>,
+    /// Every replica a name resolves to, as `name:port` (a Kubernetes headless Service, e.g.
+    /// `sluice-headless.default.svc:8000`), over plain HTTP; replaces --url.
+    #[arg(long, env = "SLUICE_CTL_DNS", conflicts_with = "url")]
+    pub dns: Option<String>,
     /// Bearer token (when the server has one).
     #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     pub token: Option<String>,
@@ -184,8 +190,72 @@ fn gating(g: &GatingCommand) -> anyhow::Result<()> {
     send(target, "/gating", method, body)
 }
 
-/// Sends one control-API call to `{url}/v2/models/{model}{path}` and prints the answer.
+/// Where a call goes: `--url`'s list, or every address `--dns` resolves to (sorted).
+fn endpoints(target: &Target) -> anyhow::Result<Vec<String>> {
+    let Some(name) = &target.dns else {
+        return Ok(target.url.iter().map(|u| u.trim_end_matches('/').to_string()).collect());
+    };
+    use std::net::ToSocketAddrs;
+    let mut addrs: Vec<std::net::SocketAddr> = name
+        .to_socket_addrs()
+        .with_context(|| format!("--dns {name}: cannot resolve it (expected name:port)"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        bail!("--dns {name}: resolves to no address");
+    }
+    Ok(addrs.into_iter().map(|a| format!("http://{a}")).collect())
+}
+
+/// Sends one control-API call to every endpoint and prints the answer: the whole state
+/// for one endpoint, one line per replica (policy version, source, budget, policy file
+/// version) for several; fails when any replica does.
 fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyhow::Result<()> {
+    let urls = endpoints(target)?;
+    if let [url] = urls.as_slice() {
+        let value = call(target, url, path, method, body.as_deref())?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let mut failed = 0;
+    let mut versions = std::collections::BTreeSet::new();
+    for url in &urls {
+        match call(target, url, path, method, body.as_deref()) {
+            Ok(v) => {
+                let p = &v["policy"];
+                versions.insert(p["version"].as_u64().unwrap_or(0));
+                let budget = p["budget"].as_f64().map_or("-".to_string(), |b| b.to_string());
+                let file = v["policy_file"]["version"].as_u64().map_or("-".to_string(), |f| f.to_string());
+                println!(
+                    "{url}  version={} source={} budget={budget} policy_file_version={file}",
+                    p["version"],
+                    p["source"].as_str().unwrap_or("?")
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{url}  error: {e:#}");
+            }
+        }
+    }
+    let answered = urls.len() - failed;
+    match (failed, versions.len()) {
+        (0, 1) => println!("{answered} replicas, all at policy version {}", versions.first().unwrap_or(&0)),
+        (0, _) => println!("{answered} replicas at policy versions {versions:?}"),
+        _ => bail!("{failed} of {} replicas failed", urls.len()),
+    }
+    Ok(())
+}
+
+/// One control-API call to `{url}/v2/models/{model}{path}`; the answer's JSON.
+fn call(
+    target: &Target,
+    url: &str,
+    path: &str,
+    method: &str,
+    body: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
     let token = match (&target.token, &target.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(f)) => {
@@ -193,8 +263,12 @@ fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyh
         }
         (None, None) => None,
     };
-    let url = format!("{}/v2/models/{}{path}", target.url.trim_end_matches('/'), target.model);
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let url = format!("{url}/v2/models/{}{path}", target.model);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .into();
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut response = match (method, body) {
         ("GET", _) => {
@@ -210,7 +284,7 @@ fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyh
             if let Some(a) = &auth {
                 req = req.header("Authorization", a);
             }
-            req.send(body.as_str())
+            req.send(body)
         }
         _ => bail!("nothing to send"),
     }
@@ -224,7 +298,5 @@ fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyh
             .unwrap_or(text);
         bail!("{status}: {message}");
     }
-    let value: serde_json::Value = serde_json::from_str(&text)?;
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(())
+    Ok(serde_json::from_str(&text)?)
 }

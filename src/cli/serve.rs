@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,21 +10,35 @@ use clap::Args;
 
 use crate::control::auth::AdminToken;
 
+use crate::control::policy_file::PolicyFile;
 use crate::engine::{Layout, Precision};
 use crate::protocol::conn::ConnectionLimits;
 use crate::protocol::grpc::GrpcLimits;
 use crate::protocol::http::HttpLimits;
 use crate::repository::InputDatatype;
 use crate::server::{self, ServerConfig};
-use crate::serving::LoadOptions;
 use crate::serving::limits::ServerLimits;
+use crate::serving::{FollowedFile, LoadOptions};
 
 /// Arguments of `sluice serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Folder with one sub-folder per model (config.toml, weights, calibration).
+    /// Folder with one sub-folder per model (config.toml, weights, calibration), or one
+    /// model's folder (config.toml inside), served alone.
     #[arg(long, env = "SLUICE_MODEL_REPOSITORY", default_value = "deploy/models")]
     pub model_repository: PathBuf,
+    /// Serve the repository's one model under this name instead of its config's (KServe
+    /// passes the InferenceService's name).
+    #[arg(long, env = "SLUICE_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Follow this policy file (TOML: `version`, then `[models.<name>]` policies; a mounted
+    /// ConfigMap): every model's policy comes from it, changes are applied within one poll
+    /// interval, and the control API's policy changes are refused (docs/deploy.md).
+    #[arg(long, env = "SLUICE_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// How often the policy file is read, in milliseconds (50 to 60000).
+    #[arg(long, env = "SLUICE_POLICY_FILE_POLL_MS", default_value_t = 500)]
+    pub policy_file_poll_ms: u64,
     /// Address to listen on.
     #[arg(long, env = "SLUICE_ADDRESS", default_value = "0.0.0.0")]
     pub address: IpAddr,
@@ -117,7 +132,10 @@ fn admin_token(args: &ServeArgs) -> anyhow::Result<Option<AdminToken>> {
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     quiet_caught_decoder_panics();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let models = crate::repository::scan(&args.model_repository)?;
+    let mut models = crate::repository::scan(&args.model_repository)?;
+    if let Some(name) = &args.model_name {
+        crate::repository::rename_single(&mut models, name)?;
+    }
     // One model's instances run side by side under load, so they split the cores; different
     // models take turns (a repository is rarely busy everywhere at once), so each model's
     // engines may use every core.
@@ -154,8 +172,27 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         decode_threads: args.decode_threads.unwrap_or(defaults.decode_threads).max(1),
         ..defaults
     };
+    if !crate::serving::policy_watch::POLL_RANGE_MS.contains(&args.policy_file_poll_ms) {
+        anyhow::bail!(
+            "--policy-file-poll-ms must be within {:?}, got {}",
+            crate::serving::policy_watch::POLL_RANGE_MS,
+            args.policy_file_poll_ms
+        );
+    }
+    let policy_file = match &args.policy_file {
+        Some(path) => {
+            // Read once, before anything loads: a broken file stops the start, with the reason.
+            let bytes = PolicyFile::read_bytes(path).map_err(|e| anyhow::anyhow!("--policy-file: {e}"))?;
+            let file =
+                PolicyFile::from_bytes(path, &bytes).map_err(|e| anyhow::anyhow!("--policy-file: {e}"))?;
+            Some(Arc::new(FollowedFile { path: path.clone(), file, bytes }))
+        }
+        None => None,
+    };
     let config = ServerConfig {
         model_repository: args.model_repository.clone(),
+        model_name: args.model_name.clone(),
+        policy_file_poll: Duration::from_millis(args.policy_file_poll_ms),
         address: args.address,
         http_port: args.http_port,
         grpc_port: args.grpc_port,
@@ -167,6 +204,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             layout: args.layout,
             precision: args.precision,
             persist_policy: !args.no_persist_policy,
+            policy_file,
         },
         admin_token: admin_token(args)?,
         admin_port: args.admin_port,

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod calibration;
 pub mod controller;
 pub mod policy;
+pub mod policy_file;
 
 pub use policy::{
     ChangeError, ChangeKind, PolicyChange, PolicyError, PolicyRequest, PolicyStore, RequestBounds,

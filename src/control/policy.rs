@@ -43,6 +43,9 @@ pub enum ChangeError {
     /// The new policy could not be persisted (the server's fault).
     #[error("{0}")]
     NotPersisted(String),
+    /// The operator's policy comes from the fleet's policy file, not the control API.
+    #[error("{0}")]
+    Managed(String),
 }
 
 impl From<BudgetError> for PolicyError {
@@ -170,6 +173,9 @@ struct Operator {
     policy: Arc<GatePolicy>,
     /// The budget the controller holds the live policy to while it is below the operator's.
     cap: Option<f64>,
+    /// The policy file the operator's policy follows (`--policy-file`), and the file
+    /// version applied last; control-API changes are refused while it is set.
+    file: Option<(String, u64)>,
 }
 
 impl PolicyStore {
@@ -188,7 +194,7 @@ impl PolicyStore {
             calibration,
             gate_ids,
             bounds,
-            writer: Mutex::new(Operator { policy: Arc::new(GatePolicy::dense()), cap: None }),
+            writer: Mutex::new(Operator { policy: Arc::new(GatePolicy::dense()), cap: None, file: None }),
         };
         let resolved = store.resolve_budget(initial)?;
         let first = Arc::new(GatePolicy { version: resolved.version.max(1), ..resolved });
@@ -201,6 +207,63 @@ impl PolicyStore {
     pub fn persist_to(mut self, path: PathBuf) -> Self {
         self.persist = Some(path);
         self
+    }
+
+    /// Makes the operator's policy follow the policy file `path`, whose version `version`
+    /// made the initial policy: from now on the file changes it ([`PolicyStore::apply_file`])
+    /// and the control API may not.
+    pub fn follow_file(self, path: String, version: u64) -> Self {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).file = Some((path, version));
+        self
+    }
+
+    /// The policy file followed and the version of it applied last, if any.
+    pub fn file(&self) -> Option<(String, u64)> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).file.clone()
+    }
+
+    /// The operator's policy a policy-file entry makes: `entry` replaces the policy as a
+    /// `PUT` does, or, when the file does not name the model, `config` (its `config.toml`
+    /// policy). Checked and resolved, not applied.
+    pub fn prepare_file(
+        &self,
+        entry: Option<&PolicyChange>,
+        config: &GatePolicy,
+    ) -> Result<GatePolicy, PolicyError> {
+        let policy = match entry {
+            Some(change) => change.apply(&GatePolicy::dense(), ChangeKind::Replace)?,
+            None => config.clone(),
+        };
+        self.resolve_budget(GatePolicy { source: PolicySource::File, ..policy })
+    }
+
+    /// Applies a policy made by [`PolicyStore::prepare_file`] from file version
+    /// `file_version`: the new version is that file version (or one more than the live one,
+    /// should that already be as high), so replicas that applied the same file answer with
+    /// the same version. Refused when the file version is not above the one applied.
+    pub fn apply_file(
+        &self,
+        prepared: GatePolicy,
+        file_version: u64,
+        who: &str,
+    ) -> Result<Arc<GatePolicy>, PolicyError> {
+        let mut operator = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((path, applied)) = operator.file.clone() else {
+            return Err(PolicyError("this model does not follow a policy file".into()));
+        };
+        if file_version <= applied {
+            return Err(PolicyError(format!(
+                "version: {file_version} is not above the version applied, {applied}: raise it with every change"
+            )));
+        }
+        let old = self.current.load_full();
+        let version = file_version.max(old.version + 1);
+        let mine = Arc::new(GatePolicy { version, source: PolicySource::File, ..prepared });
+        let live = self.capped(&mine, operator.cap)?;
+        operator.policy = mine;
+        operator.file = Some((path, file_version));
+        self.publish(&old, live.clone(), who);
+        Ok(live)
     }
 
     /// The live policy and a receiver of every later version, in order. A reader more than
@@ -222,6 +285,12 @@ impl PolicyStore {
         who: &str,
     ) -> Result<Arc<GatePolicy>, ChangeError> {
         let mut operator = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((path, _)) = &operator.file {
+            return Err(ChangeError::Managed(format!(
+                "this server's policies follow the policy file {path} (--policy-file): change the file, \
+                 which every replica follows"
+            )));
+        }
         let old = self.current.load_full();
         let proposed = change.apply(&operator.policy, kind)?;
         let resolved = self.resolve_budget(proposed)?;
@@ -453,6 +522,45 @@ mod tests {
             frontier: Vec::new(),
         };
         PolicyStore::new(initial, Some(table), Vec::new(), RequestBounds::default()).unwrap()
+    }
+
+    #[test]
+    fn a_policy_file_rules_the_operators_policy_with_its_own_versions() {
+        let initial =
+            GatePolicy { budget: Some(1.0), version: 4, source: PolicySource::File, ..GatePolicy::dense() };
+        let s = calibrated(initial).follow_file("/etc/sluice/policy.toml".into(), 4);
+        assert_eq!((s.snapshot().version, s.file()), (4, Some(("/etc/sluice/policy.toml".into(), 4))));
+        // The control API may not change it, and says where the policy comes from.
+        let budget = |b: f64| PolicyChange { budget: Some(b), ..Default::default() };
+        match s.change(&budget(0.5), ChangeKind::Patch, "op") {
+            Err(ChangeError::Managed(m)) => assert!(m.contains("/etc/sluice/policy.toml"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A file entry replaces the policy; the file's version becomes the policy's.
+        let p = s.prepare_file(Some(&budget(0.5)), &GatePolicy::dense()).unwrap();
+        let live = s.apply_file(p, 9, "file").unwrap();
+        assert_eq!((live.version, live.budget, live.source), (9, Some(0.5), PolicySource::File));
+        assert_eq!(live.channel_threshold, 0.5, "resolved through the table");
+        // A model the file does not name runs its config's policy.
+        let p = s.prepare_file(None, &GatePolicy::with_thresholds(0.2, 0.2, 1.0)).unwrap();
+        assert_eq!((p.budget, p.channel_threshold), (None, 0.2));
+        // Versions must rise; invalid entries are refused before anything changes.
+        let again = s.prepare_file(Some(&budget(0.3)), &GatePolicy::dense()).unwrap();
+        assert!(
+            s.apply_file(again.clone(), 9, "file")
+                .unwrap_err()
+                .0
+                .contains("not above the version applied, 9")
+        );
+        assert!(s.prepare_file(Some(&budget(1.5)), &GatePolicy::dense()).unwrap_err().0.contains("budget"));
+        assert_eq!(s.snapshot().version, 9);
+        // The controller still caps it; the next file version lands above the controller's.
+        s.cap_budget(Some(0.3), "load").unwrap().unwrap();
+        assert_eq!(s.snapshot().version, 10);
+        let live = s.apply_file(again, 10, "file").unwrap();
+        assert_eq!((live.version, live.budget), (11, Some(0.3)), "one more than the live version");
+        // A store that follows no file refuses file policies.
+        assert!(store().apply_file(GatePolicy::dense(), 2, "file").is_err());
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub enum PolicySource {
     Operator,
     /// The adaptive budget controller (a lower budget than the operator's, under load).
     Controller,
+    /// The fleet's policy file (`sluice serve --policy-file`).
+    File,
 }
 
 impl PolicySource {
@@ -80,6 +82,7 @@ impl PolicySource {
             PolicySource::Persisted => "persisted",
             PolicySource::Operator => "operator",
             PolicySource::Controller => "controller",
+            PolicySource::File => "file",
         }
     }
 }

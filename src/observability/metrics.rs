@@ -38,6 +38,8 @@ pub struct Metrics {
     inflight: Family<IntGauge, 1>,
     model_load: Family<FloatGauge, 1>,
     admin_rejections: Family<IntCounter, 1>,
+    policy_file_version: Family<IntGauge, 0>,
+    policy_file_errors: Family<IntCounter, 0>,
     engine_restarts: Family<IntCounter, 1>,
     engines_live: Family<IntGauge, 1>,
     deadline_dropped: Family<IntCounter, 1>,
@@ -150,6 +152,16 @@ impl Metrics {
                 "Refused calls to the control API.",
                 ["reason"],
             ),
+            policy_file_version: Family::new(
+                "sluice_policy_file_version",
+                "Version of the fleet's policy file applied last (--policy-file); 0 before one is.",
+                [],
+            ),
+            policy_file_errors: Family::new(
+                "sluice_policy_file_errors_total",
+                "Policy-file contents refused (unreadable, invalid, or a version not above the one applied).",
+                [],
+            ),
             engine_restarts: Family::new(
                 "sluice_engine_restarts_total",
                 "Engine loops restarted after a panic outside a batch's own guard.",
@@ -250,6 +262,8 @@ impl Metrics {
         r.add(m.inflight.clone());
         r.add(m.model_load.clone());
         r.add(m.admin_rejections.clone());
+        r.add(m.policy_file_version.clone());
+        r.add(m.policy_file_errors.clone());
         r.add(m.engine_restarts.clone());
         r.add(m.engines_live.clone());
         r.add(m.deadline_dropped.clone());
@@ -336,6 +350,18 @@ impl Metrics {
     /// Counts a refused control-API call.
     pub fn admin_rejected(&self, reason: &str) {
         self.admin_rejections.get([reason]).inc();
+    }
+
+    /// The policy file's version `version` is live.
+    pub fn policy_file_applied(&self, version: u64) {
+        self.policy_file_version.get([]).set(version as i64);
+        // Exported from the first version on, so a rate over it starts at 0.
+        self.policy_file_errors.get([]);
+    }
+
+    /// Policy-file contents were refused.
+    pub fn policy_file_refused(&self) {
+        self.policy_file_errors.get([]).inc();
     }
 
     /// The Prometheus text exposition, format 0.0.4 ([`CONTENT_TYPE`]).
@@ -518,7 +544,7 @@ mod tests {
         let text = m.render();
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!((types, helps), (33 + 7, 33 + 7), "every family and the process's own, with help");
+        assert_eq!((types, helps), (35 + 7, 35 + 7), "every family and the process's own, with help");
         for counter in ["sluice_requests_total", "sluice_admin_rejections_total", "process_cpu_seconds_total"]
         {
             assert!(text.contains(&format!("\n# TYPE {counter} counter\n")), "{counter}:\n{text}");

@@ -301,8 +301,13 @@ impl ModelDir {
 }
 
 /// Every model folder directly under `root` (folders without `config.toml` are ignored),
-/// sorted by name; fails on the first invalid one or on duplicate names.
+/// sorted by name; fails on the first invalid one or on duplicate names. A `root` that holds
+/// a `config.toml` itself is one model's folder, served alone.
 pub fn scan(root: &Path) -> Result<Vec<ModelDir>, EngineError> {
+    if root.join(CONFIG_FILE).is_file() {
+        // The root is itself one model's folder (as KServe mounts a model at /mnt/models).
+        return Ok(vec![ModelDir::open(root)?]);
+    }
     let entries = std::fs::read_dir(root)
         .map_err(|e| EngineError::InvalidConfig(format!("model repository {}: {e}", root.display())))?;
     let mut dirs: Vec<PathBuf> =
@@ -320,9 +325,50 @@ pub fn scan(root: &Path) -> Result<Vec<ModelDir>, EngineError> {
     Ok(models)
 }
 
+/// Serves the one model of `models` under `name` (`sluice serve --model-name`, as KServe
+/// names a model it mounts): refused unless the repository holds exactly one model, or when
+/// the name could not appear in a URL path as it is.
+pub fn rename_single(models: &mut [ModelDir], name: &str) -> Result<(), EngineError> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if !valid {
+        return Err(EngineError::InvalidConfig(format!(
+            "--model-name `{name}`: use 1 to 128 letters, digits, `-`, `_` or `.`, not starting with `.`"
+        )));
+    }
+    match models {
+        [one] => {
+            one.config.name = name.to_string();
+            Ok(())
+        }
+        _ => Err(EngineError::InvalidConfig(format!(
+            "--model-name names the one model of a single-model repository; this one holds {}",
+            models.len()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_folder_is_a_repository_of_one_and_can_be_renamed() {
+        let shipped = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/models"));
+        let mut all = scan(shipped).unwrap();
+        let mut one = scan(&shipped.join("fashion-resnet20")).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].config.name, "fashion-resnet20");
+        rename_single(&mut one, "my-model").unwrap();
+        assert_eq!(one[0].config.name, "my-model");
+        let e = rename_single(&mut one, "../x").unwrap_err().to_string();
+        assert!(e.contains("--model-name `../x`"), "{e}");
+        assert!(rename_single(&mut one, "").is_err());
+        let e = rename_single(&mut all, "m").unwrap_err().to_string();
+        assert!(e.contains(&format!("holds {}", all.len())) && all.len() > 1, "{e}");
+    }
 
     /// The shipped model's config, changed by `edit`.
     fn open_edited(edit: impl FnOnce(&mut toml::Table)) -> Result<ModelDir, EngineError> {

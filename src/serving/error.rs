@@ -33,6 +33,10 @@ pub enum ApiError {
     /// Valid credentials that may not do this (403 / PERMISSION_DENIED).
     #[error("{0}")]
     PermissionDenied(String),
+    /// The request conflicts with how the server is set up, e.g. a policy change while the
+    /// policies follow a file (409 / FAILED_PRECONDITION).
+    #[error("{0}")]
+    Conflict(String),
     /// A fault of the server; the message is logged and a generic one returned (500 / INTERNAL).
     #[error("internal error")]
     Internal(String),
@@ -76,6 +80,7 @@ impl From<crate::control::ChangeError> for ApiError {
         match e {
             crate::control::ChangeError::Invalid(e) => ApiError::BadRequest(e.to_string()),
             crate::control::ChangeError::NotPersisted(why) => ApiError::Internal(why),
+            crate::control::ChangeError::Managed(why) => ApiError::Conflict(why),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod adaptive;
 pub mod error;
 pub mod image;
 pub mod limits;
+pub mod policy_watch;
 mod pool;
 pub use pool::raise_priority;
 mod model;
@@ -26,7 +27,7 @@ use tracing::{info, instrument};
 
 pub use self::error::ApiError;
 use self::limits::{Budget, ModelLimits, Reservation, ServerLimits};
-pub use self::model::{LoadOptions, ModelRuntime};
+pub use self::model::{FollowedFile, LoadOptions, ModelRuntime};
 use self::prepare::prepare;
 pub use self::request::{
     DataType, InferInput, InferOutput, InferRequest, InferResponse, InputData, OutputData, ParamValue,

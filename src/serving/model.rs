@@ -11,6 +11,7 @@ use crate::control::controller::{ControllerChange, ControllerError};
 use std::sync::Arc;
 
 use crate::control::calibration::CalibrationTable;
+use crate::control::policy_file::PolicyFile;
 use crate::control::{ChangeError, ChangeKind, PolicyChange, PolicyStore};
 use crate::engine::gates::GateLayout;
 use crate::engine::{GatePolicy, Layout, PolicySource, Precision};
@@ -36,8 +37,20 @@ pub struct LoadOptions {
     pub layout: Layout,
     /// Overrides every model's `precision`.
     pub precision: Option<Precision>,
-    /// Keep policy changes in `policy.json` beside the model and start from it.
+    /// Keep policy changes in `policy.json` beside the model and start from it (not while
+    /// following a policy file).
     pub persist_policy: bool,
+    /// The fleet's policy file, read at start: every model's operator policy follows it.
+    pub policy_file: Option<Arc<FollowedFile>>,
+}
+
+/// A policy file the server follows (`--policy-file`) and its contents at start.
+#[derive(Clone, Debug)]
+pub struct FollowedFile {
+    pub path: std::path::PathBuf,
+    pub file: PolicyFile,
+    /// The bytes `file` was parsed from (the watcher applies only changes to them).
+    pub bytes: Vec<u8>,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +62,7 @@ impl Default for LoadOptions {
             layout: Layout::default(),
             precision: None,
             persist_policy: true,
+            policy_file: None,
         }
     }
 }
@@ -125,7 +139,18 @@ impl ModelRuntime {
             None => None,
         };
         let persisted = dir.dir.join(POLICY_FILE);
-        let initial = if options.persist_policy && persisted.is_file() {
+        let followed = options.policy_file.as_deref();
+        let persist = options.persist_policy && followed.is_none();
+        let initial = if let Some(f) = followed {
+            // The file decides from the first request: its entry, or the config's policy.
+            let policy = match f.file.models.get(&name) {
+                Some(entry) => entry
+                    .apply(&GatePolicy::dense(), ChangeKind::Replace)
+                    .map_err(|e| anyhow::anyhow!("policy file {}: models.{name}: {e}", f.path.display()))?,
+                None => config.policy.clone(),
+            };
+            GatePolicy { version: f.file.version, source: PolicySource::File, ..policy }
+        } else if persist && persisted.is_file() {
             let text = std::fs::read_to_string(&persisted)?;
             let p: GatePolicy =
                 serde_json::from_str(&text).with_context(|| format!("{}", persisted.display()))?;
@@ -139,10 +164,16 @@ impl ModelRuntime {
             bounds.min_budget = Some(floor);
             bounds.max_budget = bounds.max_budget.max(floor);
         }
-        let mut policy = PolicyStore::new(initial, calibration, gate_ids, bounds)
-            .map_err(|e| anyhow::anyhow!("model `{name}`: policy: {e}"))?;
-        if options.persist_policy {
+        let mut policy =
+            PolicyStore::new(initial, calibration, gate_ids, bounds).map_err(|e| match followed {
+                Some(f) => anyhow::anyhow!("policy file {}: models.{name}: {e}", f.path.display()),
+                None => anyhow::anyhow!("model `{name}`: policy: {e}"),
+            })?;
+        if persist {
             policy = policy.persist_to(persisted);
+        }
+        if let Some(f) = followed {
+            policy = policy.follow_file(f.path.display().to_string(), f.file.version);
         }
         let instances = options.instances.unwrap_or(config.batching.instances).max(1);
         let mut source = dir.source(options.layout);
@@ -261,6 +292,19 @@ impl ModelRuntime {
             self.metrics.set_policy(&p);
         }
         Ok(view)
+    }
+
+    /// Applies the operator policy `prepared` from version `version` of the policy file (see
+    /// [`PolicyStore::apply_file`]) and publishes its gauges.
+    pub fn apply_file_policy(
+        &self,
+        prepared: GatePolicy,
+        version: u64,
+        who: &str,
+    ) -> Result<Arc<GatePolicy>, crate::control::PolicyError> {
+        let new = self.policy.apply_file(prepared, version, who)?;
+        self.metrics.set_policy(&new);
+        Ok(new)
     }
 
     /// Changes the live policy (see [`PolicyStore::change`]) and publishes its gauges.

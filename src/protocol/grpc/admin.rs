@@ -150,6 +150,7 @@ fn state(m: &ModelRuntime, p: &GatePolicy) -> pb::GatingState {
         gates: m.policy.gate_ids().to_vec(),
         controller: Some(controller_status(&m.adaptive.view())),
         operator_policy: Some(policy(&m.policy.operator_policy())),
+        policy_file: m.policy.file().map(|(path, version)| pb::PolicyFileStatus { path, version }),
     }
 }
 

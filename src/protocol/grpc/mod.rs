@@ -241,6 +241,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),
             ApiError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => tonic::Status::permission_denied(message),
+            ApiError::Conflict(_) => tonic::Status::failed_precondition(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
         }
     }

@@ -48,6 +48,7 @@ pub fn status_of(e: &ApiError) -> StatusCode {
         ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         ApiError::PermissionDenied(_) => StatusCode::FORBIDDEN,
+        ApiError::Conflict(_) => StatusCode::CONFLICT,
         ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
