@@ -154,6 +154,9 @@ pub async fn run(
             // Follows the policy file from the contents the models loaded with.
             let _follower = config.load.policy_file.as_ref().map(|f| {
                 core.metrics.policy_file_applied(f.file.version);
+                for name in f.file.models.keys().filter(|n| core.model(n, None).is_err()) {
+                    warn!(file = %f.path.display(), model = %name, "the policy file names a model this server does not serve");
+                }
                 let task = crate::serving::policy_watch::follow(
                     core.clone(),
                     f.path.clone(),

@@ -281,3 +281,52 @@ fn a_change_under_load_fails_nothing_and_applies_to_every_later_request() {
     assert!(after.iter().all(|r| r.2 == 2), "every request sent after the acknowledgement ran on version 2");
     assert!(results.iter().any(|r| r.2 == 1), "traffic ran before the change too");
 }
+
+#[test]
+fn a_policy_file_rules_from_the_start_and_the_api_defers_to_it() {
+    let repo = repo();
+    let model = repo.path().join("gated");
+    let file = repo.path().join("policy.toml");
+    // A file that does not fit the model stops the start, naming the file and the field.
+    std::fs::write(&file, "version = 3\n[models.renamed]\nbudget = 1.5\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--model-repository", model.to_str().unwrap(), "--model-name", "renamed"])
+        .args(["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "0"])
+        .args(["--policy-file", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("policy.toml") && stderr.contains("models.renamed") && stderr.contains("budget"),
+        "{stderr}"
+    );
+    // One model's folder served alone under the name KServe gives it, at the file's policy.
+    std::fs::write(&file, "version = 3\n[models.renamed]\nbudget = 0.6\n").unwrap();
+    let s = Server::start(&model, &["--model-name", "renamed", "--policy-file", file.to_str().unwrap()]);
+    let r = request(s.http, "GET", "/v2/models/renamed/ready", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(request(s.http, "GET", "/v2/models/gated/ready", &[], b"").status, 404);
+    let admin = s.admin.unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = GatingAdminClient::connect(format!("http://{admin}")).await.unwrap();
+        let state =
+            c.get_gating(admin_pb::GetGatingRequest { model: "renamed".into() }).await.unwrap().into_inner();
+        let p = state.policy.unwrap();
+        assert_eq!((p.version, p.budget, p.source.as_str()), (3, Some(0.6), "file"));
+        let f = state.policy_file.unwrap();
+        assert_eq!((f.path.as_str(), f.version), (file.to_str().unwrap(), 3));
+        let refused = c
+            .patch_gating(admin_pb::ChangeGatingRequest {
+                model: "renamed".into(),
+                change: Some(admin_pb::PolicyChange { budget: Some(0.3), ..Default::default() }),
+                actor: "test".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("--policy-file"), "{}", refused.message());
+    });
+    assert!(s.scrape().contains("\nsluice_policy_file_version 3\n"));
+}
