@@ -21,8 +21,9 @@ test-env:
 	deploy/setup-test-env.sh
 
 ## The whole test suite (what CI runs): formatting, lints, Rust unit and integration tests,
-## Triton's clients and perf_analyzer against a real server, a real Prometheus, the gRPC
-## wire-compatibility check, and the dashboard/alert checks.
+## Triton's clients and perf_analyzer against a real server, a real Prometheus, three replicas
+## behind haproxy following one policy file, the gRPC wire-compatibility check, and the
+## dashboard/alert checks.
 test: setup test-env
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
@@ -30,7 +31,9 @@ test: setup test-env
 	$(PYTHON) tests/proto_compat/check.py
 	$(PYTHON) tests/python/test_clients.py target/debug/sluice
 	$(PYTHON) tests/python/test_prometheus.py target/debug/sluice
+	$(PYTHON) tests/python/test_fleet.py target/debug/sluice
 	deploy/check-observability.sh
+	deploy/check-kubernetes.sh
 
 ## Criterion benchmarks and the engine's realized-speedup table (not part of the tests).
 bench: setup

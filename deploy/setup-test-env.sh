@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Sets up everything the Python-side tests need, idempotently and cached:
 #   - .venv/ with pinned tritonclient[all], grpcio-tools (for tests/proto_compat), numpy,
-#     pillow and requests (a stamp in .venv/.sluice-stamp skips pip while the pinned set
-#     is unchanged);
+#     pillow, requests, and kubernetes-validate, jsonschema and PyYAML (for
+#     deploy/check-kubernetes.sh) (a stamp in .venv/.sluice-stamp skips pip while the
+#     pinned set is unchanged);
 #   - Triton's perf_analyzer 2.51.0 as .venv/bin/perf_analyzer: the binary comes from the
 #     tritonclient==2.51.0 manylinux wheel (the PyPI `perf-analyzer` package is an empty
 #     placeholder, and newer wheels need a newer glibc than Debian 12's), libcudart.so.12
 #     from the nvidia-cuda-runtime-cu12 wheel, libb64.so.0d from Debian's libb64-0d;
 #     the wheels are cached under .cache/test-env/wheels;
-#   - Debian's prometheus package, for `prometheus` and `promtool`.
+#   - Debian's prometheus package, for `prometheus` and `promtool`;
+#   - Debian's haproxy, the load balancer in front of three replicas in tests/python/test_fleet.py
+#     (only the binary is used; the test starts its own with its own configuration).
 # A second run finishes in about a second and downloads nothing.
 #
 # Usage: deploy/setup-test-env.sh
@@ -27,6 +30,11 @@ requirements=(
   "numpy==2.4.6"
   "pillow==13.0.0"
   "requests==2.34.2"
+  # deploy/check-kubernetes.sh: Kubernetes' own schemas (it carries 1.25 to 1.37; the check
+  # pins 1.32), and the validator and YAML parser it and the CRD schema check use.
+  "kubernetes-validate==1.37.0"
+  "jsonschema==4.26.0"
+  "PyYAML==6.0.4"
 )
 pa_version=2.51.0
 cudart_version=12.6.77 # the CUDA 12.6 runtime perf_analyzer 2.51.0 (Triton 24.10) was built against
@@ -34,7 +42,7 @@ pa_home="$venv/opt/perf_analyzer-$pa_version"
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "setup-test-env: unknown option '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -115,9 +123,16 @@ install_prometheus() {
   apt_install prometheus
 }
 
+install_haproxy() {
+  if command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ]; then return; fi
+  apt_install haproxy
+}
+
 install_venv
 log "python test env ready at .venv (${requirements[*]})"
 install_perf_analyzer
 log "perf_analyzer $pa_version ready at .venv/bin/perf_analyzer"
 install_prometheus
 log "prometheus and promtool ready ($(command -v promtool))"
+install_haproxy
+log "haproxy ready ($(command -v haproxy || echo /usr/sbin/haproxy))"
