@@ -60,11 +60,8 @@ pub async fn run(
     on_ready: impl FnOnce(BoundAddresses),
 ) -> anyhow::Result<()> {
     let repository = &config.model_repository;
-    let mut dirs = crate::serving::scan_repository(repository)
+    let dirs = crate::serving::scan_repository(repository, config.model_name.as_deref())
         .with_context(|| format!("reading the model repository {}", repository.display()))?;
-    if let Some(name) = &config.model_name {
-        crate::repository::rename_single(&mut dirs, name)?;
-    }
     let fd_limit = crate::protocol::conn::raise_fd_limit();
     let wanted = (config.http.connections.max_connections + config.grpc.connections.max_connections) as u64;
     if fd_limit < wanted + 256 {

@@ -286,7 +286,7 @@ fn a_policy_that_cannot_be_persisted_is_a_500_and_the_live_policy_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_core_is_not_ready_until_its_models_load() {
     let repo = repo();
-    let dirs = scan_repository(repo.path()).unwrap();
+    let dirs = scan_repository(repo.path(), None).unwrap();
     let core = Arc::new(ServingCore::new(&dirs, ServerLimits::default()));
     assert!(!core.is_ready());
     assert!(

@@ -119,7 +119,7 @@ impl ServingCore {
 
     /// Reads the repository at `root` and loads every model in it (tests and tools).
     pub async fn load(root: &Path, options: &LoadOptions, limits: ServerLimits) -> anyhow::Result<Self> {
-        let dirs = scan_repository(root)?;
+        let dirs = scan_repository(root, None)?;
         let core = ServingCore::new(&dirs, limits);
         core.load_models(dirs, options).await?;
         Ok(core)
@@ -395,11 +395,15 @@ impl Drop for RequestRecord<'_> {
     }
 }
 
-/// Every model folder of the repository at `root`, read and checked (no weights loaded).
-pub fn scan_repository(root: &Path) -> anyhow::Result<Vec<ModelDir>> {
-    let dirs = crate::repository::scan(root)?;
+/// Every model folder of the repository at `root`, read and checked (no weights loaded);
+/// with `name`, the repository's one model served under that name (`--model-name`).
+pub fn scan_repository(root: &Path, name: Option<&str>) -> anyhow::Result<Vec<ModelDir>> {
+    let mut dirs = crate::repository::scan(root)?;
     if dirs.is_empty() {
         anyhow::bail!("the model repository {} holds no model folders (with config.toml)", root.display());
+    }
+    if let Some(name) = name {
+        crate::repository::rename_single(&mut dirs, name)?;
     }
     Ok(dirs)
 }
