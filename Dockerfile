@@ -1,24 +1,91 @@
-# sluice in a container (used by deploy/docker-compose.yml). Build from the repository root:
-#   docker build -t sluice .
-# Stage 1 builds against the CPU-only libtorch view that deploy/setup.sh assembles from the
-# PyPI torch wheel; stage 2 keeps only that view's libraries, the binary and the models.
-FROM rust:1.95-bookworm AS build
-RUN apt-get update -q && apt-get install -y -q --no-install-recommends python3-pip unzip && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY . .
-RUN deploy/setup.sh --no-dataset && cargo build --release --locked
+# sluice in a container. `make image` builds it with podman (deploy/image/build.sh) and
+# `make image-test` runs it and checks it (deploy/image/test.sh); Docker builds it too
+# (deploy/docker-compose.yml, or `docker build -t sluice:local .` from the repository root).
+#
+# The base images are build arguments. They default to the official images; where those
+# cannot be pulled, deploy/image/bases.sh makes equivalents from Debian's packages and
+# build.sh passes their names here (docs/deploy.md, "Container image").
+ARG BUILD_BASE=docker.io/library/rust:1.95-bookworm
+ARG RUNTIME_BASE=docker.io/library/debian:bookworm-slim
 
-FROM debian:bookworm-slim
-RUN apt-get update -q && apt-get install -y -q --no-install-recommends libgomp1 ca-certificates && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/.libtorch/cpu/lib /opt/libtorch/lib
-COPY --from=build /src/target/release/sluice /usr/local/bin/sluice
-COPY --from=build /src/deploy/models /models
-ENV LD_LIBRARY_PATH=/opt/libtorch/lib \
-    SLUICE_MODEL_REPOSITORY=/models \
-    SLUICE_ADDRESS=0.0.0.0 \
+# ---- build: libtorch from the pinned wheel (deploy/setup.sh), then sluice -----------------
+FROM ${BUILD_BASE} AS build
+RUN apt-get update -q \
+ && apt-get install -y -q --no-install-recommends python3-pip unzip binutils \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+# libtorch first, from setup.sh alone: these layers (and the ~550 MB wheel download) are
+# reused until setup.sh (which holds the pin) changes. `make image` mounts the host's
+# .libtorch/wheels at /src/.libtorch/wheels, so a set-up checkout downloads nothing here.
+# The binary's rpath is $LIBTORCH/lib (build.rs), so it is built against libtorch at the path
+# the runtime stage installs it at.
+COPY deploy/setup.sh deploy/setup.sh
+RUN deploy/setup.sh --no-dataset && ln -s /src/.libtorch/cpu /opt/libtorch
+ENV LIBTORCH=/opt/libtorch
+# The runtime's share of libtorch: libtorch_cpu and c10 (what tch links without CUDA) and the
+# libraries of the view they load — the wheel's libgomp, and the CUDA runtime and CUPTI that
+# libtorch_cpu is linked against — without their local symbol tables. Everything else stays
+# behind: headers, libtorch_python, libtorch.so, libshm, libtorch_global_deps, CUPTI's
+# profiler helpers (nvperf, pcsamplingutil, checkpoint). The build checks the binary below.
+RUN mkdir -p /out/lib \
+ && { ls /opt/libtorch/lib/libtorch_cpu.so /opt/libtorch/lib/libc10.so; \
+      ldd /opt/libtorch/lib/libtorch_cpu.so /opt/libtorch/lib/libc10.so | awk '$3 ~ "^/opt/libtorch/" { print $3 }'; } \
+    | sort -u > /out/libs \
+ && while read -r lib; do strip --strip-unneeded -o "/out/lib/$(basename "$lib")" "$lib"; done < /out/libs \
+ && ls -l /out/lib
+COPY . .
+# crates.io downloads and the target folder are cache mounts: a rebuild after a source change
+# fetches nothing and recompiles only what changed. The binary loses its DWARF line tables
+# (112 MB; panics still name functions), and must load exactly the libraries picked above.
+RUN --mount=type=cache,id=sluice-cargo-registry,target=/usr/local/cargo/registry \
+    --mount=type=cache,id=sluice-cargo-git,target=/usr/local/cargo/git \
+    --mount=type=cache,id=sluice-target,target=/src/target \
+    cargo build --release --locked \
+ && objcopy --strip-debug target/release/sluice /out/sluice \
+ && ldd /out/sluice | awk '$3 ~ "^/opt/libtorch/" { print $3 }' | sort -u > /out/loads \
+ && if ! cmp -s /out/libs /out/loads; then \
+      echo "the binary loads other libtorch libraries than /out/lib holds:"; diff /out/libs /out/loads; exit 1; \
+    fi \
+ && rm /out/libs /out/loads
+
+# ---- runtime: the binary, those libraries and the shipped models --------------------------
+# The final stage runs no command: `make image` mounts build-only files into every RUN step
+# (podman build --volume: the host's wheels and CA bundle), and their mount points would stay
+# behind in the image. Its user comes from this stage, made on the same base, which also
+# checks that the binary finds every library there and starts.
+FROM ${RUNTIME_BASE} AS user
+COPY --from=build /out/lib/ /opt/libtorch/lib/
+COPY --from=build /out/sluice /usr/local/bin/sluice
+# uid/gid 10001: a fixed, numeric non-root user (Kubernetes' runAsNonRoot can check a number,
+# and deploy/kubernetes/ sets the same ids).
+RUN groupadd --gid 10001 sluice \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin --no-log-init sluice \
+ && ! ldd /usr/local/bin/sluice | grep 'not found' \
+ && /usr/local/bin/sluice --version
+
+FROM ${RUNTIME_BASE}
+COPY --from=user /etc/passwd /etc/group /etc/shadow /etc/gshadow /etc/
+COPY --from=build /out/lib/ /opt/libtorch/lib/
+COPY --from=build /out/sluice /usr/local/bin/sluice
+# The model repository. The shipped model is the default; mount a repository over /models to
+# serve yours. Owned by sluice so that gating changes persist (policy.json beside the model);
+# a read-only mount wants SLUICE_NO_PERSIST_POLICY=true.
+COPY --chown=10001:10001 deploy/models /models
+ENV SLUICE_MODEL_REPOSITORY=/models \
     SLUICE_LOG_FORMAT=json
+USER 10001:10001
 EXPOSE 8000 8001 8002
-# No admin token here: the control API stays on the container's loopback admin listener.
-# Set SLUICE_ADMIN_TOKEN (or SLUICE_ADMIN_TOKEN_FILE) to serve it on 8000/8001.
-ENTRYPOINT ["sluice"]
+# No admin token here: the control API stays on the container's loopback admin listener
+# (`podman exec <container> sluice ctl ...`). Set SLUICE_ADMIN_TOKEN or, better,
+# SLUICE_ADMIN_TOKEN_FILE (a mounted secret) to serve it on 8000/8001.
+#
+# sluice is PID 1 (exec form, no shell, no init): SIGTERM from `podman stop`/Kubernetes
+# reaches it directly; it stops accepting, finishes in-flight requests (up to
+# SLUICE_SHUTDOWN_TIMEOUT, 30 s) and exits 0. It starts no child processes to reap.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/sluice"]
 CMD ["serve"]
+LABEL org.opencontainers.image.title="sluice" \
+      org.opencontainers.image.description="Inference server for dynamically pruned CNNs (KServe Open Inference Protocol v2, HTTP and gRPC)" \
+      org.opencontainers.image.licenses="Apache-2.0"

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers bench-byom bench-slo
+.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers bench-byom bench-slo image image-test
 
 ## Fetch libtorch (PyPI wheel → .libtorch/) and the dataset; idempotent and cached.
 setup:
@@ -15,6 +15,16 @@ build: setup
 ## Build and serve the shipped model repository (deploy/models) on ports 8000/8001/8002.
 run: build
 	target/release/sluice serve --model-repository deploy/models
+
+## The container image localhost/sluice:local, built with podman from the Dockerfile
+## (deploy/image/build.sh; base images bootstrapped from Debian's packages where the official
+## ones cannot be pulled). `image-test` runs it and checks HTTP, gRPC, health, the non-root
+## user and the drain on `podman stop` (deploy/image/test.sh).
+image:
+	deploy/image/build.sh
+
+image-test: image test-env
+	deploy/image/test.sh
 
 ## The Python clients the tests use (tritonclient, perf_analyzer, promtool); cached.
 test-env:
