@@ -62,6 +62,16 @@ pub async fn run(
     let repository = &config.model_repository;
     let dirs = crate::serving::scan_repository(repository, config.model_name.as_deref())
         .with_context(|| format!("reading the model repository {}", repository.display()))?;
+    if let Some(f) = &config.load.policy_file {
+        let served: Vec<&str> = dirs.iter().map(|d| d.config.name.as_str()).collect();
+        for name in f
+            .file
+            .unserved(&served)
+            .map_err(|e| anyhow::anyhow!("--policy-file {}: {e}", f.path.display()))?
+        {
+            warn!(file = %f.path.display(), model = %name, "the policy file names a model this server does not serve");
+        }
+    }
     let fd_limit = crate::protocol::conn::raise_fd_limit();
     let wanted = (config.http.connections.max_connections + config.grpc.connections.max_connections) as u64;
     if fd_limit < wanted + 256 {
@@ -151,9 +161,6 @@ pub async fn run(
             // Follows the policy file from the contents the models loaded with.
             let _follower = config.load.policy_file.as_ref().map(|f| {
                 core.metrics.policy_file_applied(f.file.version);
-                for name in f.file.models.keys().filter(|n| core.model(n, None).is_err()) {
-                    warn!(file = %f.path.display(), model = %name, "the policy file names a model this server does not serve");
-                }
                 let task = crate::serving::policy_watch::follow(
                     core.clone(),
                     f.path.clone(),

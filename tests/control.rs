@@ -289,14 +289,29 @@ fn a_policy_file_rules_from_the_start_and_the_api_defers_to_it() {
     let file = repo.path().join("policy.toml");
     // A file that does not fit the model stops the start, naming the file and the field.
     std::fs::write(&file, "version = 3\n[models.renamed]\nbudget = 1.5\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--model-repository", model.to_str().unwrap(), "--model-name", "renamed"])
-        .args(["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "0"])
-        .args(["--policy-file", file.to_str().unwrap()])
-        .output()
+        .args(["--address", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"])
+        .args(["--admin-port", "0", "--policy-file", file.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // It must exit by itself; a server that started anyway is killed and the test fails.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sluice serve did not refuse the policy file within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
     assert!(
         stderr.contains("policy.toml") && stderr.contains("models.renamed") && stderr.contains("budget"),
         "{stderr}"
@@ -329,4 +344,75 @@ fn a_policy_file_rules_from_the_start_and_the_api_defers_to_it() {
         assert!(refused.message().contains("--policy-file"), "{}", refused.message());
     });
     assert!(s.scrape().contains("\nsluice_policy_file_version 3\n"));
+}
+
+/// Scrapes one unlabelled sample.
+fn sample(s: &Server, name: &str) -> Option<f64> {
+    s.scrape().lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits (polling, 10 s at most) until `done` holds.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_policy_file_change_applies_to_every_model_or_to_none() {
+    let repo = repo();
+    let second = add_model(repo.path(), "second", &["--gates", "channel,block,exits", "--seed", "4"], "");
+    write_calibration(&second);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    // Written as Kubernetes and careful tools do: a new file renamed over the old one.
+    let write = |text: &str| {
+        let tmp = dir.path().join("policy.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write("version = 1\n[models.gated]\nbudget = 1.0\n");
+    let s =
+        Server::start(repo.path(), &["--policy-file", file.to_str().unwrap(), "--policy-file-poll-ms", "50"]);
+    let admin = s.admin.unwrap();
+    let state = |model: &str| {
+        let r = request(admin, "GET", &format!("/v2/models/{model}/gating"), &[], b"");
+        assert_eq!(r.status, 200);
+        r.json()
+    };
+    let live = |model: &str| {
+        let p = state(model)["policy"].clone();
+        (p["version"].as_u64().unwrap(), p["budget"].as_f64(), p["source"].as_str().unwrap().to_string())
+    };
+    // The file names `gated`; `second` runs its config's policy, under the file's version.
+    assert_eq!(live("gated"), (1, Some(1.0), "file".into()));
+    assert_eq!(live("second"), (1, None, "file".into()));
+    let errors = || sample(&s, "sluice_policy_file_errors_total").unwrap_or(-1.0);
+    assert_eq!(errors(), 0.0);
+    // One invalid entry: nothing changes, in either model.
+    write("version = 2\n[models.gated]\nbudget = 0.6\n[models.second]\nbudget = 1.7\n");
+    wait_until("the refusal", || errors() == 1.0);
+    assert_eq!((live("gated"), live("second")), ((1, Some(1.0), "file".into()), (1, None, "file".into())));
+    // Only models this server does not serve: a typo, refused.
+    write("version = 3\n[models.gatde]\nbudget = 0.6\n");
+    wait_until("the second refusal", || errors() == 2.0);
+    assert_eq!(live("gated").0, 1);
+    // A valid change reaches both, with the file's version and digest.
+    let text = "version = 4\n[models.gated]\nbudget = 0.6\n[models.second]\nbudget = 0.3\n";
+    write(text);
+    wait_until("version 4", || live("second").0 == 4);
+    assert_eq!(
+        (live("gated"), live("second")),
+        ((4, Some(0.6), "file".into()), (4, Some(0.3), "file".into()))
+    );
+    let f = state("gated")["policy_file"].clone();
+    assert_eq!(f["version"], 4);
+    assert_eq!(f["sha256"].as_str().unwrap(), sluice::control::policy_file::digest(text.as_bytes()));
+    assert_eq!(sample(&s, "sluice_policy_file_version"), Some(4.0));
+    // A file that cannot be read leaves the policies alone, and is counted once.
+    std::fs::remove_file(&file).unwrap();
+    wait_until("the missing file", || errors() == 3.0);
+    assert_eq!(live("gated").0, 4);
 }

@@ -84,8 +84,9 @@ pub struct Target {
     #[arg(long, env = "SLUICE_CTL_URL", default_value = "http://127.0.0.1:8003", value_delimiter = ',')]
     pub url: Vec<String>,
     /// Every replica a name resolves to, as `name:port` (a Kubernetes headless Service, e.g.
-    /// `sluice-headless.default.svc:8000`), over plain HTTP; replaces --url.
-    #[arg(long, env = "SLUICE_CTL_DNS", conflicts_with = "url")]
+    /// `sluice-headless.default.svc:8000`), over plain HTTP; replaces --url. Where the name
+    /// has IPv4 and IPv6 addresses (dual-stack), only the IPv4 ones: one per replica.
+    #[arg(long, env = "SLUICE_CTL_DNS")]
     pub dns: Option<String>,
     /// Bearer token (when the server has one).
     #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
@@ -196,16 +197,25 @@ fn endpoints(target: &Target) -> anyhow::Result<Vec<String>> {
         return Ok(target.url.iter().map(|u| u.trim_end_matches('/').to_string()).collect());
     };
     use std::net::ToSocketAddrs;
-    let mut addrs: Vec<std::net::SocketAddr> = name
+    let addrs = name
         .to_socket_addrs()
-        .with_context(|| format!("--dns {name}: cannot resolve it (expected name:port)"))?
-        .collect();
-    addrs.sort();
-    addrs.dedup();
-    if addrs.is_empty() {
+        .with_context(|| format!("--dns {name}: cannot resolve it (expected name:port)"))?;
+    let urls = replica_urls(addrs.collect());
+    if urls.is_empty() {
         bail!("--dns {name}: resolves to no address");
     }
-    Ok(addrs.into_iter().map(|a| format!("http://{a}")).collect())
+    Ok(urls)
+}
+
+/// One URL per replica from a name's addresses: sorted, without repeats, and only the IPv4
+/// ones where there are both (a dual-stack replica has one of each).
+fn replica_urls(mut addrs: Vec<std::net::SocketAddr>) -> Vec<String> {
+    if addrs.iter().any(|a| a.is_ipv4()) {
+        addrs.retain(|a| a.is_ipv4());
+    }
+    addrs.sort();
+    addrs.dedup();
+    addrs.into_iter().map(|a| format!("http://{a}")).collect()
 }
 
 /// Sends one control-API call to every endpoint and prints the answer: the whole state
@@ -220,13 +230,21 @@ fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyh
     }
     let mut failed = 0;
     let mut versions = std::collections::BTreeSet::new();
+    let mut files = std::collections::BTreeSet::new();
     for url in &urls {
         match call(target, url, path, method, body.as_deref()) {
             Ok(v) => {
                 let p = &v["policy"];
                 versions.insert(p["version"].as_u64().unwrap_or(0));
                 let budget = p["budget"].as_f64().map_or("-".to_string(), |b| b.to_string());
-                let file = v["policy_file"]["version"].as_u64().map_or("-".to_string(), |f| f.to_string());
+                let f = &v["policy_file"];
+                let file = match (f["version"].as_u64(), f["sha256"].as_str()) {
+                    (Some(version), Some(sha)) => {
+                        files.insert((version, sha.to_string()));
+                        format!("{version} sha256={}", &sha[..sha.len().min(12)])
+                    }
+                    _ => "-".to_string(),
+                };
                 println!(
                     "{url}  version={} source={} budget={budget} policy_file_version={file}",
                     p["version"],
@@ -239,11 +257,31 @@ fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyh
             }
         }
     }
-    let answered = urls.len() - failed;
-    match (failed, versions.len()) {
-        (0, 1) => println!("{answered} replicas, all at policy version {}", versions.first().unwrap_or(&0)),
-        (0, _) => println!("{answered} replicas at policy versions {versions:?}"),
-        _ => bail!("{failed} of {} replicas failed", urls.len()),
+    if failed > 0 {
+        bail!("{failed} of {} replicas failed", urls.len());
+    }
+    // With a policy file, the file (its version and bytes) is what the fleet agrees on; the
+    // live versions may also differ where a replica's latency controller made its own.
+    let live = if versions.len() == 1 {
+        format!("all at policy version {}", versions.first().unwrap_or(&0))
+    } else {
+        format!("at policy versions {versions:?}")
+    };
+    match files.len() {
+        0 => println!("{} replicas, {live}", urls.len()),
+        1 => println!(
+            "{} replicas, {live}; all applied policy file version {}",
+            urls.len(),
+            files.first().map_or(0, |f| f.0)
+        ),
+        _ => bail!(
+            "{} replicas, {live}; they applied different policy files: {:?}",
+            urls.len(),
+            files
+                .iter()
+                .map(|(v, sha)| format!("version {v} sha256 {}", &sha[..sha.len().min(12)]))
+                .collect::<Vec<_>>()
+        ),
     }
     Ok(())
 }
@@ -299,4 +337,20 @@ fn call(
         bail!("{status}: {message}");
     }
     Ok(serde_json::from_str(&text)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_url_per_replica_preferring_ipv4_on_dual_stack() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let dual =
+            vec![addr("[::1]:8000"), addr("10.0.0.6:8000"), addr("10.0.0.5:8000"), addr("10.0.0.5:8000")];
+        assert_eq!(replica_urls(dual), ["http://10.0.0.5:8000", "http://10.0.0.6:8000"]);
+        let v6 = vec![addr("[fd00::2]:8000"), addr("[fd00::1]:8000")];
+        assert_eq!(replica_urls(v6), ["http://[fd00::1]:8000", "http://[fd00::2]:8000"]);
+        assert!(replica_urls(Vec::new()).is_empty());
+    }
 }

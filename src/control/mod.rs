@@ -7,5 +7,6 @@ pub mod policy;
 pub mod policy_file;
 
 pub use policy::{
-    ChangeError, ChangeKind, PolicyChange, PolicyError, PolicyRequest, PolicyStore, RequestBounds,
+    ChangeError, ChangeKind, FollowedVersion, PolicyChange, PolicyError, PolicyRequest, PolicyStore,
+    RequestBounds,
 };

@@ -173,9 +173,20 @@ struct Operator {
     policy: Arc<GatePolicy>,
     /// The budget the controller holds the live policy to while it is below the operator's.
     cap: Option<f64>,
-    /// The policy file the operator's policy follows (`--policy-file`), and the file
-    /// version applied last; control-API changes are refused while it is set.
-    file: Option<(String, u64)>,
+    /// The policy file the operator's policy follows (`--policy-file`) and what of it was
+    /// applied last; control-API changes are refused while it is set.
+    file: Option<FollowedVersion>,
+}
+
+/// The policy file a store follows and the contents it applied last.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FollowedVersion {
+    pub path: String,
+    /// The file's `version`.
+    pub version: u64,
+    /// SHA-256 of the file's bytes (hex): two replicas that applied the same file agree
+    /// on it, whatever their live policy versions.
+    pub sha256: String,
 }
 
 impl PolicyStore {
@@ -212,13 +223,13 @@ impl PolicyStore {
     /// Makes the operator's policy follow the policy file `path`, whose version `version`
     /// made the initial policy: from now on the file changes it ([`PolicyStore::apply_file`])
     /// and the control API may not.
-    pub fn follow_file(self, path: String, version: u64) -> Self {
-        self.writer.lock().unwrap_or_else(|e| e.into_inner()).file = Some((path, version));
+    pub fn follow_file(self, followed: FollowedVersion) -> Self {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).file = Some(followed);
         self
     }
 
-    /// The policy file followed and the version of it applied last, if any.
-    pub fn file(&self) -> Option<(String, u64)> {
+    /// The policy file followed and what of it was applied last, if any.
+    pub fn file(&self) -> Option<FollowedVersion> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).file.clone()
     }
 
@@ -237,31 +248,42 @@ impl PolicyStore {
         self.resolve_budget(GatePolicy { source: PolicySource::File, ..policy })
     }
 
-    /// Applies a policy made by [`PolicyStore::prepare_file`] from file version
-    /// `file_version`: the new version is that file version (or one more than the live one,
-    /// should that already be as high), so replicas that applied the same file answer with
-    /// the same version. Refused when the file version is not above the one applied.
+    /// Whether version `file_version` of the file may be applied (it must be above the one
+    /// applied), and the live policy `prepared` makes under the controller's cap: what
+    /// [`PolicyStore::apply_file`] will make live, checked before anything changes.
+    pub fn check_file(&self, prepared: &GatePolicy, file_version: u64) -> Result<(), PolicyError> {
+        let operator = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(applied) = &operator.file else {
+            return Err(PolicyError("this model does not follow a policy file".into()));
+        };
+        if file_version <= applied.version {
+            return Err(PolicyError(format!(
+                "version: {file_version} is not above the version applied, {}: raise it with every change",
+                applied.version
+            )));
+        }
+        self.capped(&Arc::new(prepared.clone()), operator.cap).map(|_| ())
+    }
+
+    /// Applies a policy made by [`PolicyStore::prepare_file`] from the file's version
+    /// `file.version`: the new version is that file version (or one more than the live one,
+    /// should that already be as high: the controller's versions are local to a replica),
+    /// so replicas that applied the same file and hold no controller cap answer with the
+    /// same version. Refused as [`PolicyStore::check_file`] refuses.
     pub fn apply_file(
         &self,
         prepared: GatePolicy,
-        file_version: u64,
+        file: FollowedVersion,
         who: &str,
     ) -> Result<Arc<GatePolicy>, PolicyError> {
+        self.check_file(&prepared, file.version)?;
         let mut operator = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((path, applied)) = operator.file.clone() else {
-            return Err(PolicyError("this model does not follow a policy file".into()));
-        };
-        if file_version <= applied {
-            return Err(PolicyError(format!(
-                "version: {file_version} is not above the version applied, {applied}: raise it with every change"
-            )));
-        }
         let old = self.current.load_full();
-        let version = file_version.max(old.version + 1);
+        let version = file.version.max(old.version + 1);
         let mine = Arc::new(GatePolicy { version, source: PolicySource::File, ..prepared });
         let live = self.capped(&mine, operator.cap)?;
         operator.policy = mine;
-        operator.file = Some((path, file_version));
+        operator.file = Some(file);
         self.publish(&old, live.clone(), who);
         Ok(live)
     }
@@ -285,10 +307,11 @@ impl PolicyStore {
         who: &str,
     ) -> Result<Arc<GatePolicy>, ChangeError> {
         let mut operator = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((path, _)) = &operator.file {
+        if let Some(file) = &operator.file {
             return Err(ChangeError::Managed(format!(
-                "this server's policies follow the policy file {path} (--policy-file): change the file, \
-                 which every replica follows"
+                "this server's policies follow the policy file {} (--policy-file): change the file, \
+                 which every replica follows",
+                file.path
             )));
         }
         let old = self.current.load_full();
@@ -528,8 +551,13 @@ mod tests {
     fn a_policy_file_rules_the_operators_policy_with_its_own_versions() {
         let initial =
             GatePolicy { budget: Some(1.0), version: 4, source: PolicySource::File, ..GatePolicy::dense() };
-        let s = calibrated(initial).follow_file("/etc/sluice/policy.toml".into(), 4);
-        assert_eq!((s.snapshot().version, s.file()), (4, Some(("/etc/sluice/policy.toml".into(), 4))));
+        let followed = |version: u64| FollowedVersion {
+            path: "/etc/sluice/policy.toml".into(),
+            version,
+            sha256: format!("digest of {version}"),
+        };
+        let s = calibrated(initial).follow_file(followed(4));
+        assert_eq!((s.snapshot().version, s.file()), (4, Some(followed(4))));
         // The control API may not change it, and says where the policy comes from.
         let budget = |b: f64| PolicyChange { budget: Some(b), ..Default::default() };
         match s.change(&budget(0.5), ChangeKind::Patch, "op") {
@@ -538,7 +566,8 @@ mod tests {
         }
         // A file entry replaces the policy; the file's version becomes the policy's.
         let p = s.prepare_file(Some(&budget(0.5)), &GatePolicy::dense()).unwrap();
-        let live = s.apply_file(p, 9, "file").unwrap();
+        let live = s.apply_file(p, followed(9), "file").unwrap();
+        assert_eq!(s.file(), Some(followed(9)));
         assert_eq!((live.version, live.budget, live.source), (9, Some(0.5), PolicySource::File));
         assert_eq!(live.channel_threshold, 0.5, "resolved through the table");
         // A model the file does not name runs its config's policy.
@@ -547,7 +576,7 @@ mod tests {
         // Versions must rise; invalid entries are refused before anything changes.
         let again = s.prepare_file(Some(&budget(0.3)), &GatePolicy::dense()).unwrap();
         assert!(
-            s.apply_file(again.clone(), 9, "file")
+            s.apply_file(again.clone(), followed(9), "file")
                 .unwrap_err()
                 .0
                 .contains("not above the version applied, 9")
@@ -557,10 +586,10 @@ mod tests {
         // The controller still caps it; the next file version lands above the controller's.
         s.cap_budget(Some(0.3), "load").unwrap().unwrap();
         assert_eq!(s.snapshot().version, 10);
-        let live = s.apply_file(again, 10, "file").unwrap();
+        let live = s.apply_file(again, followed(10), "file").unwrap();
         assert_eq!((live.version, live.budget), (11, Some(0.3)), "one more than the live version");
         // A store that follows no file refuses file policies.
-        assert!(store().apply_file(GatePolicy::dense(), 2, "file").is_err());
+        assert!(store().apply_file(GatePolicy::dense(), followed(2), "file").is_err());
     }
 
     #[test]

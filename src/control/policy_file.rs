@@ -53,6 +53,11 @@ impl PolicyFile {
     /// its bytes, so a watcher can tell whether it changed.
     pub fn read_bytes(path: &Path) -> Result<Vec<u8>, PolicyError> {
         let cannot = |e: std::io::Error| PolicyError(format!("cannot read {}: {e}", path.display()));
+        // Only a regular file (through symlinks, as a ConfigMap mounts it): opening a FIFO
+        // or a device could block or never end.
+        if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+            return Err(PolicyError(format!("{} is not a regular file", path.display())));
+        }
         let file = std::fs::File::open(path).map_err(cannot)?;
         let len = file.metadata().map_err(cannot)?.len();
         if len > MAX_POLICY_FILE_BYTES {
@@ -74,10 +79,33 @@ impl PolicyFile {
         PolicyFile::parse(text).map_err(|e| PolicyError(format!("{}: {e}", path.display())))
     }
 
+    /// The models the file names that are not among `served` (other replicas' models, to
+    /// log); refused when the file names models and none is served, since a typo'd name would
+    /// otherwise send every model back to its config's policy.
+    pub fn unserved<'a>(&'a self, served: &[&str]) -> Result<Vec<&'a str>, PolicyError> {
+        let unserved: Vec<&str> =
+            self.models.keys().map(String::as_str).filter(|n| !served.contains(n)).collect();
+        if !self.models.is_empty() && unserved.len() == self.models.len() {
+            return Err(PolicyError(format!(
+                "models: names only models this server does not serve ({}); it serves {}",
+                unserved.join(", "),
+                served.join(", ")
+            )));
+        }
+        Ok(unserved)
+    }
+
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         PolicyFile::from_bytes(path, &PolicyFile::read_bytes(path)?)
     }
+}
+
+/// SHA-256 of a policy file's bytes, in hex: what replicas compare to know they applied the
+/// same file.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn too_big(path: &Path, len: u64) -> PolicyError {
@@ -115,6 +143,15 @@ mod tests {
     }
 
     #[test]
+    fn a_file_must_name_a_served_model_if_it_names_any() {
+        let f = PolicyFile::parse("version = 1\n[models.a]\nbudget = 0.5\n[models.b]\n").unwrap();
+        assert_eq!(f.unserved(&["a", "c"]).unwrap(), ["b"]);
+        let e = f.unserved(&["c"]).unwrap_err().0;
+        assert!(e.contains("names only models this server does not serve (a, b); it serves c"), "{e}");
+        assert!(PolicyFile::parse("version = 1\n").unwrap().unserved(&["c"]).unwrap().is_empty());
+    }
+
+    #[test]
     fn oversized_files_are_refused_before_parsing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("policy.toml");
@@ -128,5 +165,13 @@ mod tests {
         std::fs::write(&path, "version = 2\n").unwrap();
         assert_eq!(PolicyFile::load(&path).unwrap().version, 2);
         assert!(PolicyFile::load(&dir.path().join("missing.toml")).unwrap_err().0.contains("cannot read"));
+        assert!(PolicyFile::load(dir.path()).unwrap_err().0.contains("not a regular file"));
+        assert_eq!(
+            digest(b"version = 2\n"),
+            digest(&std::fs::read(&path).unwrap()),
+            "the digest is of the bytes"
+        );
+        assert_eq!(digest(b"").len(), 64);
+        assert_ne!(digest(b"version = 2\n"), digest(b"version = 3\n"));
     }
 }

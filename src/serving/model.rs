@@ -11,8 +11,8 @@ use crate::control::controller::{ControllerChange, ControllerError};
 use std::sync::Arc;
 
 use crate::control::calibration::CalibrationTable;
-use crate::control::policy_file::PolicyFile;
-use crate::control::{ChangeError, ChangeKind, PolicyChange, PolicyStore};
+use crate::control::policy_file::{self, PolicyFile};
+use crate::control::{ChangeError, ChangeKind, FollowedVersion, PolicyChange, PolicyStore};
 use crate::engine::gates::GateLayout;
 use crate::engine::{GatePolicy, Layout, PolicySource, Precision};
 
@@ -47,7 +47,9 @@ pub struct LoadOptions {
 /// A policy file the server follows (`--policy-file`) and its contents at start.
 #[derive(Clone, Debug)]
 pub struct FollowedFile {
+    /// Where it is (read again every poll interval).
     pub path: std::path::PathBuf,
+    /// What it said at start.
     pub file: PolicyFile,
     /// The bytes `file` was parsed from (the watcher applies only changes to them).
     pub bytes: Vec<u8>,
@@ -173,7 +175,11 @@ impl ModelRuntime {
             policy = policy.persist_to(persisted);
         }
         if let Some(f) = followed {
-            policy = policy.follow_file(f.path.display().to_string(), f.file.version);
+            policy = policy.follow_file(FollowedVersion {
+                path: f.path.display().to_string(),
+                version: f.file.version,
+                sha256: policy_file::digest(&f.bytes),
+            });
         }
         let instances = options.instances.unwrap_or(config.batching.instances).max(1);
         let mut source = dir.source(options.layout);
@@ -294,15 +300,15 @@ impl ModelRuntime {
         Ok(view)
     }
 
-    /// Applies the operator policy `prepared` from version `version` of the policy file (see
+    /// Applies the operator policy `prepared` from the policy file's contents `file` (see
     /// [`PolicyStore::apply_file`]) and publishes its gauges.
     pub fn apply_file_policy(
         &self,
         prepared: GatePolicy,
-        version: u64,
+        file: FollowedVersion,
         who: &str,
     ) -> Result<Arc<GatePolicy>, crate::control::PolicyError> {
-        let new = self.policy.apply_file(prepared, version, who)?;
+        let new = self.policy.apply_file(prepared, file, who)?;
         self.metrics.set_policy(&new);
         Ok(new)
     }

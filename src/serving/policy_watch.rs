@@ -1,30 +1,40 @@
 //! Following the fleet's policy file (`sluice serve --policy-file`): a task reads the file
-//! every poll interval and, when its bytes change, checks the new contents against every
-//! served model and applies them all, or none.
+//! every poll interval and, once new bytes have read the same twice in a row ([`SETTLE`]
+//! apart), checks them against every served model and applies them to all, or to none.
 //!
 //! Polling rather than inotify: Kubernetes updates a mounted ConfigMap by swapping a `..data`
 //! symlink in the volume's folder, which a watch on the file itself never sees (the file it
-//! watched is not modified, it is replaced by another path), and editors replace files in
-//! the same way. Reading a file of at most 1 MiB twice a second costs nothing, sees every
-//! kind of replacement and bounds how late a change is: one poll interval.
+//! watched is not modified, it is replaced by another path). Reading a file of at most 1 MiB
+//! twice a second costs nothing, sees every kind of replacement and bounds how late a change
+//! is: one poll interval and [`SETTLE`].
+//!
+//! Twice in a row: a writer that rewrites the file in place (`cat > policy.toml`, some
+//! editors) leaves it half-written for a moment, and a prefix can be valid TOML with a new
+//! version (`version = 8` and nothing else), which would be applied and then make the whole
+//! file, at the same version, look like a version that was not raised. Bytes that did not
+//! change over [`SETTLE`] are taken as a finished write.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::ServingCore;
-use crate::control::policy_file::PolicyFile;
+use crate::control::FollowedVersion;
+use crate::control::policy_file::{self, PolicyFile};
 
-/// How often the file is read unless `--policy-file-poll-ms` says otherwise.
-pub const DEFAULT_POLL: Duration = Duration::from_millis(500);
-/// The poll interval's bounds (`--policy-file-poll-ms`).
+/// The poll interval's bounds (`--policy-file-poll-ms`, 500 by default).
 pub const POLL_RANGE_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
+/// How long new bytes must stay the same before they are applied (at most the poll
+/// interval).
+pub const SETTLE: Duration = Duration::from_millis(100);
 
-/// Follows `path` until the task is aborted; `last` holds the bytes applied at start.
-pub async fn follow(core: Arc<ServingCore>, path: PathBuf, poll: Duration, mut last: Vec<u8>) {
+/// Follows `path` until the task is aborted; `applied` holds the bytes applied at start.
+pub async fn follow(core: Arc<ServingCore>, path: PathBuf, poll: Duration, mut applied: Vec<u8>) {
     let mut interval = tokio::time::interval(poll);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
+    // New bytes seen once, applied when the next read sees them again.
+    let mut settling: Option<Vec<u8>> = None;
     // The last read error logged, so a file missing for a while is reported once.
     let mut failing: Option<String> = None;
     loop {
@@ -43,60 +53,80 @@ pub async fn follow(core: Arc<ServingCore>, path: PathBuf, poll: Duration, mut l
             Err(_) => continue,
         };
         failing = None;
-        if bytes == last {
+        if bytes == applied {
+            settling = None;
             continue;
         }
-        let result = PolicyFile::from_bytes(&path, &bytes).and_then(|file| {
-            apply(&core, &path, &file).map_err(crate::control::PolicyError)?;
-            Ok(file.version)
-        });
-        last = bytes;
+        if settling.as_ref() != Some(&bytes) {
+            // Read again after SETTLE rather than a whole interval later.
+            settling = Some(bytes);
+            tokio::time::sleep(SETTLE.min(poll)).await;
+            interval.reset_immediately();
+            continue;
+        }
+        settling = None;
+        let sha256 = policy_file::digest(&bytes);
+        let result = PolicyFile::from_bytes(&path, &bytes)
+            .map_err(|e| e.0)
+            .and_then(|file| apply(&core, &path, &file, &sha256).map(|()| file.version));
+        // Refused contents are not tried again until the file changes.
+        applied = bytes;
         match result {
-            Ok(version) => tracing::info!(file = %path.display(), version, "policy file applied"),
+            Ok(version) => tracing::info!(file = %path.display(), version, %sha256, "policy file applied"),
             Err(e) => {
                 core.metrics.policy_file_refused();
-                tracing::error!(error = %e, "policy file refused; keeping the live policies");
+                tracing::error!(error = %e, %sha256, "policy file refused");
             }
         }
     }
 }
 
 /// Checks `file` against every served model, then applies it to all of them: a model the
-/// file names takes its entry, any other its `config.toml` policy. Nothing changes when any
-/// check fails; the error names every model and field at fault.
-pub fn apply(core: &ServingCore, path: &Path, file: &PolicyFile) -> Result<(), String> {
+/// file names takes its entry, any other its `config.toml` policy. Nothing changes when a
+/// check fails; the error names every model and field at fault. A file that names models,
+/// none of which this server serves, is refused ([`PolicyFile::unserved`]); models it names
+/// that other replicas serve are logged.
+pub fn apply(core: &ServingCore, path: &Path, file: &PolicyFile, sha256: &str) -> Result<(), String> {
     let models = core.models();
-    for name in file.models.keys() {
-        if !models.iter().any(|m| &m.interface.name == name) {
-            // A fleet's file may name models other replicas serve; not an error here.
-            tracing::warn!(file = %path.display(), model = %name, "the policy file names a model this server does not serve");
-        }
+    let served: Vec<&str> = models.iter().map(|m| m.interface.name.as_str()).collect();
+    let unserved = file.unserved(&served).map_err(|e| format!("{}: {e}", path.display()))?;
+    for name in unserved {
+        tracing::warn!(file = %path.display(), model = %name, "the policy file names a model this server does not serve");
     }
     let mut errors = Vec::new();
     let mut prepared = Vec::with_capacity(models.len());
     for m in &models {
         let name = &m.interface.name;
-        if let Some((_, applied)) = m.policy.file()
-            && file.version <= applied
-        {
-            errors.push(format!(
-                "version: {} is not above the version applied, {applied}: raise it with every change",
-                file.version
-            ));
-            break;
-        }
-        match m.policy.prepare_file(file.models.get(name), &m.dir.config.policy) {
+        let checked = m
+            .policy
+            .prepare_file(file.models.get(name), &m.dir.config.policy)
+            .and_then(|p| m.policy.check_file(&p, file.version).map(|()| p));
+        match checked {
             Ok(p) => prepared.push((m, p)),
             Err(e) => errors.push(format!("models.{name}: {e}")),
         }
     }
     if !errors.is_empty() {
-        return Err(format!("{}: {}", path.display(), errors.join("; ")));
+        return Err(format!("{}: {}; nothing was changed", path.display(), errors.join("; ")));
     }
     let who = format!("policy file {} version {}", path.display(), file.version);
+    let followed = FollowedVersion {
+        path: path.display().to_string(),
+        version: file.version,
+        sha256: sha256.to_string(),
+    };
+    let mut done = Vec::new();
     for (m, p) in prepared {
-        m.apply_file_policy(p, file.version, &who)
-            .map_err(|e| format!("models.{}: {e}", m.interface.name))?;
+        // Checked above under the same rules; only a concurrent change could refuse it now.
+        if let Err(e) = m.apply_file_policy(p, followed.clone(), &who) {
+            return Err(format!(
+                "{}: models.{}: {e}; applied to {} before that",
+                path.display(),
+                m.interface.name,
+                if done.is_empty() { "no model".to_string() } else { done.join(", ") }
+            ));
+        }
+        done.push(m.interface.name.clone());
     }
     core.metrics.policy_file_applied(file.version);
     Ok(())

@@ -2,7 +2,8 @@
 all following one policy file laid out as Kubernetes mounts a ConfigMap (`policy.toml` ->
 `..data/policy.toml`, `..data` -> a timestamped folder, swapped atomically). While a client
 sends requests through haproxy the whole time, a new file version must reach all three
-replicas within 2 s (the default poll interval is 0.5 s), no request may fail, and every
+replicas within 2 s (the default poll interval is 0.5 s, and a change is applied once two
+reads agree: 0.5–1 s), no request may fail, and every
 response after the change must carry the new policy version. Also: `sluice ctl` addressing
 the three replicas reports each one's version, the control API refuses policy changes while
 a file is followed (409 naming the file), and an invalid file or one whose version was not
@@ -11,6 +12,7 @@ raised is refused without touching the live policies.
 Run by `make test`:  .venv/bin/python tests/python/test_fleet.py [path/to/sluice]
 Ends with "N passed, N failed"; exits non-zero on failure.
 """
+import hashlib
 import http.client
 import json
 import os
@@ -46,6 +48,7 @@ class ConfigMapDir:
         return os.path.join(self.root, "policy.toml")
 
     def write(self, text):
+        self.sha256 = hashlib.sha256(text.encode()).hexdigest()
         self.generation += 1
         data = os.path.join(self.root, f"..2026_12_03_{self.generation:04d}")
         os.makedirs(data)
@@ -59,6 +62,8 @@ class ConfigMapDir:
 
 
 class Replica:
+    START_LIMIT_S = 120
+
     def __init__(self, repo, policy_file, workdir, i):
         self.log = open(os.path.join(workdir, f"replica-{i}.log"), "w")
         self.proc = subprocess.Popen(
@@ -66,12 +71,21 @@ class Replica:
              "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "0", "--engine-threads", "1",
              "--policy-file", policy_file],
             stdout=subprocess.PIPE, stderr=self.log, text=True)
-        for line in self.proc.stdout:
-            if line.startswith("sluice ready:"):
-                parts = dict(p.split("=", 1) for p in line.split()[2:])
-                self.http, self.admin, self.metrics = parts["http"], parts["admin"], parts["metrics"]
-                return
-        raise RuntimeError(f"replica {i} exited before it was ready (see {self.log.name})")
+        # A server that never gets ready is killed, which ends the read below.
+        watchdog = threading.Timer(self.START_LIMIT_S, self.proc.kill)
+        watchdog.start()
+        try:
+            for line in self.proc.stdout:
+                if line.startswith("sluice ready:"):
+                    parts = dict(p.split("=", 1) for p in line.split()[2:])
+                    self.http, self.admin, self.metrics = parts["http"], parts["admin"], parts["metrics"]
+                    break
+            else:
+                raise RuntimeError(f"replica {i} exited or hung before it was ready (see {self.log.name})")
+        finally:
+            watchdog.cancel()
+        # Keep draining stdout so the server never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def gating(self):
         with urllib.request.urlopen(f"http://{self.admin}/v2/models/{MODEL}/gating", timeout=10) as r:
@@ -116,16 +130,22 @@ backend replicas
         assert sh_check.returncode == 0, sh_check.stdout + sh_check.stderr
         self.log = open(os.path.join(workdir, "haproxy.log"), "w")
         self.proc = subprocess.Popen([binary, "-db", "-f", config], stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status, _ = self.infer()
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "haproxy did not forward a request within 30 s"
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    status, _ = self.infer()
+                    if status == 200:
+                        return
+                except OSError:
+                    pass
+                # (the port was free when chosen; another process taking it meanwhile shows here)
+                assert self.proc.poll() is None, f"haproxy exited (see {self.log.name})"
+                assert time.monotonic() < deadline, "haproxy did not forward a request within 30 s"
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
 
     def infer(self):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -180,7 +200,7 @@ def test_a_file_change_reaches_every_replica_under_load(fleet):
     for r in replicas:
         g = r.gating()
         assert (g["policy"]["version"], g["policy"]["source"], g["policy"]["budget"]) == (1, "file", 1.0), g
-        assert g["policy_file"] == {"path": cm.path, "version": 1}, g
+        assert g["policy_file"] == {"path": cm.path, "version": 1, "sha256": cm.sha256}, g
     client = Client(proxy)
     client.start()
     try:
@@ -220,7 +240,7 @@ def test_ctl_reports_every_replica(fleet):
     out = sh("ctl", "gating", "get", "--model", MODEL, "--url", urls)
     lines = [line for line in out.splitlines() if "version=" in line]
     assert len(lines) == 3 and all("version=2 source=file budget=0.6 policy_file_version=2" in line for line in lines), out
-    assert "3 replicas, all at policy version 2" in out, out
+    assert "3 replicas, all at policy version 2; all applied policy file version 2" in out, out
 
 
 def test_the_control_api_refuses_changes_while_a_file_rules(fleet):
@@ -267,7 +287,8 @@ def main():
     cm.write(policy(1, 1.0))
     replicas, proxy = [], None
     try:
-        replicas = [Replica(repo, cm.path, workdir, i) for i in range(3)]
+        for i in range(3):
+            replicas.append(Replica(repo, cm.path, workdir, i))
         proxy = Haproxy([r.http for r in replicas], workdir)
         fleet = {"replicas": replicas, "proxy": proxy, "configmap": cm}
         tests = [test_a_file_change_reaches_every_replica_under_load, test_ctl_reports_every_replica,

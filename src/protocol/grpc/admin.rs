@@ -150,7 +150,11 @@ fn state(m: &ModelRuntime, p: &GatePolicy) -> pb::GatingState {
         gates: m.policy.gate_ids().to_vec(),
         controller: Some(controller_status(&m.adaptive.view())),
         operator_policy: Some(policy(&m.policy.operator_policy())),
-        policy_file: m.policy.file().map(|(path, version)| pb::PolicyFileStatus { path, version }),
+        policy_file: m.policy.file().map(|f| pb::PolicyFileStatus {
+            path: f.path,
+            version: f.version,
+            sha256: f.sha256,
+        }),
     }
 }
 

@@ -48,7 +48,7 @@ pub fn state_json(m: &ModelRuntime) -> Value {
         "policy": policy_json(&m.policy.snapshot()),
         "operator_policy": policy_json(&m.policy.operator_policy()),
         "controller": serde_json::to_value(m.adaptive.view()).unwrap_or(Value::Null),
-        "policy_file": m.policy.file().map(|(path, version)| json!({"path": path, "version": version})),
+        "policy_file": m.policy.file(),
         "calibration": calibration,
         "gates": m.policy.gate_ids(),
     })
