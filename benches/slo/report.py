@@ -298,6 +298,14 @@ def main() -> int:
 
     print("# sluice bench-slo (issue 14)\n")
     print(f"- commit `{meta.get('commit', '?')}`, machine: {meta.get('machine', '?')}, {meta.get('nproc', '?')} cores")
+    if "serve_args" not in meta:
+        setup = ["serve flags not recorded (a run before they were)"]
+    else:
+        setup = [f"serve flags `{meta['serve_args']}`" if meta["serve_args"] else "default serve flags"]
+    if meta.get("server_cpus") or meta.get("loadgen_cpus"):
+        setup.append(f"servers on CPUs {meta.get('server_cpus') or 'any'}, "
+                     f"load generator on CPUs {meta.get('loadgen_cpus') or 'any'}")
+    print(f"- {'; '.join(setup)}")
     print(f"- dense batch-1 latency (closed loop, concurrency 1, median): {meta['b1_ms']:.3f} ms; "
           f"**SLO p99 = {slo:.3f} ms** ({meta.get('slo_factor', 4)}×)")
     print(f"- dense saturation throughput (closed loop, concurrency {meta.get('sat_concurrency', '?')}): "

@@ -22,6 +22,8 @@
 #   B1_MS / SATURATION: skip step 1 and use these (ms, req/s).
 #   BINARY=1: requests use the binary tensor data extension (0: the JSON body as it is).
 #   SERVE_ARGS: extra `sluice serve` flags for every server (e.g. the engine configuration).
+#   SERVER_CPUS / LOADGEN_CPUS: pin the servers / the load generator to these CPUs (taskset
+#     lists, e.g. SERVER_CPUS=1 LOADGEN_CPUS=0), so the two do not take each other's cores.
 # The servers run with --no-persist-policy (nothing is written into the model repository) on
 # OS-chosen ports on 127.0.0.1; every server this script starts is stopped when it exits.
 set -euo pipefail
@@ -43,6 +45,12 @@ timeout_ms=${TIMEOUT_MS:-2000}
 serve_args=${SERVE_ARGS:-}
 loadgen_manifest=benches/slo/loadgen/Cargo.toml
 loadgen=benches/slo/loadgen/target/release/loadgen
+server_pin=()
+[ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
+loadgen_pin=()
+[ -n "${LOADGEN_CPUS:-}" ] && loadgen_pin=(taskset -c "$LOADGEN_CPUS")
+# The load generator, on LOADGEN_CPUS when set.
+lg() { "${loadgen_pin[@]}" "$loadgen" "$@"; }
 calibration=$repo/$model/calibration.json
 mkdir -p "$out/logs"
 step() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
@@ -95,7 +103,7 @@ trap stop_server EXIT
 # start_server NAME: a fresh server; sets $http and $admin (base URLs).
 start_server() {
   local log=$out/logs/$1
-  "$sluice" serve --model-repository "$repo" --address 127.0.0.1 --http-port 0 --grpc-port 0 \
+  "${server_pin[@]}" "$sluice" serve --model-repository "$repo" --address 127.0.0.1 --http-port 0 --grpc-port 0 \
     --metrics-port 0 --admin-port 0 --no-persist-policy $serve_args >"$log.out" 2>"$log.err" &
   server=$!
   local deadline=$((SECONDS + 120))
@@ -139,9 +147,9 @@ else
   step "measuring the dense model (budget 1.0): batch-1 latency and saturation throughput"
   start_server measure
   admin_put "/v2/models/$model/gating" '{"budget":1.0}'
-  "$loadgen" --url "$http" --model "$model" "${body_args[@]}" --timeout-ms "$timeout_ms" \
+  lg --url "$http" --model "$model" "${body_args[@]}" --timeout-ms "$timeout_ms" \
     --concurrency 1 --warmup 2 --seconds "$measure_seconds" --out "$out/measure-b1.csv" >"$out/measure-b1.json"
-  "$loadgen" --url "$http" --model "$model" "${body_args[@]}" --timeout-ms "$timeout_ms" \
+  lg --url "$http" --model "$model" "${body_args[@]}" --timeout-ms "$timeout_ms" \
     --concurrency "$sat_concurrency" --warmup 2 --seconds "$measure_seconds" \
     --out "$out/measure-saturation.csv" >"$out/measure-saturation.json"
   stop_server
@@ -174,6 +182,7 @@ M_MODEL=$model M_CALIBRATION=$calibration M_B1=$b1_ms M_FACTOR=$slo_factor M_SLO
 M_SAT=$saturation M_SATC=$sat_concurrency M_FLOOR=$floor M_SEED=$seed M_LOW=$low M_HIGH=$high \
 M_SECONDS=$phase_seconds M_SERVERS=$servers M_TIMEOUT=$timeout_ms M_NPROC=$(nproc) M_COMMIT=$commit \
 M_MACHINE=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1) \
+M_SERVE_ARGS=$serve_args M_SERVER_CPUS=${SERVER_CPUS:-} M_LOADGEN_CPUS=${LOADGEN_CPUS:-} \
 python3 - "$out/meta.json" <<'PY'
 import json, os, sys
 e = os.environ
@@ -186,6 +195,7 @@ json.dump({
     "phases": [phase("0.5×", e["M_LOW"]), phase("2×", e["M_HIGH"]), phase("0.5×", e["M_LOW"])],
     "servers": e["M_SERVERS"].split(), "timeout_ms": int(e["M_TIMEOUT"]),
     "machine": e["M_MACHINE"].strip() or "unknown", "nproc": int(e["M_NPROC"]), "commit": e["M_COMMIT"],
+    "serve_args": e["M_SERVE_ARGS"], "server_cpus": e["M_SERVER_CPUS"], "loadgen_cpus": e["M_LOADGEN_CPUS"],
 }, open(sys.argv[1], "w"), indent=1)
 PY
 
@@ -200,13 +210,13 @@ for s in $servers; do
   esac
   # Warm connections and caches at a light load (not recorded), before the controller starts
   # measuring.
-  "$loadgen" --url "$http" --model "$model" "${body_args[@]}" --concurrency 1 --seconds 2 >/dev/null
+  lg --url "$http" --model "$model" "${body_args[@]}" --concurrency 1 --seconds 2 >/dev/null
   if [ "$s" = controller ]; then
     admin_put "/v2/models/$model/gating/controller" \
       "{\"enabled\":true,\"percentile\":\"p99\",\"target_ms\":$slo_ms,\"max_accuracy_drop\":1.0}" \
       || die "could not turn the budget controller on (does this build have PUT /v2/models/{model}/gating/controller? SERVERS=\"dense floor\" skips it)"
   fi
-  "$loadgen" --url "$http" --admin "$admin" --model "$model" "${body_args[@]}" --timeout-ms "$timeout_ms" \
+  lg --url "$http" --admin "$admin" --model "$model" "${body_args[@]}" --timeout-ms "$timeout_ms" \
     --phases "$phases" --seed "$seed" --out "$out/$s.requests.csv" --budget-out "$out/$s.budget.csv" \
     >"$out/$s.summary.json"
   curl -sf "$admin/v2/models/$model/gating" >"$out/logs/$s.gating-end.json" || true
