@@ -16,7 +16,7 @@ use crate::protocol::conn::{self, ConnectionLimits, ListenerMetrics};
 use crate::protocol::grpc::{self, GrpcLimits};
 use crate::protocol::http::{self, HttpLimits};
 use crate::serving::limits::ServerLimits;
-use crate::serving::{LoadOptions, ServingCore};
+use crate::serving::{AbortOnDrop, LoadOptions, ServingCore};
 
 /// Everything `serve` needs (from the command line).
 #[derive(Clone, Debug)]
@@ -196,15 +196,6 @@ pub async fn run(
         info!("all requests finished");
     }
     Ok(())
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Serves `/metrics` on a runtime and thread of its own, so a scrape is answered however

@@ -223,8 +223,9 @@ fn replica_urls(mut addrs: Vec<std::net::SocketAddr>) -> Vec<String> {
 /// version) for several; fails when any replica does.
 fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyhow::Result<()> {
     let urls = endpoints(target)?;
+    let client = Client::new(target)?;
     if let [url] = urls.as_slice() {
-        let value = call(target, url, path, method, body.as_deref())?;
+        let value = client.call(url, path, method, body.as_deref())?;
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
@@ -232,7 +233,7 @@ fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyh
     let mut versions = std::collections::BTreeSet::new();
     let mut files = std::collections::BTreeSet::new();
     for url in &urls {
-        match call(target, url, path, method, body.as_deref()) {
+        match client.call(url, path, method, body.as_deref()) {
             Ok(v) => {
                 let p = &v["policy"];
                 versions.insert(p["version"].as_u64().unwrap_or(0));
@@ -286,57 +287,71 @@ fn send(target: &Target, path: &str, method: &str, body: Option<String>) -> anyh
     Ok(())
 }
 
-/// One control-API call to `{url}/v2/models/{model}{path}`; the answer's JSON.
-fn call(
-    target: &Target,
-    url: &str,
-    path: &str,
-    method: &str,
-    body: Option<&str>,
-) -> anyhow::Result<serde_json::Value> {
-    let token = match (&target.token, &target.token_file) {
-        (Some(t), _) => Some(t.trim().to_string()),
-        (None, Some(f)) => {
-            Some(std::fs::read_to_string(f).with_context(|| f.display().to_string())?.trim().to_string())
-        }
-        (None, None) => None,
-    };
-    let url = format!("{url}/v2/models/{}{path}", target.model);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(10)))
-        .build()
-        .into();
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut response = match (method, body) {
-        ("GET", _) => {
-            let mut req = agent.get(&url);
-            if let Some(a) = &auth {
-                req = req.header("Authorization", a);
+/// What every call of one `sluice ctl` shares: the HTTP agent, the token (read once) and the
+/// model.
+struct Client<'a> {
+    agent: ureq::Agent,
+    auth: Option<String>,
+    model: &'a str,
+}
+
+impl<'a> Client<'a> {
+    fn new(target: &'a Target) -> anyhow::Result<Self> {
+        let token = match (&target.token, &target.token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(f)) => {
+                Some(std::fs::read_to_string(f).with_context(|| f.display().to_string())?.trim().to_string())
             }
-            req.call()
-        }
-        (m, Some(body)) => {
-            let mut req = if m == "PUT" { agent.put(&url) } else { agent.patch(&url) };
-            req = req.header("Content-Type", "application/json");
-            if let Some(a) = &auth {
-                req = req.header("Authorization", a);
+            (None, None) => None,
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(10)))
+            .build()
+            .into();
+        Ok(Client { agent, auth: token.map(|t| format!("Bearer {t}")), model: &target.model })
+    }
+
+    /// One control-API call to `{url}/v2/models/{model}{path}`; the answer's JSON.
+    fn call(
+        &self,
+        url: &str,
+        path: &str,
+        method: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (agent, auth) = (&self.agent, &self.auth);
+        let url = format!("{url}/v2/models/{}{path}", self.model);
+        let mut response = match (method, body) {
+            ("GET", _) => {
+                let mut req = agent.get(&url);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
             }
-            req.send(body)
+            (m, Some(body)) => {
+                let mut req = if m == "PUT" { agent.put(&url) } else { agent.patch(&url) };
+                req = req.header("Content-Type", "application/json");
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.send(body)
+            }
+            _ => bail!("nothing to send"),
         }
-        _ => bail!("nothing to send"),
+        .with_context(|| format!("cannot reach {url}"))?;
+        let status = response.status();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or(text);
+            bail!("{status}: {message}");
+        }
+        Ok(serde_json::from_str(&text)?)
     }
-    .with_context(|| format!("cannot reach {url}"))?;
-    let status = response.status();
-    let text = response.body_mut().read_to_string().unwrap_or_default();
-    if !status.is_success() {
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(String::from))
-            .unwrap_or(text);
-        bail!("{status}: {message}");
-    }
-    Ok(serde_json::from_str(&text)?)
 }
 
 #[cfg(test)]

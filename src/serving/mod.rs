@@ -27,7 +27,7 @@ use tracing::{info, instrument};
 
 pub use self::error::ApiError;
 use self::limits::{Budget, ModelLimits, Reservation, ServerLimits};
-pub use self::model::{FollowedFile, LoadOptions, ModelRuntime};
+pub use self::model::{AbortOnDrop, FollowedFile, LoadOptions, ModelRuntime};
 use self::prepare::prepare;
 pub use self::request::{
     DataType, InferInput, InferOutput, InferRequest, InferResponse, InputData, OutputData, ParamValue,

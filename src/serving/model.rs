@@ -115,8 +115,8 @@ pub struct ModelRuntime {
     _engines: Scheduler,
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
+/// Aborts a task when dropped (a task that lives as long as its owner).
+pub struct AbortOnDrop(pub tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
