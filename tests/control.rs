@@ -282,22 +282,17 @@ fn a_change_under_load_fails_nothing_and_applies_to_every_later_request() {
     assert!(results.iter().any(|r| r.2 == 1), "traffic ran before the change too");
 }
 
-#[test]
-fn a_policy_file_rules_from_the_start_and_the_api_defers_to_it() {
-    let repo = repo();
-    let model = repo.path().join("gated");
-    let file = repo.path().join("policy.toml");
-    // A file that does not fit the model stops the start, naming the file and the field.
-    std::fs::write(&file, "version = 3\n[models.renamed]\nbudget = 1.5\n").unwrap();
+/// Runs `sluice serve` on `repo` with `args`, which must make it refuse to start; its stderr.
+/// A server that starts anyway is killed after 60 s and the test fails.
+fn refused_start(repo: &std::path::Path, args: &[&str]) -> String {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--model-repository", model.to_str().unwrap(), "--model-name", "renamed"])
-        .args(["--address", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"])
-        .args(["--admin-port", "0", "--policy-file", file.to_str().unwrap()])
+        .args(["serve", "--model-repository", repo.to_str().unwrap(), "--address", "127.0.0.1"])
+        .args(["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--admin-port", "0"])
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // It must exit by itself; a server that started anyway is killed and the test fails.
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -305,20 +300,37 @@ fn a_policy_file_rules_from_the_start_and_the_api_defers_to_it() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("sluice serve did not refuse the policy file within 60 s");
+            panic!("sluice serve {args:?} did not refuse to start within 60 s");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
+    assert!(!status.success(), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_policy_file_rules_from_the_start_and_the_api_defers_to_it() {
+    let repo = repo();
+    let model = repo.path().join("gated");
+    let file = repo.path().join("policy.toml");
+    // A file that does not fit the model stops the start, naming the file and the field.
+    std::fs::write(&file, "version = 3\n[models.renamed]\nbudget = 1.5\n").unwrap();
+    let file_arg = file.to_str().unwrap();
+    let stderr = refused_start(&model, &["--model-name", "renamed", "--policy-file", file_arg]);
     assert!(
         stderr.contains("policy.toml") && stderr.contains("models.renamed") && stderr.contains("budget"),
         "{stderr}"
     );
-    // One model's folder served alone under the name KServe gives it, at the file's policy.
+    // The poll interval is bounded (50 ms to 60 s).
     std::fs::write(&file, "version = 3\n[models.renamed]\nbudget = 0.6\n").unwrap();
-    let s = Server::start(&model, &["--model-name", "renamed", "--policy-file", file.to_str().unwrap()]);
+    for poll in ["10", "60001"] {
+        let stderr = refused_start(&model, &["--policy-file", file_arg, "--policy-file-poll-ms", poll]);
+        assert!(stderr.contains("--policy-file-poll-ms must be within 50..=60000"), "{stderr}");
+    }
+    // One model's folder served alone under the name KServe gives it, at the file's policy.
+    let s = Server::start(&model, &["--model-name", "renamed", "--policy-file", file_arg]);
     let r = request(s.http, "GET", "/v2/models/renamed/ready", &[], b"");
     assert_eq!(r.status, 200);
     assert_eq!(request(s.http, "GET", "/v2/models/gated/ready", &[], b"").status, 404);
