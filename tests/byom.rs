@@ -178,6 +178,9 @@ fn import_retrofit_calibrate_serve() {
             .unwrap();
     assert!(run["config"]["init"].as_str().unwrap().ends_with("imported/model.safetensors"), "{run}");
     assert_eq!(run["config"]["lr"], 0.01, "a retrofit fine-tunes");
+    assert_eq!(run["config"]["gate_lr"], 0.1, "its new gates and exits learn at the from-scratch rate");
+    assert_eq!(run["config"]["warmup_epochs"], 0.2, "{run}");
+    assert_eq!(run["config"]["exit_distill"], true, "{run}");
     assert_eq!(run["config"]["mean"], serde_json::json!([0.4, 0.4, 0.4]), "normalised as the teacher was");
     let config: toml::Table =
         std::fs::read_to_string(dir.path().join("repo/retrofit/config.toml")).unwrap().parse().unwrap();

@@ -35,9 +35,14 @@ pub struct TrainArgs {
     #[arg(long, env = "SLUICE_TRAIN_BATCH_SIZE", default_value_t = 128)]
     pub batch_size: usize,
     /// Peak learning rate (cosine schedule, 1 epoch warm-up); default 0.1, or 0.01 with
-    /// --init.
+    /// --init (then a 0.2-epoch warm-up).
     #[arg(long, env = "SLUICE_TRAIN_LR")]
     pub lr: Option<f64>,
+    /// Peak learning rate of the gates and exit heads with --init (default 0.1: they start
+    /// untrained while the backbone fine-tunes at --lr). Without --init everything trains
+    /// at --lr.
+    #[arg(long, env = "SLUICE_TRAIN_GATE_LR", requires = "init")]
+    pub gate_lr: Option<f64>,
     /// Retrofit gates onto a dense network: a model folder (its architecture, input size and
     /// weights) or a safetensors checkpoint with torchvision names (with --arch and the
     /// dataset's size). Its backbone is the starting point and, frozen, the teacher.
@@ -118,17 +123,20 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             arch,
             epochs: args.epochs,
             batch_size: args.batch_size,
-            lr: args.lr.unwrap_or(if init.is_some() { 0.01 } else { 0.1 }),
+            lr: args.lr.unwrap_or(0.1),
             limit: args.limit,
             seed: args.seed,
             data: spec.to_arg(),
             dims: [t.channels as i64, t.rows as i64, t.cols as i64],
             classes: data.labels.len(),
-            init,
             mean: t.norm.mean.clone(),
             std: t.norm.std.clone(),
             augment: args.augment,
             ..TrainConfig::fashion_default()
+        };
+        let config = match init {
+            Some(init) => config.retrofit(init, args.lr, args.gate_lr),
+            None => config,
         };
         (Trainer::new(config)?, data)
     };

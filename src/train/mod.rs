@@ -75,6 +75,14 @@ pub struct TrainConfig {
     pub mean: Vec<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub std: Vec<f64>,
+    /// Peak learning rate of the gate and exit parameters (`gates.*`, `train.*`) when it differs from
+    /// `lr`: a retrofit's are new while its backbone is already trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_lr: Option<f64>,
+    /// A retrofit's exit heads learn from the teacher's predictions as well as the labels.
+    /// Runs saved before the field existed did not.
+    #[serde(default)]
+    pub exit_distill: bool,
 }
 
 fn legacy_augment() -> augment::Augment {
@@ -124,6 +132,22 @@ impl TrainConfig {
             init: None,
             mean: Vec::new(),
             std: Vec::new(),
+            gate_lr: None,
+            exit_distill: false,
+        }
+    }
+
+    /// The retrofit recipe on top of `self` (docs/training.md): the backbone fine-tunes at
+    /// `lr` (0.01 unless given) after a short warm-up, while the new gates and exits learn
+    /// at the from-scratch rate (0.1) and exits distil from the teacher too.
+    pub fn retrofit(self, init: PathBuf, lr: Option<f64>, gate_lr: Option<f64>) -> Self {
+        TrainConfig {
+            init: Some(init),
+            lr: lr.unwrap_or(0.01),
+            gate_lr: Some(gate_lr.unwrap_or(0.1)),
+            warmup_epochs: 0.2,
+            exit_distill: true,
+            ..self
         }
     }
 }
@@ -271,7 +295,10 @@ impl Trainer {
         let mut trainable: Vec<(String, Tensor)> =
             vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         trainable.sort_by(|a, b| a.0.cmp(&b.0));
-        let sgd = Sgd::new(trainable, config.momentum, config.weight_decay);
+        let mut sgd = Sgd::new(trainable, config.momentum, config.weight_decay);
+        if let Some(gate_lr) = config.gate_lr {
+            sgd = sgd.scale_lr(|name| !is_backbone(name), gate_lr / config.lr);
+        }
         let teacher = match &config.init {
             Some(path) => {
                 copy_backbone(&vs, path)?;
@@ -342,6 +369,12 @@ impl Trainer {
         if self.teacher.is_some() {
             loss = &loss + distill(&full.logits, (0, n));
         }
+        let exit_distill = self.teacher.is_some() && c.exit_distill;
+        if exit_distill {
+            for exit in &full.exits {
+                loss = &loss + distill(exit, (0, n)) * c.exit_weight;
+            }
+        }
         let quarter = n / 4;
         let parts = [(0, quarter), (quarter, quarter)];
         let random: Vec<i64> =
@@ -360,6 +393,9 @@ impl Trainer {
             let half_labels = labels.narrow(0, start, len);
             for exit in &gated.exits {
                 loss = &loss + exit.cross_entropy_for_logits(&half_labels) * c.exit_weight;
+                if exit_distill {
+                    loss = &loss + distill(exit, (start, len)) * c.exit_weight;
+                }
             }
             if let Some(rate) = &gated.rate {
                 let target = rng.gen_range(c.min_rate..=1.0);

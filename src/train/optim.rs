@@ -9,6 +9,8 @@ struct Slot {
     param: Tensor,
     momentum: Tensor,
     decay: bool,
+    /// This tensor's learning rate as a multiple of the step's.
+    lr_scale: f64,
 }
 
 /// Nesterov SGD.
@@ -26,10 +28,19 @@ impl Sgd {
             .map(|(name, param)| {
                 let decay = param.dim() > 1;
                 let momentum = param.zeros_like().detach();
-                Slot { name, param, momentum, decay }
+                Slot { name, param, momentum, decay, lr_scale: 1.0 }
             })
             .collect();
         Sgd { slots, momentum, weight_decay }
+    }
+
+    /// Every tensor whose name `selects` learns at `scale` times the step's rate (a
+    /// retrofit's new gate and exit parameters; the pretrained backbone keeps the base rate).
+    pub fn scale_lr(mut self, selects: impl Fn(&str) -> bool, scale: f64) -> Self {
+        for s in self.slots.iter_mut().filter(|s| selects(&s.name)) {
+            s.lr_scale = scale;
+        }
+        self
     }
 
     pub fn zero_grad(&mut self) {
@@ -55,7 +66,7 @@ impl Sgd {
                 }
                 let _ = s.momentum.g_mul_scalar_(self.momentum).g_add_(&g);
                 let update = &g + &s.momentum * self.momentum;
-                let _ = s.param.g_sub_(&(update * lr));
+                let _ = s.param.g_sub_(&(update * (lr * s.lr_scale)));
             }
         });
     }
@@ -86,4 +97,29 @@ pub fn cosine_lr(base: f64, step: usize, warmup: usize, total: usize) -> f64 {
     }
     let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
     0.5 * base * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selected_tensors_step_at_their_scaled_rate() {
+        let param = |v: f32| Tensor::from_slice(&[v]).set_requires_grad(true);
+        let (backbone, gate) = (param(1.0), param(1.0));
+        let mut sgd = Sgd::new(
+            vec![
+                ("conv.weight".into(), backbone.shallow_clone()),
+                ("gates.fc.bias".into(), gate.shallow_clone()),
+            ],
+            0.0,
+            0.0,
+        )
+        .scale_lr(|name| name.starts_with("gates."), 10.0);
+        // d/dp of (2·backbone + 2·gate) is 2 for both.
+        (&backbone * 2.0 + &gate * 2.0).sum(tch::Kind::Float).backward();
+        sgd.step(0.01);
+        assert!((backbone.double_value(&[0]) - 0.98).abs() < 1e-6, "{backbone}");
+        assert!((gate.double_value(&[0]) - 0.8).abs() < 1e-6, "{gate}");
+    }
 }
