@@ -84,9 +84,10 @@ bench-peers: build test-env
 
 ## Bring your own model, end to end (not in CI, ~1.5 h): Fashion-MNIST as a folder of RGB
 ## PNGs, a dense ResNet-20 trained on it in PyTorch, then sluice import -> retrofit ->
-## calibrate -> eval (benches/byom/run.sh; outputs in runs/byom/).
+## calibrate -> eval, and the same gated network from scratch for 8 epochs to compare
+## training times (benches/byom/run.sh; outputs in runs/byom/).
 bench-byom: build
-	benches/byom/run.sh
+	SCRATCH_EPOCHS=$${SCRATCH_EPOCHS:-8} benches/byom/run.sh
 
 ## The latency-SLO proof of issue 14 (not in CI, ~12 min): the dense model's batch-1 latency
 ## (SLO p99 = 4x) and saturation throughput, then one seeded Poisson schedule (0.5x, 2x, 0.5x
