@@ -222,3 +222,15 @@ fn bottleneck_networks_train_and_export() {
     assert!(logits.isfinite().all().int64_value(&[]) == 1);
     assert!(reports.iter().all(|r| r.executed_flops <= r.dense_flops + r.gate_flops));
 }
+
+#[test]
+fn learning_rates_must_be_positive() {
+    for (config, field) in [
+        (TrainConfig { lr: 0.0, ..small_config() }, "lr"),
+        (TrainConfig { gate_lr: Some(-0.1), ..small_config() }, "gate_lr"),
+        (TrainConfig { gate_lr: Some(f64::NAN), ..small_config() }, "gate_lr"),
+    ] {
+        let err = Trainer::new(config).err().expect("refused").to_string();
+        assert!(err.starts_with(&format!("{field} must be a positive number")), "{err}");
+    }
+}

@@ -283,6 +283,13 @@ fn is_backbone(name: &str) -> bool {
 impl Trainer {
     /// A fresh run (weights initialised from the config's seed).
     pub fn new(config: TrainConfig) -> anyhow::Result<Self> {
+        for (name, lr) in [("lr", Some(config.lr)), ("gate_lr", config.gate_lr)] {
+            if let Some(lr) = lr
+                && !(lr.is_finite() && lr > 0.0)
+            {
+                anyhow::bail!("{name} must be a positive number, got {lr}");
+            }
+        }
         tch::manual_seed(config.seed as i64);
         let [channels, h, w] = config.dims;
         if h != w {
