@@ -12,6 +12,13 @@ fn ok(out: std::process::Output) -> std::process::Output {
     out
 }
 
+#[test]
+fn gate_lr_needs_init() {
+    let out = sluice(&["train", "--out", "/nonexistent/run", "--gate-lr", "0.2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--init"), "{stderr}");
+}
+
 /// Three classes of 32×32 RGB PNGs, 40 each: a colour per class under a varying pattern.
 fn write_folder(root: &Path) {
     for (class, colour) in [("red", [200u8, 40, 40]), ("green", [40, 180, 60]), ("blue", [30, 60, 210])] {

@@ -234,3 +234,13 @@ fn learning_rates_must_be_positive() {
         assert!(err.starts_with(&format!("{field} must be a positive number")), "{err}");
     }
 }
+
+#[test]
+fn the_retrofit_recipe_takes_both_learning_rates_or_its_defaults() {
+    let init = PathBuf::from("dense.safetensors");
+    let given = small_config().retrofit(init.clone(), Some(0.02), Some(0.3));
+    assert_eq!((given.lr, given.gate_lr, given.init.as_ref()), (0.02, Some(0.3), Some(&init)));
+    let defaults = small_config().retrofit(init, None, None);
+    assert_eq!((defaults.lr, defaults.gate_lr), (0.01, Some(0.1)));
+    assert!(defaults.exit_distill && defaults.warmup_epochs == 0.2);
+}

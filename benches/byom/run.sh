@@ -15,7 +15,8 @@
 # The Bottleneck variant: a torchvision ResNet-50 on a subset, at the same 32x32 input:
 #   ARCH=resnet50 LIMIT=20000 TEACHER_EPOCHS=5 RETROFIT_EPOCHS=1 IMAGES=runs/byom/images \
 #     EVAL_LIMIT=1000 benches/byom/run.sh runs/byom-r50      (about 45 minutes)
-# (EVAL_LIMIT: calibrate and evaluate on the first N validation / test images.)
+# (EVAL_LIMIT: calibrate and evaluate on the first N validation / test images; SERVE_PORT,
+# default 18800: the serve step's HTTP port, with gRPC and metrics on the next two.)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-$root/runs/byom}

@@ -1,8 +1,8 @@
 """The last step of the bring-your-own-model proof (benches/byom/run.sh): the retrofitted
 folder served by `sluice serve`, asked over HTTP (the Open Inference Protocol's JSON) to
 classify test images of the folder, dense and at a budget. Prints per budget how many it
-got right and the executed FLOPs per image; fails if the server's answers disagree with
-themselves (a batch of N answers N rows) or if the budget does not lower the FLOPs.
+got right and the executed FLOPs per image; fails if an answer's logits are not one row
+of one score per class or if the budget does not lower the FLOPs.
 
     python benches/byom/serve_check.py URL MODEL TEST_DIR TEACHER_JSON [--per-class 5] [--budget 0.5]
 
