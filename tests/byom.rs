@@ -188,6 +188,7 @@ fn import_retrofit_calibrate_serve() {
     assert_eq!(run["config"]["gate_lr"], 0.1, "its new gates and exits learn at the from-scratch rate");
     assert_eq!(run["config"]["warmup_epochs"], 0.2, "{run}");
     assert_eq!(run["config"]["exit_distill"], true, "{run}");
+    assert_eq!(run["config"]["order_channels"], true, "{run}");
     assert_eq!(run["config"]["mean"], serde_json::json!([0.4, 0.4, 0.4]), "normalised as the teacher was");
     let config: toml::Table =
         std::fs::read_to_string(dir.path().join("repo/retrofit/config.toml")).unwrap().parse().unwrap();

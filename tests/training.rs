@@ -242,5 +242,58 @@ fn the_retrofit_recipe_takes_both_learning_rates_or_its_defaults() {
     assert_eq!((given.lr, given.gate_lr, given.init.as_ref()), (0.02, Some(0.3), Some(&init)));
     let defaults = small_config().retrofit(init, None, None);
     assert_eq!((defaults.lr, defaults.gate_lr), (0.01, Some(0.1)));
-    assert!(defaults.exit_distill && defaults.warmup_epochs == 0.2);
+    assert!(defaults.exit_distill && defaults.warmup_epochs == 0.2 && defaults.order_channels);
+}
+
+/// Ordering a block's inner channels by importance moves every tensor that touches a
+/// channel together: the full-width network computes the same logits, for Basic and
+/// Bottleneck blocks, and afterwards the leading channels are the important ones.
+#[test]
+fn ordering_inner_channels_keeps_the_function_and_sorts_by_importance() {
+    use sluice::engine::arch::ArchSpec;
+    use sluice::engine::gates::GateLayout;
+    use sluice::engine::{BlockGates, GateConfig};
+    for arch in ["resnet20", "resnet50"] {
+        tch::manual_seed(3);
+        let spec = ArchSpec::named(arch, 3, 10).unwrap();
+        let gates =
+            GateConfig { channel: true, block: BlockGates::Identity, exits: vec![], ..GateConfig::default() };
+        let layout = GateLayout::new(&spec, &gates).unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let net = sluice::train::net::TrainableNet::new(&vs.root(), &spec, &layout, 32).unwrap();
+        // Trained-looking batch-norm: scales, shifts and running statistics all differ by channel.
+        tch::no_grad(|| {
+            for block in &net.backbone.blocks {
+                for layer in &block.layers {
+                    let bn = &layer.bn;
+                    let c = bn.weight.size()[0];
+                    bn.weight.shallow_clone().copy_(&Tensor::randn([c], (Kind::Float, tch::Device::Cpu)));
+                    bn.bias
+                        .shallow_clone()
+                        .copy_(&(Tensor::randn([c], (Kind::Float, tch::Device::Cpu)) * 0.1));
+                    bn.running_mean
+                        .shallow_clone()
+                        .copy_(&(Tensor::randn([c], (Kind::Float, tch::Device::Cpu)) * 0.1));
+                    bn.running_var
+                        .shallow_clone()
+                        .copy_(&(Tensor::rand([c], (Kind::Float, tch::Device::Cpu)) + 0.5));
+                }
+            }
+        });
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        let full = PassMode::Widths(net.widest());
+        let before = tch::no_grad(|| net.forward(&x, &full, false).logits);
+        net.order_inner_channels();
+        let after = tch::no_grad(|| net.forward(&x, &full, false).logits);
+        let scale = before.abs().max().double_value(&[]).max(1.0);
+        let diff = (&after - &before).abs().max().double_value(&[]);
+        assert!(diff <= 1e-4 * scale, "{arch}: logits moved by {diff} (|logit| up to {scale})");
+        for block in &net.backbone.blocks {
+            for pair in block.layers.windows(2) {
+                let reads = pair[1].conv.weight.abs().sum_dim_intlist(&[0i64, 2, 3][..], false, Kind::Float);
+                let importance = Vec::<f32>::try_from(pair[0].bn.weight.abs() * reads).unwrap();
+                assert!(importance.windows(2).all(|w| w[0] >= w[1]), "{arch}: not in order: {importance:?}");
+            }
+        }
+    }
 }

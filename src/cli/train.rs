@@ -45,7 +45,8 @@ pub struct TrainArgs {
     pub gate_lr: Option<f64>,
     /// Retrofit gates onto a dense network: a model folder (its architecture, input size and
     /// weights) or a safetensors checkpoint with torchvision names (with --arch and the
-    /// dataset's size). Its backbone is the starting point and, frozen, the teacher.
+    /// dataset's size). Its backbone, each block's inner channels ordered by importance
+    /// (the same function), is the starting point and, frozen, the teacher.
     #[arg(long, env = "SLUICE_TRAIN_INIT")]
     pub init: Option<PathBuf>,
     /// Train on the first N training images only (0: all 55000).

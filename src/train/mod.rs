@@ -83,6 +83,11 @@ pub struct TrainConfig {
     /// Runs saved before the field existed did not.
     #[serde(default)]
     pub exit_distill: bool,
+    /// A retrofit first orders each block's inner channels by importance (function-
+    /// preserving), so the prefix a narrow width keeps holds the channels that matter most.
+    /// Runs saved before the field existed did not.
+    #[serde(default)]
+    pub order_channels: bool,
 }
 
 fn legacy_augment() -> augment::Augment {
@@ -134,6 +139,7 @@ impl TrainConfig {
             std: Vec::new(),
             gate_lr: None,
             exit_distill: false,
+            order_channels: false,
         }
     }
 
@@ -147,6 +153,7 @@ impl TrainConfig {
             gate_lr: Some(gate_lr.unwrap_or(0.1)),
             warmup_epochs: 0.2,
             exit_distill: true,
+            order_channels: true,
             ..self
         }
     }
@@ -309,6 +316,9 @@ impl Trainer {
         let teacher = match &config.init {
             Some(path) => {
                 copy_backbone(&vs, path)?;
+                if config.order_channels {
+                    net.order_inner_channels();
+                }
                 Some(Teacher::load(&spec, path)?)
             }
             None => None,

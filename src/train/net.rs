@@ -290,6 +290,35 @@ impl TrainableNet {
     fn backbone_tensors(&self) -> Vec<Tensor> {
         backbone_tensors(&self.backbone)
     }
+
+    /// Puts every block's inner channels in order of importance, most important first,
+    /// without changing what the network computes: a channel's output convolution filter,
+    /// batch-norm entries and the next convolution's input slice move together. Channel
+    /// gates keep a leading prefix, so a dense network's arbitrary order would make a
+    /// narrow width keep arbitrary channels; after this it keeps the ones that matter most.
+    /// Importance is |batch-norm scale| × the L1 norm of the weights that read the channel
+    /// (network-slimming's criterion, weighted by how much the next layer listens).
+    pub fn order_inner_channels(&self) {
+        tch::no_grad(|| {
+            for block in &self.backbone.blocks {
+                for pair in block.layers.windows(2) {
+                    let (this, next) = (&pair[0], &pair[1]);
+                    let reads = next.conv.weight.abs().sum_dim_intlist(&[0i64, 2, 3][..], false, Kind::Float);
+                    let order = (this.bn.weight.abs() * reads).argsort(0, true);
+                    let bn = &this.bn;
+                    for t in [&this.conv.weight, &bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
+                        permute(t, 0, &order);
+                    }
+                    permute(&next.conv.weight, 1, &order);
+                }
+            }
+        });
+    }
+}
+
+fn permute(t: &Tensor, dim: i64, order: &Tensor) {
+    let moved = t.index_select(dim, order);
+    t.shallow_clone().copy_(&moved);
 }
 
 fn serving_backbone_tensors(p: &NetworkParams) -> Vec<Tensor> {
