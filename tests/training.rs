@@ -214,8 +214,12 @@ fn bottleneck_networks_train_and_export() {
         assert_eq!(range.len() as i64, 2 * c, "one saliency per channel of each inner width");
         for group in 0..2 {
             let served = scores.narrow(1, range.start as i64 + group * c, c);
+            // Saliencies lie in [0, 1]; the served ones come through the engine's fused,
+            // packed stem and the trainer's through the plain one, so float rounding differs
+            // (a fresh-clone CI run measured 3.7e-5 where this machine sees < 1e-5). A wrong
+            // offset or a misplaced group differs by orders of magnitude more.
             let diff = (&served - &saliency).abs().max().double_value(&[]);
-            assert!(diff < 1e-5, "group {group}: channel saliency differs by {diff}");
+            assert!(diff < 1e-4, "group {group}: channel saliency differs by {diff}");
         }
     }
     let (logits, reports) = model.forward(&x, &GatePolicy::with_thresholds(0.5, 0.5, 1.0)).unwrap();
