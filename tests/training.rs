@@ -294,8 +294,9 @@ fn ordering_inner_channels_keeps_the_function_and_sorts_by_importance() {
         assert!(diff <= 1e-4 * scale, "{arch}: logits moved by {diff} (|logit| up to {scale})");
         for block in &net.backbone.blocks {
             for pair in block.layers.windows(2) {
-                let reads = pair[1].conv.weight.abs().sum_dim_intlist(&[0i64, 2, 3][..], false, Kind::Float);
-                let importance = Vec::<f32>::try_from(pair[0].bn.weight.abs() * reads).unwrap();
+                let importance =
+                    Vec::<f32>::try_from(sluice::train::net::inner_channel_importance(&pair[0], &pair[1]))
+                        .unwrap();
                 assert!(importance.windows(2).all(|w| w[0] >= w[1]), "{arch}: not in order: {importance:?}");
             }
         }

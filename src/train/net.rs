@@ -11,7 +11,7 @@ use crate::engine::arch::ArchSpec;
 use crate::engine::flops::{residual_flops, shortcut_flops};
 use crate::engine::gates::{Dense, GateLayout, GateParams, round_up_width};
 use crate::engine::model::NetworkParams;
-use crate::engine::params::{BatchNormParams, BlockParams, ResNetParams};
+use crate::engine::params::{BatchNormParams, BlockParams, ConvBn, ResNetParams};
 
 /// A channel gate in prefix form.
 #[derive(Debug)]
@@ -303,22 +303,23 @@ impl TrainableNet {
             for block in &self.backbone.blocks {
                 for pair in block.layers.windows(2) {
                     let (this, next) = (&pair[0], &pair[1]);
-                    let reads = next.conv.weight.abs().sum_dim_intlist(&[0i64, 2, 3][..], false, Kind::Float);
-                    let order = (this.bn.weight.abs() * reads).argsort(0, true);
+                    let order = inner_channel_importance(this, next).argsort(0, true);
                     let bn = &this.bn;
                     for t in [&this.conv.weight, &bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
-                        permute(t, 0, &order);
+                        copy(t, &t.index_select(0, &order));
                     }
-                    permute(&next.conv.weight, 1, &order);
+                    copy(&next.conv.weight, &next.conv.weight.index_select(1, &order));
                 }
             }
         });
     }
 }
 
-fn permute(t: &Tensor, dim: i64, order: &Tensor) {
-    let moved = t.index_select(dim, order);
-    t.shallow_clone().copy_(&moved);
+/// The importance of each output channel of `this` (a convolution and its batch-norm) that
+/// `next` reads: |batch-norm scale| × the L1 norm of `next`'s weights on that channel.
+pub fn inner_channel_importance(this: &ConvBn, next: &ConvBn) -> Tensor {
+    let reads = next.conv.weight.abs().sum_dim_intlist(&[0i64, 2, 3][..], false, Kind::Float);
+    this.bn.weight.abs() * reads
 }
 
 fn serving_backbone_tensors(p: &NetworkParams) -> Vec<Tensor> {
@@ -327,7 +328,7 @@ fn serving_backbone_tensors(p: &NetworkParams) -> Vec<Tensor> {
 
 fn backbone_tensors(b: &ResNetParams) -> Vec<Tensor> {
     let mut out = Vec::new();
-    let mut push_cb = |cb: &crate::engine::params::ConvBn| {
+    let mut push_cb = |cb: &ConvBn| {
         out.push(cb.conv.weight.shallow_clone());
         let bn = &cb.bn;
         out.extend(
