@@ -11,11 +11,11 @@ ARG RUNTIME_BASE=docker.io/library/debian:bookworm-slim
 # ---- build: libtorch from the pinned wheel (deploy/setup.sh), then sluice -----------------
 FROM ${BUILD_BASE} AS build
 RUN apt-get update -q \
- && apt-get install -y -q --no-install-recommends python3-pip unzip binutils \
+ && apt-get install -y -q --no-install-recommends python3-pip unzip binutils patchelf \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# libtorch first, from setup.sh alone: these layers (and the ~550 MB wheel download) are
-# reused until setup.sh (which holds the pin) changes. `make image` mounts the host's
+# libtorch (and Debian's oneDNN) first, from setup.sh alone: these layers (and the ~550 MB
+# wheel download) are reused until setup.sh (which holds the pin) changes. `make image` mounts the host's
 # .libtorch/wheels at /src/.libtorch/wheels, so a set-up checkout downloads nothing here.
 # The binary's rpath is $LIBTORCH/lib (build.rs), so it is built against libtorch at the path
 # the runtime stage installs it at.
@@ -26,27 +26,37 @@ ENV LIBTORCH=/opt/libtorch
 # libraries of the view they load — the wheel's libgomp, and the CUDA runtime and CUPTI that
 # libtorch_cpu is linked against — without their local symbol tables. Everything else stays
 # behind: headers, libtorch_python, libtorch.so, libshm, libtorch_global_deps, CUPTI's
-# profiler helpers (nvperf, pcsamplingutil, checkpoint). The build checks the binary below.
+# profiler helpers (nvperf, pcsamplingutil, checkpoint). Beside them, Debian's oneDNN (the
+# library sluice's convolutions run on) and the OpenCL loader it links, its rpath set to its
+# own folder so that it finds them and the wheel's libgomp there: one OpenMP runtime, and
+# nothing to install in the runtime stage. The build checks the binary below.
 RUN mkdir -p /out/lib \
  && { ls /opt/libtorch/lib/libtorch_cpu.so /opt/libtorch/lib/libc10.so; \
       ldd /opt/libtorch/lib/libtorch_cpu.so /opt/libtorch/lib/libc10.so | awk '$3 ~ "^/opt/libtorch/" { print $3 }'; } \
-    | sort -u > /out/libs \
- && while read -r lib; do strip --strip-unneeded -o "/out/lib/$(basename "$lib")" "$lib"; done < /out/libs \
+    | sort -u > /tmp/libs \
+ && while read -r lib; do strip --strip-unneeded -o "/out/lib/$(basename "$lib")" "$lib"; done < /tmp/libs \
+ && for lib in libdnnl.so.2 libOpenCL.so.1; do \
+      path=$(ldconfig -p | awk -v l="$lib" '$1 == l { print $NF; exit }') \
+      && [ -n "$path" ] && cp -L "$path" "/out/lib/$lib" || { echo "no $lib (deploy/setup.sh installs libdnnl-dev)"; exit 1; }; \
+    done \
+ && patchelf --set-rpath '$ORIGIN' /out/lib/libdnnl.so.2 \
  && ls -l /out/lib
 COPY . .
 # crates.io downloads and the target folder are cache mounts: a rebuild after a source change
 # fetches nothing and recompiles only what changed. The binary loses its DWARF line tables
-# (112 MB; panics still name functions), and must load exactly the libraries picked above.
+# (112 MB; panics still name functions), and must load every library picked above (looked up
+# in /out/lib first, as it will be in /opt/libtorch/lib; the runtime stage checks that
+# nothing is missing there).
 RUN --mount=type=cache,id=sluice-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=sluice-cargo-git,target=/usr/local/cargo/git \
     --mount=type=cache,id=sluice-target,target=/src/target \
     cargo build --release --locked \
  && objcopy --strip-debug target/release/sluice /out/sluice \
- && ldd /out/sluice | awk '$3 ~ "^/opt/libtorch/" { print $3 }' | sort -u > /out/loads \
- && if ! cmp -s /out/libs /out/loads; then \
-      echo "the binary loads other libtorch libraries than /out/lib holds:"; diff /out/libs /out/loads; exit 1; \
-    fi \
- && rm /out/libs /out/loads
+ && ls /out/lib | sort > /tmp/libs \
+ && LD_LIBRARY_PATH=/out/lib ldd /out/sluice | awk '$3 ~ "^/out/lib/" { sub(".*/", "", $3); print $3 }' | sort -u > /tmp/loads \
+ && if ! cmp -s /tmp/libs /tmp/loads; then \
+      echo "the binary loads other libraries from /out/lib than it holds:"; diff /tmp/libs /tmp/loads; exit 1; \
+    fi
 
 # ---- runtime: the binary, those libraries and the shipped models --------------------------
 # The final stage runs no command: `make image` mounts build-only files into every RUN step

@@ -1,8 +1,8 @@
 //! Build steps: bake the project-local libtorch's library folder into the rpath of every
 //! binary, test and bench (so they run without LD_LIBRARY_PATH; `LIBTORCH` comes from
-//! `.cargo/config.toml`), compile the C++ shim that reaches libtorch's fused oneDNN
-//! convolutions (src/engine/onednn.cpp, against the same libtorch headers tch's own C++
-//! uses), and generate the gRPC code from `proto/` with a vendored protoc.
+//! `.cargo/config.toml`), compile the C++ shim that runs convolutions on oneDNN primitives
+//! (src/engine/onednn.cpp, against Debian's oneDNN and the same libtorch headers tch's own
+//! C++ uses) and link oneDNN, and generate the gRPC code from `proto/` with a vendored protoc.
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,11 +13,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", libtorch.join("lib").display());
 
     println!("cargo:rerun-if-changed=src/engine/onednn.cpp");
+    // oneDNN from Debian's libdnnl-dev (deploy/setup.sh installs it): the library the shim's
+    // primitives come from, apart from the copy libtorch keeps private inside itself.
+    let dnnl_header = std::path::Path::new("/usr/include/oneapi/dnnl/dnnl.hpp");
+    if !dnnl_header.exists() {
+        return Err(format!(
+            "{} is missing: sluice's convolutions need Debian's libdnnl-dev (run deploy/setup.sh)",
+            dnnl_header.display()
+        )
+        .into());
+    }
+    // libtorch's include folder carries its own (newer) oneDNN headers, whose library it keeps
+    // private; a folder holding only Debian's `oneapi/` goes first so the shim compiles
+    // against the library it links. (GCC ignores `-I/usr/include`, a system folder.)
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
+    let dnnl_include = out.join("dnnl-include");
+    std::fs::create_dir_all(&dnnl_include)?;
+    let link = dnnl_include.join("oneapi");
+    if std::fs::read_link(&link).ok().as_deref() != Some(std::path::Path::new("/usr/include/oneapi")) {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/usr/include/oneapi", &link)?;
+    }
     let include = libtorch.join("include");
     cc::Build::new()
         .cpp(true)
         .pic(true)
         .std("c++17")
+        .include(&dnnl_include)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         // The PyPI wheel's libtorch is built with the C++11 string ABI (as tch's build assumes).
@@ -26,6 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .flag_if_supported("-Wno-unused-parameter")
         .file("src/engine/onednn.cpp")
         .compile("sluice_onednn");
+    println!("cargo:rustc-link-lib=dylib=dnnl");
 
     println!("cargo:rerun-if-changed=proto");
     let protoc = protoc_bin_vendored::protoc_bin_path()?;

@@ -2,6 +2,8 @@
 # Sets up everything sluice needs to build and run, idempotently and cached:
 #   - libtorch 2.11.0 from the PyPI `torch` wheel, as the CPU-only view described in
 #     DESIGN.md (default) or the full CUDA wheel (--cuda), under .libtorch/;
+#   - oneDNN 2.6 from Debian's `libdnnl-dev` (the library sluice's convolutions run on;
+#     libtorch keeps its own copy private);
 #   - the Fashion-MNIST dataset from Debian's `dataset-fashion-mnist` (skipped when
 #     SLUICE_DATA_DIR points at a folder that already holds the IDX files).
 # A second run finishes in about a second and downloads nothing.
@@ -32,6 +34,14 @@ python=${PYTHON:-python3}
 command -v "$python" >/dev/null || { log "needs python3 with pip to fetch the torch wheel"; exit 1; }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Installs Debian packages, refreshing the package lists only when the first try fails.
+apt_install() {
+  log "installing Debian's $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null \
+    || { as_root apt-get update -q >/dev/null \
+         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
+}
 
 install_cpu() {
   local view="$dest/cpu" wheels="$dest/wheels"
@@ -98,15 +108,18 @@ else
 fi
 log "libtorch $torch_version ($variant) ready at .libtorch/current"
 
+if ! dpkg-query -W -f='${Status}' libdnnl-dev 2>/dev/null | grep -q 'ok installed'; then
+  apt_install libdnnl-dev
+fi
+log "oneDNN $(dpkg-query -W -f='${Version}' libdnnl-dev 2>/dev/null || echo '?') ready"
+
 if [ "$dataset" = 1 ]; then
   data_dir=${SLUICE_DATA_DIR:-/usr/share/datasets/fashion-mnist}
   if [ ! -f "$data_dir/t10k-labels-idx1-ubyte.gz" ]; then
     if [ -n "${SLUICE_DATA_DIR:-}" ]; then
       log "SLUICE_DATA_DIR=$SLUICE_DATA_DIR holds no Fashion-MNIST IDX files"; exit 1
     fi
-    log "installing Debian's dataset-fashion-mnist"
-    as_root apt-get install -y -q dataset-fashion-mnist >/dev/null \
-      || { as_root apt-get update -q >/dev/null && as_root apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+    apt_install dataset-fashion-mnist
   fi
   log "Fashion-MNIST ready at $data_dir"
 fi

@@ -19,11 +19,11 @@ pub enum Layout {
     ChannelsLast,
     /// Plain contiguous NCHW.
     Nchw,
-    /// oneDNN's fused convolutions: weights reordered once at load into the blocked layout
-    /// each convolution's kernel wants (for the model's input size), activations
-    /// channels-last, bias, ReLU and a block's residual add applied as post-ops of the
-    /// convolution itself (engine/onednn.rs). The default: measured fastest here
-    /// (docs/decisions.md).
+    /// sluice's own oneDNN primitives (Debian's libdnnl): weights reordered once at load into
+    /// the blocked layout each convolution's kernel wants, a primitive per input shape made
+    /// once, activations channels-last, bias, ReLU and a block's residual add applied as
+    /// post-ops of the convolution itself (engine/onednn.rs). The default: measured fastest
+    /// here (docs/decisions.md).
     #[default]
     Onednn,
 }
@@ -130,12 +130,11 @@ fn cpu_flag(flag: &str) -> bool {
 }
 
 impl Layout {
-    /// Whether this libtorch can run the layout (onednn needs the fused oneDNN operators
-    /// PyTorch's CPU builds register; the message says what is missing).
+    /// Whether this machine can run the layout (onednn needs oneDNN's CPU engine; the
+    /// message says what is missing).
     pub fn check(self) -> Result<(), String> {
         match self {
-            Layout::Onednn => onednn::available()
-                .map_err(|e| format!("layout onednn needs libtorch's fused oneDNN convolutions: {e}")),
+            Layout::Onednn => onednn::available().map_err(|e| format!("layout onednn needs oneDNN: {e}")),
             _ => Ok(()),
         }
     }
@@ -153,15 +152,14 @@ pub struct Format {
     pub layout: Layout,
     pub precision: Precision,
     /// Height and width of the inputs the network will mostly see (the model's configured
-    /// dims): oneDNN picks each convolution's weight layout for its input size, and an input
-    /// of another size runs correctly but reorders weights on every call. `None`: the
+    /// dims): the onednn layout makes each convolution's primitive and weight packing for
+    /// this size at load (another size gets its own on its first call). `None`: the
     /// architecture's default side ([`ArchSpec::default_input_hw`]).
     pub input_hw: Option<[i64; 2]>,
-    /// Inputs always come one at a time (a model whose `max_batch_size` is 1): onednn
-    /// weights are then packed for batch 1 only. Otherwise each convolution is packed for
-    /// batch 1 and for batches (oneDNN wants another layout for some convolutions once the
-    /// batch exceeds 1, and would reorder the weights on every call), at twice the packed
-    /// weights' memory.
+    /// Inputs always come one at a time (a model whose `max_batch_size` is 1): the onednn
+    /// layout then makes primitives for batch 1 only at load. Otherwise also for batch 8
+    /// (oneDNN may want another weight layout once the batch exceeds 1; that packing is
+    /// then made once, at load, rather than on a request's first call).
     pub unbatched: bool,
 }
 
@@ -264,57 +262,75 @@ pub fn fold_bn(
     })
 }
 
+/// How a folded convolution runs.
+#[derive(Debug)]
+enum Kernel {
+    /// libtorch's convolution on a strided (NCHW or channels-last) weight in the engine's
+    /// precision.
+    Strided(Tensor),
+    /// The onednn layout: sluice's own oneDNN primitives on weights packed at load.
+    Packed(onednn::PackedConv),
+}
+
 /// A convolution with its batch-norm folded in: `conv(x, w') + b'`. Counts its calls, so
 /// tests can prove that skipped work is not run.
 #[derive(Debug)]
 pub struct FoldedConv {
-    /// In the engine's format: strided (NCHW or channels-last) in its precision, or, for
-    /// the onednn layout, a oneDNN tensor already reordered for this convolution at batch 1.
-    pub weight: Tensor,
-    /// onednn: the weight reordered for batches of more than one (unless unbatched).
-    batched: Option<Tensor>,
+    kernel: Kernel,
     pub bias: Tensor,
     pub shape: ConvShape,
-    packed: bool,
     calls: AtomicU64,
 }
 
-/// The batch size the second onednn packing is made for. oneDNN 3.x on this CPU picked the
-/// same weight layouts for every batch from 2 to 32 (ONEDNN_VERBOSE, ResNet-20 and -50);
-/// only batch 1 differs, for some convolutions.
+/// The batch size a batched model's convolutions also get a primitive for at load (the first
+/// call of any other batch size makes its own). oneDNN may want another weight layout once the
+/// batch exceeds 1; a packing is made once per layout and shared.
 const BATCHED_PACK: i64 = 8;
 
 impl FoldedConv {
     /// A convolution from already folded NCHW weight and bias, prepared for `format` and
     /// inputs of `in_hw` (height, width).
     ///
+    /// `post` is what the network will call it with ([`FoldedConv::forward`],
+    /// `forward_relu` or `forward_add_relu`): the onednn layout makes that primitive at load.
+    ///
     /// # Panics
-    /// For the onednn layout when libtorch cannot pack the weights: model loading checks
+    /// For the onednn layout when oneDNN cannot make the convolution: model loading checks
     /// [`Layout::check`] first.
-    pub fn new(weight: &Tensor, bias: &Tensor, shape: ConvShape, format: Format, in_hw: [i64; 2]) -> Self {
+    pub fn new(
+        weight: &Tensor,
+        bias: &Tensor,
+        shape: ConvShape,
+        format: Format,
+        in_hw: [i64; 2],
+        post: onednn::Post,
+    ) -> Self {
         let size = weight.size();
         let shape = ConvShape { out_ch: size[0], in_ch: size[1], ..shape };
         let kind = format.precision.kind();
-        let bias = bias.to_kind(kind).contiguous();
-        let (weight, batched, packed) = match format.layout {
+        let (kernel, bias) = match format.layout {
             Layout::Onednn => {
                 let plain = weight.to_kind(kind).contiguous();
-                let pack = |batch: i64| {
-                    let input = [batch, shape.in_ch, in_hw[0], in_hw[1]];
-                    onednn::pack_weight(&plain, shape.padding, shape.stride, input)
-                        .unwrap_or_else(|e| panic!("packing a {:?} convolution for oneDNN: {e}", size))
-                };
-                (pack(1), (!format.unbatched).then(|| pack(BATCHED_PACK)), true)
+                let input = |batch: i64| [batch, shape.in_ch, in_hw[0], in_hw[1]];
+                let fail = |e: String| -> ! { panic!("preparing a {size:?} convolution for oneDNN: {e}") };
+                let packed =
+                    onednn::PackedConv::new(&plain, bias, shape.padding, shape.stride, input(1), post)
+                        .unwrap_or_else(|e| fail(e));
+                if !format.unbatched {
+                    packed.prepare(input(BATCHED_PACK), post).unwrap_or_else(|e| fail(e));
+                }
+                // The primitive applies the bias in FP32; this copy is for the gated paths.
+                (Kernel::Packed(packed), bias.to_kind(kind).contiguous())
             }
-            _ => (format.apply(weight), None, false),
+            _ => (Kernel::Strided(format.apply(weight)), bias.to_kind(kind).contiguous()),
         };
-        FoldedConv { weight, batched, bias, shape, packed, calls: AtomicU64::new(0) }
+        FoldedConv { kernel, bias, shape, calls: AtomicU64::new(0) }
     }
 
     /// Folds `layer`'s batch-norm into its convolution.
-    pub fn fold(layer: &ConvBn, format: Format, in_hw: [i64; 2]) -> Self {
+    pub fn fold(layer: &ConvBn, format: Format, in_hw: [i64; 2], post: onednn::Post) -> Self {
         let (w, b) = fold_bn(&layer.conv, &layer.bn, None);
-        FoldedConv::new(&w, &b, layer.conv.shape.clone(), format, in_hw)
+        FoldedConv::new(&w, &b, layer.conv.shape.clone(), format, in_hw, post)
     }
 
     /// Spatial size of this convolution's output for an input of `hw`.
@@ -322,23 +338,29 @@ impl FoldedConv {
         out_hw(&self.shape, hw)
     }
 
-    /// The packed weight for `x`'s batch size.
-    fn packed_for(&self, x: &Tensor) -> &Tensor {
-        match &self.batched {
-            Some(batched) if x.size()[0] > 1 => batched,
-            _ => &self.weight,
-        }
-    }
-
     fn run(&self, x: &Tensor, relu: bool) -> Tensor {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let s = &self.shape;
-        if self.packed {
-            onednn::conv(x, self.packed_for(x), &self.bias, s.padding, s.stride, relu)
-        } else {
-            let mut y = x.conv2d(&self.weight, Some(&self.bias), [s.stride; 2], [s.padding; 2], [1, 1], 1);
-            if relu { y.relu_() } else { y }
+        match &self.kernel {
+            Kernel::Packed(packed) => packed.conv(x, relu),
+            Kernel::Strided(weight) => {
+                let mut y = x.conv2d(weight, Some(&self.bias), [s.stride; 2], [s.padding; 2], [1, 1], 1);
+                if relu { y.relu_() } else { y }
+            }
         }
+    }
+
+    /// The oneDNN convolution behind the onednn layout (`None` for the strided layouts).
+    pub fn packed(&self) -> Option<&onednn::PackedConv> {
+        match &self.kernel {
+            Kernel::Packed(packed) => Some(packed),
+            Kernel::Strided(_) => None,
+        }
+    }
+
+    /// The device the convolution's tensors live on.
+    pub fn device(&self) -> tch::Device {
+        self.bias.device()
     }
 
     /// The convolution on `x` (which must already be in the engine's format).
@@ -355,16 +377,18 @@ impl FoldedConv {
     /// primitive that writes into `shortcut`'s storage (so an identity shortcut's input is
     /// overwritten: the caller must not read it again).
     pub fn forward_add_relu(&self, x: &Tensor, shortcut: Tensor) -> Tensor {
-        if self.packed {
-            self.calls.fetch_add(1, Ordering::Relaxed);
-            let s = &self.shape;
-            let mut acc = shortcut;
-            onednn::conv_add_relu_(&mut acc, x, self.packed_for(x), &self.bias, s.padding, s.stride);
-            acc
-        } else {
-            let mut out = self.forward(x);
-            let _ = out.g_add_(&shortcut);
-            out.relu_()
+        match &self.kernel {
+            Kernel::Packed(packed) => {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                let mut acc = shortcut;
+                packed.conv_add_relu_(&mut acc, x);
+                acc
+            }
+            Kernel::Strided(_) => {
+                let mut out = self.forward(x);
+                let _ = out.g_add_(&shortcut);
+                out.relu_()
+            }
         }
     }
 
@@ -429,10 +453,15 @@ pub fn fold_layers(
     in_hw: [i64; 2],
 ) -> Vec<FoldedConv> {
     let mut hw = in_hw;
+    let convs: Vec<_> = convs.into_iter().collect();
+    let count = convs.len();
     convs
         .into_iter()
-        .map(|(w, b, shape)| {
-            let conv = FoldedConv::new(&w, &b, shape, format, hw);
+        .enumerate()
+        .map(|(j, (w, b, shape))| {
+            // Every convolution but the last is followed by a ReLU; the last ends the block.
+            let post = if j + 1 == count { onednn::Post::AddRelu } else { onednn::Post::Relu };
+            let conv = FoldedConv::new(&w, &b, shape, format, hw, post);
             hw = conv.out_hw(hw);
             conv
         })
@@ -489,14 +518,17 @@ impl FoldedResNet {
                 });
                 FoldedBlock {
                     layers: fold_layers(convs, format, hw),
-                    downsample: b.downsample.as_ref().map(|d| FoldedConv::fold(d, format, hw)),
+                    downsample: b
+                        .downsample
+                        .as_ref()
+                        .map(|d| FoldedConv::fold(d, format, hw, onednn::Post::None)),
                 }
             })
             .collect();
         FoldedResNet {
             spec: params.spec.clone(),
             format,
-            stem: FoldedConv::fold(&params.stem, format, input),
+            stem: FoldedConv::fold(&params.stem, format, input, onednn::Post::Relu),
             blocks,
             fc: FoldedLinear::copy_of(&params.fc),
         }

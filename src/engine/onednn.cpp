@@ -1,58 +1,142 @@
-// oneDNN's fused convolutions, as libtorch registers them for its own compiler
-// (`mkldnn::_convolution_pointwise` and friends), made callable from Rust. tch binds only
-// the ATen operators of native_functions.yaml, and these live in the `mkldnn` operator
-// library, so they are reached through the dispatcher here, by name.
+// Convolutions on oneDNN primitives that sluice builds and owns, against the oneDNN library
+// Debian packages (libdnnl 2.6, deploy/setup.sh installs it), made callable from Rust.
 //
-// Every function takes and returns `at::Tensor*` (what tch's `C_tensor` points to) and
-// returns NULL on success or a malloc'ed message (freed with sluice_onednn_free_error) when
-// libtorch throws; nothing throws across the C boundary.
+// A `sluice_conv` holds one convolution: its bias, its weights reordered into the layout its
+// kernel wants, and one ready primitive per input shape (batch, height, width) and post-op
+// kind, made on first use and kept (at most kMaxPrimitives; beyond that a call builds a
+// throwaway primitive). Activations are libtorch's channels-last tensors (`nhwc` to oneDNN),
+// read and written in place, so the engine's gathers and scatter-adds work on them unchanged.
+//
+// Every function returns NULL on success or a malloc'ed message (freed with
+// sluice_onednn_free_error) when oneDNN or libtorch throws; nothing throws across the C
+// boundary.
 
-#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
-#include <c10/core/Scalar.h>
+#include <ATen/ops/empty.h>
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <optional>
-#include <string_view>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 using at::Tensor;
-using ScalarList = c10::List<std::optional<c10::Scalar>>;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
 
 namespace {
 
-// The C++ signatures libtorch 2.11 registers these operators with (see `nm -DC
-// libtorch_cpu.so | grep mkldnn_convolution_pointwise`); a mismatch throws at lookup.
-using Pointwise = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::IntArrayRef,
-                         c10::IntArrayRef, c10::IntArrayRef, int64_t, std::string_view, ScalarList,
-                         std::optional<std::string_view>);
-using BinaryInPlace = Tensor&(Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                              c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t,
-                              std::string_view, std::optional<c10::Scalar>, std::optional<std::string_view>,
-                              ScalarList, std::optional<std::string_view>);
+// Ready primitives one convolution keeps (input shapes × post-op kinds). A model's inputs
+// have fixed dims and at most max_batch_size rows, so a served model stays far below.
+constexpr size_t kMaxPrimitives = 256;
 
-const c10::TypedOperatorHandle<Pointwise>& pointwise() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "").typed<Pointwise>();
-  return op;
+enum class Post : int { None = 0, Relu = 1, AddRelu = 2 };
+
+dnnl::engine& cpu() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
 }
 
-const c10::TypedOperatorHandle<BinaryInPlace>& binary_in_place() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mkldnn::_convolution_pointwise_", "binary")
-                             .typed<BinaryInPlace>();
-  return op;
+// In-order and synchronous per thread: the calling engine thread waits for each primitive.
+dnnl::stream& thread_stream() {
+  thread_local dnnl::stream stream(cpu());
+  return stream;
 }
 
-const c10::OperatorHandle& reorder_weight() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_reorder_convolution_weight", "");
-  return op;
+dt data_type(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return dt::f32;
+    case at::kBFloat16: return dt::bf16;
+    default: throw std::invalid_argument("oneDNN convolutions take float32 or bfloat16 tensors, not " +
+                                         std::string(c10::toString(t.scalar_type())));
+  }
 }
+
+struct Entry {
+  dnnl::convolution_forward primitive;
+  dnnl::memory weights;
+};
+
+struct Conv {
+  int64_t out_ch, in_ch, kernel, padding, stride;
+  dt type;
+  dnnl::memory bias;  // f32, plain
+  // Every packing made so far, one per distinct weight layout (the first is the load-time one,
+  // and the source of any later one).
+  std::vector<dnnl::memory> packs;
+  std::unordered_map<std::string, std::shared_ptr<Entry>> primitives;
+  std::mutex lock;
+
+  int64_t out_side(int64_t side) const { return (side + 2 * padding - kernel) / stride + 1; }
+
+  dnnl::convolution_forward::primitive_desc describe(int64_t n, int64_t h, int64_t w, Post post) const {
+    using dnnl::memory;
+    memory::desc src({n, in_ch, h, w}, type, tag::nhwc);
+    memory::desc weights({out_ch, in_ch, kernel, kernel}, type, tag::any);
+    memory::desc bias_md({out_ch}, dt::f32, tag::x);
+    memory::desc dst({n, out_ch, out_side(h), out_side(w)}, type, tag::nhwc);
+    dnnl::post_ops ops;
+    if (post == Post::AddRelu) ops.append_sum(1.f);
+    if (post != Post::None) ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(ops);
+    dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+                                         src, weights, bias_md, dst, {stride, stride}, {padding, padding},
+                                         {padding, padding});
+    return dnnl::convolution_forward::primitive_desc(desc, attr, cpu());
+  }
+
+  // The packing `want` describes: an existing one, or a reorder of the first (lock held).
+  dnnl::memory pack(const dnnl::memory::desc& want) {
+    for (auto& p : packs)
+      if (p.get_desc() == want) return p;
+    dnnl::memory made(want, cpu());
+    dnnl::stream s(cpu());
+    dnnl::reorder(packs.front(), made).execute(s, packs.front(), made);
+    s.wait();
+    packs.push_back(made);
+    return made;
+  }
+
+  std::shared_ptr<Entry> entry(int64_t n, int64_t h, int64_t w, Post post) {
+    std::string key = std::to_string(n) + "x" + std::to_string(h) + "x" + std::to_string(w) + "/" +
+                      std::to_string(static_cast<int>(post));
+    std::lock_guard<std::mutex> guard(lock);
+    auto found = primitives.find(key);
+    if (found != primitives.end()) return found->second;
+    auto pd = describe(n, h, w, post);
+    auto made = std::make_shared<Entry>(Entry{dnnl::convolution_forward(pd), pack(pd.weights_desc())});
+    if (primitives.size() < kMaxPrimitives) primitives.emplace(key, made);
+    return made;
+  }
+
+  void check_input(const Tensor& x) const {
+    if (x.dim() != 4 || x.size(1) != in_ch)
+      throw std::invalid_argument("convolution input " + std::string(c10::str(x.sizes())) + " is not [N, " +
+                                  std::to_string(in_ch) + ", H, W]");
+    if (data_type(x) != type) throw std::invalid_argument("convolution input in another precision than its weights");
+  }
+
+  // Runs the primitive for `x` (channels-last) into `out` (channels-last, output shape).
+  void run(const Tensor& x, Tensor& out, Post post) {
+    const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+    auto e = entry(n, h, w, post);
+    dnnl::memory::desc src_md({n, in_ch, h, w}, type, tag::nhwc);
+    dnnl::memory::desc dst_md({n, out_ch, out_side(h), out_side(w)}, type, tag::nhwc);
+    dnnl::memory src(src_md, cpu(), x.data_ptr());
+    dnnl::memory dst(dst_md, cpu(), out.data_ptr());
+    e->primitive.execute(thread_stream(), {{DNNL_ARG_SRC, src},
+                                           {DNNL_ARG_WEIGHTS, e->weights},
+                                           {DNNL_ARG_BIAS, bias},
+                                           {DNNL_ARG_DST, dst}});
+    thread_stream().wait();
+  }
+};
 
 char* error_message(const char* what) {
   char* copy = static_cast<char*>(std::malloc(std::strlen(what) + 1));
@@ -65,6 +149,8 @@ char* guarded(F&& body) {
   try {
     body();
     return nullptr;
+  } catch (const dnnl::error& e) {
+    return error_message((std::string("oneDNN: ") + e.what()).c_str());
   } catch (const std::exception& e) {
     return error_message(e.what());
   } catch (...) {
@@ -76,53 +162,92 @@ char* guarded(F&& body) {
 
 extern "C" {
 
-// Looks every operator up once: fails (with libtorch's message) when this libtorch lacks
-// them or registers them with another signature.
+struct sluice_conv;
+
+// Whether oneDNN runs here: makes its CPU engine (fails where the library cannot).
 char* sluice_onednn_check() {
-  return guarded([] {
-    pointwise();
-    binary_in_place();
-    reorder_weight();
+  return guarded([] { cpu(); });
+}
+
+// A convolution from its plain weight ([O, I, k, k], float32 or bfloat16: the precision it
+// runs in) and float32 bias ([O]), packed for inputs of `n × h × w` (its primitive for that
+// shape made now, with `post`).
+char* sluice_onednn_conv_new(const Tensor* weight, const Tensor* bias, int64_t padding, int64_t stride,
+                             const int64_t* input_size, int post, sluice_conv** out) {
+  return guarded([&] {
+    Tensor wt = weight->contiguous();
+    if (wt.dim() != 4 || wt.size(2) != wt.size(3))
+      throw std::invalid_argument("a convolution weight is [O, I, k, k], not " + std::string(c10::str(wt.sizes())));
+    Tensor b = bias->to(at::kFloat).contiguous();
+    if (b.dim() != 1 || b.size(0) != wt.size(0)) throw std::invalid_argument("the bias does not match the weight");
+    auto conv = std::make_unique<Conv>();
+    conv->out_ch = wt.size(0);
+    conv->in_ch = wt.size(1);
+    conv->kernel = wt.size(2);
+    conv->padding = padding;
+    conv->stride = stride;
+    conv->type = data_type(wt);
+    conv->bias = dnnl::memory({{conv->out_ch}, dt::f32, tag::x}, cpu());
+    std::memcpy(conv->bias.get_data_handle(), b.data_ptr(), sizeof(float) * conv->out_ch);
+    auto pd = conv->describe(input_size[0], input_size[2], input_size[3], static_cast<Post>(post));
+    dnnl::memory plain({{conv->out_ch, conv->in_ch, conv->kernel, conv->kernel}, conv->type, tag::oihw}, cpu(),
+                       wt.data_ptr());
+    dnnl::memory packed(pd.weights_desc(), cpu());
+    dnnl::stream s(cpu());
+    dnnl::reorder(plain, packed).execute(s, plain, packed);
+    s.wait();
+    conv->packs.push_back(packed);
+    conv->entry(input_size[0], input_size[2], input_size[3], static_cast<Post>(post));
+    *out = reinterpret_cast<sluice_conv*>(conv.release());
   });
 }
 
-// `weight` (plain, [O, I, kH, kW]) reordered into the blocked layout oneDNN's kernel picks
-// for inputs of `input_size` ([N, C, H, W]): a oneDNN tensor.
-char* sluice_onednn_pack_weight(const Tensor* weight, int64_t padding, int64_t stride, const int64_t* input_size,
-                                Tensor** out) {
+// Makes (and keeps) the primitive for inputs of `n × h × w` with `post` ahead of its first call.
+char* sluice_onednn_conv_prepare(sluice_conv* conv, const int64_t* input_size, int post) {
   return guarded([&] {
-    torch::jit::Stack stack;
-    stack.emplace_back(*weight);
-    stack.emplace_back(std::vector<int64_t>{padding, padding});
-    stack.emplace_back(std::vector<int64_t>{stride, stride});
-    stack.emplace_back(std::vector<int64_t>{1, 1});
-    stack.emplace_back(int64_t{1});
-    stack.emplace_back(std::vector<int64_t>(input_size, input_size + 4));
-    reorder_weight().callBoxed(stack);
-    *out = new Tensor(stack.back().toTensor());
+    reinterpret_cast<Conv*>(conv)->entry(input_size[0], input_size[2], input_size[3], static_cast<Post>(post));
   });
 }
 
-// conv(x, weight) + bias, then ReLU when `relu` is non-zero: one oneDNN primitive.
-char* sluice_onednn_conv(const Tensor* x, const Tensor* weight, const Tensor* bias, int64_t padding, int64_t stride,
-                         int relu, Tensor** out) {
+// conv(x) + bias, then ReLU when `relu` is non-zero: a new channels-last tensor.
+char* sluice_onednn_conv_run(sluice_conv* handle, const Tensor* x, int relu, Tensor** out) {
   return guarded([&] {
-    const int64_t pad[2] = {padding, padding}, str[2] = {stride, stride}, dil[2] = {1, 1};
-    Tensor y = pointwise().call(*x, *weight, *bias, pad, str, dil, 1, relu ? "relu" : "none", ScalarList(),
-                                std::nullopt);
+    Conv& conv = *reinterpret_cast<Conv*>(handle);
+    conv.check_input(*x);
+    Tensor input = x->contiguous(at::MemoryFormat::ChannelsLast);
+    Tensor y = at::empty({input.size(0), conv.out_ch, conv.out_side(input.size(2)), conv.out_side(input.size(3))},
+                         input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    conv.run(input, y, relu ? Post::Relu : Post::None);
     *out = new Tensor(std::move(y));
   });
 }
 
-// acc = relu(conv(x, weight) + bias + acc), written into `acc`: the end of a residual block.
-char* sluice_onednn_conv_add_relu_(Tensor* acc, const Tensor* x, const Tensor* weight, const Tensor* bias,
-                                   int64_t padding, int64_t stride) {
+// acc = relu(conv(x) + bias + acc), written into `acc` (channels-last, the output's shape):
+// the end of a residual block.
+char* sluice_onednn_conv_add_relu_(sluice_conv* handle, Tensor* acc, const Tensor* x) {
   return guarded([&] {
-    const int64_t pad[2] = {padding, padding}, str[2] = {stride, stride}, dil[2] = {1, 1};
-    binary_in_place().call(*acc, *x, *weight, *bias, pad, str, dil, 1, "add", c10::Scalar(1.0), "relu",
-                           ScalarList(), std::nullopt);
+    Conv& conv = *reinterpret_cast<Conv*>(handle);
+    conv.check_input(*x);
+    Tensor input = x->contiguous(at::MemoryFormat::ChannelsLast);
+    std::vector<int64_t> want{input.size(0), conv.out_ch, conv.out_side(input.size(2)), conv.out_side(input.size(3))};
+    if (acc->sizes() != c10::IntArrayRef(want) || acc->scalar_type() != input.scalar_type())
+      throw std::invalid_argument("the shortcut " + std::string(c10::str(acc->sizes())) +
+                                  " does not match the convolution's output");
+    if (!acc->is_contiguous(at::MemoryFormat::ChannelsLast))
+      throw std::invalid_argument("the shortcut is not a contiguous channels-last tensor");
+    conv.run(input, *acc, Post::AddRelu);
   });
 }
+
+// How many weight packings and ready primitives the convolution holds.
+void sluice_onednn_conv_counts(sluice_conv* handle, int64_t* packs, int64_t* primitives) {
+  Conv& conv = *reinterpret_cast<Conv*>(handle);
+  std::lock_guard<std::mutex> guard(conv.lock);
+  *packs = static_cast<int64_t>(conv.packs.size());
+  *primitives = static_cast<int64_t>(conv.primitives.size());
+}
+
+void sluice_onednn_conv_free(sluice_conv* handle) { delete reinterpret_cast<Conv*>(handle); }
 
 void sluice_onednn_free_error(char* message) { std::free(message); }
 

@@ -1,12 +1,12 @@
-//! oneDNN's fused convolutions, which tch does not bind: libtorch's
-//! `mkldnn::_convolution_pointwise` family (what PyTorch's own compiler emits for CPU
-//! convolutions), called through a small C++ shim (`onednn.cpp`, compiled by build.rs).
+//! Convolutions on oneDNN primitives sluice owns: the oneDNN library Debian packages (libdnnl
+//! 2.6; deploy/setup.sh installs it), driven through a small C++ shim (`onednn.cpp`, compiled
+//! by build.rs) that also reads and writes libtorch's tensors in place.
 //!
-//! With them a convolution runs on weights reordered once, at load, into the blocked layout
-//! its oneDNN kernel wants ([`pack_weight`]), reads and writes plain channels-last
-//! activations, and applies its bias, ReLU and a residual block's final add as post-ops of
-//! the same primitive ([`conv`], [`conv_add_relu_`]) — no per-call weight reorder, no
-//! separate passes over the activations.
+//! A [`PackedConv`] holds one convolution's weights reordered, once, into the blocked layout
+//! its kernel wants, and one ready primitive per input shape, so a call is one kernel on
+//! channels-last activations: bias, ReLU and a residual block's final add are post-ops of the
+//! same primitive ([`PackedConv::conv`], [`PackedConv::conv_add_relu_`]) — no per-call weight
+//! reorder, no separate passes over the activations, no framework dispatch in between.
 
 use std::ffi::{CStr, c_char, c_int};
 use std::sync::OnceLock;
@@ -14,32 +14,37 @@ use std::sync::OnceLock;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
+/// The shim's convolution object (opaque).
+#[repr(C)]
+struct RawConv {
+    _private: [u8; 0],
+}
+
 unsafe extern "C" {
     fn sluice_onednn_check() -> *mut c_char;
-    fn sluice_onednn_pack_weight(
-        weight: *const C_tensor,
-        padding: i64,
-        stride: i64,
-        input_size: *const i64,
-        out: *mut *mut C_tensor,
-    ) -> *mut c_char;
-    fn sluice_onednn_conv(
-        x: *const C_tensor,
+    fn sluice_onednn_conv_new(
         weight: *const C_tensor,
         bias: *const C_tensor,
         padding: i64,
         stride: i64,
+        input_size: *const i64,
+        post: c_int,
+        out: *mut *mut RawConv,
+    ) -> *mut c_char;
+    fn sluice_onednn_conv_prepare(conv: *mut RawConv, input_size: *const i64, post: c_int) -> *mut c_char;
+    fn sluice_onednn_conv_run(
+        conv: *mut RawConv,
+        x: *const C_tensor,
         relu: c_int,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn sluice_onednn_conv_add_relu_(
+        conv: *mut RawConv,
         acc: *mut C_tensor,
         x: *const C_tensor,
-        weight: *const C_tensor,
-        bias: *const C_tensor,
-        padding: i64,
-        stride: i64,
     ) -> *mut c_char;
+    fn sluice_onednn_conv_counts(conv: *mut RawConv, packs: *mut i64, primitives: *mut i64);
+    fn sluice_onednn_conv_free(conv: *mut RawConv);
     fn sluice_onednn_free_error(message: *mut c_char);
 }
 
@@ -55,12 +60,40 @@ fn result(message: *mut c_char) -> Result<(), String> {
     Err(text)
 }
 
-/// Whether this libtorch has the fused operators with the signatures the shim was compiled
-/// for (checked once; the message says why not).
+/// Whether oneDNN runs on this machine (checked once; the message says why not).
 pub fn available() -> Result<(), String> {
     static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
     // SAFETY: takes no arguments; returns NULL or a message for `result`.
     CHECK.get_or_init(|| result(unsafe { sluice_onednn_check() })).clone()
+}
+
+/// Which post-ops a primitive applies after the convolution and its bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Post {
+    None = 0,
+    Relu = 1,
+    /// `+ acc`, then ReLU, written into `acc` ([`PackedConv::conv_add_relu_`]).
+    AddRelu = 2,
+}
+
+/// One convolution on oneDNN: weights packed at construction, a primitive per input shape
+/// (made on first use and kept, at most 256; the first made at construction).
+#[derive(Debug)]
+pub struct PackedConv {
+    raw: *mut RawConv,
+}
+
+// SAFETY: the shim's object guards its primitive table with a mutex; oneDNN primitives and
+// packed weights are read-only once made and may run from several threads at once (each
+// thread has its own oneDNN stream).
+unsafe impl Send for PackedConv {}
+unsafe impl Sync for PackedConv {}
+
+impl Drop for PackedConv {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from `sluice_onednn_conv_new` and is freed once, here.
+        unsafe { sluice_onednn_conv_free(self.raw) }
+    }
 }
 
 /// Wraps a tensor the shim allocated.
@@ -70,71 +103,72 @@ fn owned(ptr: *mut C_tensor) -> Tensor {
     unsafe { Tensor::from_ptr(ptr) }
 }
 
-/// `weight` (plain `[O, I, kH, kW]`, in the precision the convolution will run in)
-/// reordered for inputs of `input_size` (`[N, C, H, W]`): a oneDNN tensor for [`conv`].
-pub fn pack_weight(
-    weight: &Tensor,
-    padding: i64,
-    stride: i64,
-    input_size: [i64; 4],
-) -> Result<Tensor, String> {
-    available()?;
-    let mut out = std::ptr::null_mut();
-    // SAFETY: the tensor pointers are live for the call; `input_size` has the 4 entries
-    // the shim reads; `out` is written only on success.
-    result(unsafe {
-        sluice_onednn_pack_weight(weight.as_ptr(), padding, stride, input_size.as_ptr(), &mut out)
-    })?;
-    Ok(owned(out))
-}
-
-/// `conv(x, weight) + bias`, then ReLU if `relu`: channels-last `x` in, channels-last out.
-/// Panics with libtorch's message on failure, as tch's own operators do.
-pub fn conv(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: i64, stride: i64, relu: bool) -> Tensor {
-    let mut out = std::ptr::null_mut();
-    // SAFETY: the tensor pointers are live for the call; `out` is written only on success.
-    let status = unsafe {
-        sluice_onednn_conv(
-            x.as_ptr(),
-            weight.as_ptr(),
-            bias.as_ptr(),
-            padding,
-            stride,
-            c_int::from(relu),
-            &mut out,
-        )
-    };
-    if let Err(e) = result(status) {
-        panic!("oneDNN convolution failed: {e}");
+impl PackedConv {
+    /// `weight` (plain `[O, I, k, k]`, in the precision the convolution will run in) and
+    /// `bias` (`[O]`), packed for inputs of `input_size` (`[N, C, H, W]`) with `post`.
+    pub fn new(
+        weight: &Tensor,
+        bias: &Tensor,
+        padding: i64,
+        stride: i64,
+        input_size: [i64; 4],
+        post: Post,
+    ) -> Result<Self, String> {
+        available()?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the tensor pointers are live for the call; `input_size` has the 4 entries
+        // the shim reads; `raw` is written only on success.
+        result(unsafe {
+            sluice_onednn_conv_new(
+                weight.as_ptr(),
+                bias.as_ptr(),
+                padding,
+                stride,
+                input_size.as_ptr(),
+                post as c_int,
+                &mut raw,
+            )
+        })?;
+        Ok(PackedConv { raw })
     }
-    owned(out)
-}
 
-/// `acc = relu(conv(x, weight) + bias + acc)`, in place: a residual block's last
-/// convolution with the shortcut add and the ReLU as post-ops. `acc` must be channels-last
-/// with the convolution's output shape and precision.
-pub fn conv_add_relu_(
-    acc: &mut Tensor,
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    padding: i64,
-    stride: i64,
-) {
-    // SAFETY: the tensor pointers are live for the call; `acc` is borrowed mutably, so no
-    // one else reads it while the shim writes into its storage.
-    let status = unsafe {
-        sluice_onednn_conv_add_relu_(
-            acc.as_mut_ptr(),
-            x.as_ptr(),
-            weight.as_ptr(),
-            bias.as_ptr(),
-            padding,
-            stride,
-        )
-    };
-    if let Err(e) = result(status) {
-        panic!("oneDNN convolution failed: {e}");
+    /// Makes the primitive for inputs of `input_size` with `post` now rather than at its
+    /// first call.
+    pub fn prepare(&self, input_size: [i64; 4], post: Post) -> Result<(), String> {
+        // SAFETY: `raw` is live; `input_size` has the 4 entries the shim reads.
+        result(unsafe { sluice_onednn_conv_prepare(self.raw, input_size.as_ptr(), post as c_int) })
+    }
+
+    /// `conv(x) + bias`, then ReLU if `relu`: channels-last `x` in, channels-last out.
+    /// Panics with oneDNN's message on failure, as tch's own operators do.
+    pub fn conv(&self, x: &Tensor, relu: bool) -> Tensor {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: `raw` and the tensor are live for the call; `out` is written only on success.
+        let status = unsafe { sluice_onednn_conv_run(self.raw, x.as_ptr(), c_int::from(relu), &mut out) };
+        if let Err(e) = result(status) {
+            panic!("oneDNN convolution failed: {e}");
+        }
+        owned(out)
+    }
+
+    /// `acc = relu(conv(x) + bias + acc)`, in place: a residual block's last convolution
+    /// with the shortcut add and the ReLU as post-ops. `acc` must be a contiguous
+    /// channels-last tensor of the convolution's output shape and precision.
+    pub fn conv_add_relu_(&self, acc: &mut Tensor, x: &Tensor) {
+        // SAFETY: `raw` and the tensors are live for the call; `acc` is borrowed mutably, so
+        // no one else reads it while the shim writes into its storage.
+        let status = unsafe { sluice_onednn_conv_add_relu_(self.raw, acc.as_mut_ptr(), x.as_ptr()) };
+        if let Err(e) = result(status) {
+            panic!("oneDNN convolution failed: {e}");
+        }
+    }
+
+    /// (weight packings, ready primitives) this convolution holds.
+    pub fn counts(&self) -> (i64, i64) {
+        let (mut packs, mut primitives) = (0, 0);
+        // SAFETY: `raw` is live; the shim writes both counts.
+        unsafe { sluice_onednn_conv_counts(self.raw, &mut packs, &mut primitives) };
+        (packs, primitives)
     }
 }
 
@@ -156,45 +190,91 @@ mod tests {
         (a - b).abs().max().double_value(&[])
     }
 
-    /// The fused operators compute what libtorch's unfused ones do, on weights packed for
-    /// the input size and for another one (which oneDNN must handle by itself), at stride
-    /// 1 and 2.
+    /// The fused primitives compute what libtorch's unfused convolution does, at stride 1
+    /// and 2, for the input size they were made for and for others (a primitive each, kept).
     #[test]
     fn fused_convolutions_match_the_unfused_ones() {
         let _g = tch::no_grad_guard();
         tch::manual_seed(7);
         available().unwrap();
-        for (stride, packed_for) in [(1, 12), (2, 12), (1, 20)] {
+        for (stride, made_for) in [(1, 12), (2, 12), (1, 20)] {
             let (w, b) = (randn(&[8, 4, 3, 3]), randn(&[8]));
-            let x = channels_last(&randn(&[2, 4, 12, 12]));
-            let packed = pack_weight(&w, 1, stride, [1, 4, packed_for, packed_for]).unwrap();
-            let reference = x.conv2d(&w, Some(&b), [stride; 2], [1; 2], [1, 1], 1);
+            let conv = PackedConv::new(&w, &b, 1, stride, [1, 4, made_for, made_for], Post::Relu).unwrap();
+            assert_eq!(conv.counts(), (1, 1), "one packing and one primitive at construction");
+            for batch in [1, 2, 5] {
+                let x = channels_last(&randn(&[batch, 4, 12, 12]));
+                let reference = x.conv2d(&w, Some(&b), [stride; 2], [1; 2], [1, 1], 1);
 
-            let plain = conv(&x, &packed, &b, 1, stride, false);
-            assert!(max_diff(&plain, &reference) < 1e-4, "stride {stride}, packed for {packed_for}");
-            let relu = conv(&x, &packed, &b, 1, stride, true);
-            assert!(max_diff(&relu, &reference.relu()) < 1e-4);
-            assert!(relu.min().double_value(&[]) >= 0.0);
+                let plain = conv.conv(&x, false);
+                let [n, c, h, w] = plain.size()[..] else { panic!("a 4-d output") };
+                assert_eq!(plain.stride(), vec![h * w * c, 1, w * c, c], "channels-last out");
+                let _ = n;
+                assert!(
+                    max_diff(&plain, &reference) < 1e-4,
+                    "stride {stride}, made for {made_for}, b{batch}"
+                );
+                let relu = conv.conv(&x, true);
+                assert!(max_diff(&relu, &reference.relu()) < 1e-4);
+                assert!(relu.min().double_value(&[]) >= 0.0);
 
-            let shortcut = channels_last(&randn(&reference.size()));
-            let expected = (&reference + &shortcut).relu();
-            let mut acc = shortcut.copy();
-            conv_add_relu_(&mut acc, &x, &packed, &b, 1, stride);
-            assert!(max_diff(&acc, &expected) < 1e-4, "the add is written into the shortcut");
+                let shortcut = channels_last(&randn(&reference.size()));
+                let expected = (&reference + &shortcut).relu();
+                let mut acc = shortcut.copy();
+                conv.conv_add_relu_(&mut acc, &x);
+                assert!(max_diff(&acc, &expected) < 1e-4, "the add is written into the shortcut");
+                // An NCHW input is taken too (made channels-last first).
+                let nchw = x.contiguous();
+                assert!(max_diff(&conv.conv(&nchw, false), &reference) < 1e-4);
+            }
+            let (packs, primitives) = conv.counts();
+            assert!(primitives >= 6, "three batch sizes × two post-op kinds kept: {primitives}");
+            assert!((1..=primitives).contains(&packs), "packings are shared between primitives: {packs}");
         }
     }
 
-    /// libtorch's refusal comes back as a message naming the problem (a panic, as tch's own
+    /// bf16 weights and activations run as bf16 (FP32 accumulation) and stay close to FP32.
+    #[test]
+    fn bf16_convolutions_follow_fp32() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(3);
+        let (w, b) = (randn(&[16, 8, 3, 3]), randn(&[16]));
+        let x = channels_last(&randn(&[2, 8, 10, 10]));
+        let reference = x.conv2d(&w, Some(&b), [1; 2], [1; 2], [1, 1], 1);
+        let conv = PackedConv::new(&w.to_kind(Kind::BFloat16), &b, 1, 1, [2, 8, 10, 10], Post::None).unwrap();
+        let y = conv.conv(&x.to_kind(Kind::BFloat16), false);
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let scale = reference.abs().max().double_value(&[]);
+        assert!(max_diff(&y.to_kind(Kind::Float), &reference) < 0.02 * scale);
+    }
+
+    /// A wrong input comes back as a message naming the problem (a panic, as tch's own
     /// operators do; the engine worker turns it into an error reply).
     #[test]
-    fn a_shape_mismatch_is_libtorchs_message_not_a_crash() {
+    fn a_shape_mismatch_is_a_message_not_a_crash() {
         let _g = tch::no_grad_guard();
-        let packed = pack_weight(&randn(&[8, 4, 3, 3]), 1, 1, [1, 4, 8, 8]).unwrap();
+        let conv =
+            PackedConv::new(&randn(&[8, 4, 3, 3]), &randn(&[8]), 1, 1, [1, 4, 8, 8], Post::None).unwrap();
         let wrong_channels = channels_last(&randn(&[1, 5, 8, 8]));
-        let caught = std::panic::catch_unwind(|| conv(&wrong_channels, &packed, &randn(&[8]), 1, 1, false));
+        let caught = std::panic::catch_unwind(|| conv.conv(&wrong_channels, false));
         let message =
             caught.expect_err("5 channels into a 4-channel convolution").downcast::<String>().unwrap();
         assert!(message.starts_with("oneDNN convolution failed: "), "{message}");
-        assert!(pack_weight(&randn(&[8, 4]), 1, 1, [1, 4, 8, 8]).is_err(), "a 2-d weight is refused");
+        assert!(message.contains("[N, 4, H, W]"), "{message}");
+        let mut small = channels_last(&randn(&[1, 8, 4, 4]));
+        let x = channels_last(&randn(&[1, 4, 8, 8]));
+        let caught =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conv.conv_add_relu_(&mut small, &x)));
+        assert!(caught.is_err(), "a shortcut of the wrong shape is refused");
+        let bad = PackedConv::new(&randn(&[8, 4]), &randn(&[8]), 1, 1, [1, 4, 8, 8], Post::None);
+        assert!(bad.unwrap_err().contains("[O, I, k, k]"), "a 2-d weight is refused");
+        let double = PackedConv::new(
+            &randn(&[8, 4, 3, 3]).to_kind(Kind::Double),
+            &randn(&[8]),
+            1,
+            1,
+            [1, 4, 8, 8],
+            Post::None,
+        );
+        assert!(double.unwrap_err().contains("float32 or bfloat16"));
     }
 }

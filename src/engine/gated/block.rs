@@ -11,6 +11,7 @@ use super::plan::Exec;
 use crate::engine::arch::{BlockSpec, ConvShape};
 use crate::engine::folded::{FoldedConv, Format, fold_bn, fold_layers, residual, residual_add_relu};
 use crate::engine::gates::{BlockGateParams, BlockGateSlots};
+use crate::engine::onednn::Post;
 use crate::engine::params::{BN_EPS, BatchNormParams, BlockParams, ConvParams};
 
 /// Weights for the select path. conv1 gathers rows of the full-width folded conv1; each
@@ -117,7 +118,7 @@ impl GatedBlock {
             spec: params.spec.clone(),
             slots: slots.clone(),
             variants,
-            downsample: params.downsample.as_ref().map(|d| FoldedConv::fold(d, format, in_hw)),
+            downsample: params.downsample.as_ref().map(|d| FoldedConv::fold(d, format, in_hw, Post::None)),
             select,
         }
     }

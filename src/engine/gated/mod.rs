@@ -16,6 +16,7 @@ use super::arch::ArchSpec;
 use super::flops::{conv_flops, linear_flops, residual_flops, shortcut_flops, stem_flops};
 use super::folded::{FoldedConv, FoldedLinear, Format, stem_forward};
 use super::gates::{GateLayout, GateParams};
+use super::onednn::Post;
 use super::params::ResNetParams;
 use super::policy::{ChannelMode, GatePolicy, passes};
 use super::report::{BlockDecision, ComputeReport};
@@ -141,7 +142,7 @@ impl GatedResNet {
                     let shape =
                         super::arch::ConvShape { in_ch: i, out_ch: o, kernel: 3, stride: 2, padding: 1 };
                     let hw = block_hw[last_block_of_stage[e.stage - 1] + 1];
-                    FoldedConv::new(&w.detach(), &b.detach(), shape, format, hw)
+                    FoldedConv::new(&w.detach(), &b.detach(), shape, format, hw, Post::Relu)
                 }),
                 fc: FoldedLinear::new(&e.fc.weight, &e.fc.bias),
             })
@@ -150,7 +151,7 @@ impl GatedResNet {
             spec,
             format,
             gates: gates.layout.clone(),
-            stem: FoldedConv::fold(&backbone.stem, format, input),
+            stem: FoldedConv::fold(&backbone.stem, format, input, Post::Relu),
             trunk,
             blocks,
             exits,
@@ -373,6 +374,6 @@ impl GatedResNet {
 
     /// The device all tensors live on.
     pub fn device(&self) -> Device {
-        self.stem.weight.device()
+        self.stem.device()
     }
 }
