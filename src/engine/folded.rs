@@ -313,9 +313,16 @@ impl FoldedConv {
                 let plain = weight.to_kind(kind).contiguous();
                 let input = |batch: i64| [batch, shape.in_ch, in_hw[0], in_hw[1]];
                 let fail = |e: String| -> ! { panic!("preparing a {size:?} convolution for oneDNN: {e}") };
-                let packed =
-                    onednn::PackedConv::new(&plain, bias, shape.padding, shape.stride, input(1), post)
-                        .unwrap_or_else(|e| fail(e));
+                let packed = onednn::PackedConv::new(
+                    &plain,
+                    bias,
+                    shape.padding,
+                    shape.stride,
+                    input(1),
+                    post,
+                    onednn::Algo::Fastest,
+                )
+                .unwrap_or_else(|e| fail(e));
                 if !format.unbatched {
                     packed.prepare(input(BATCHED_PACK), post).unwrap_or_else(|e| fail(e));
                 }

@@ -15,6 +15,8 @@
 #include <ATen/ops/empty.h>
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -36,6 +38,13 @@ namespace {
 constexpr size_t kMaxPrimitives = 256;
 
 enum class Post : int { None = 0, Relu = 1, AddRelu = 2 };
+
+// How a 3×3 stride-1 convolution is computed: oneDNN's direct kernel on the channels-last
+// activations, or its Winograd kernel, which wants blocked activations (reordered in and out
+// around it). `Fastest` times both for the shapes prepared at load and keeps the faster; a
+// shape first seen on a call takes the choice made at load for its post-op kind and for
+// batch 1 or batches (no timing on a request's path). Every other convolution is direct.
+enum class Algo : int { Fastest = 0, Direct = 1, Winograd = 2 };
 
 dnnl::engine& cpu() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -60,57 +69,149 @@ dt data_type(const Tensor& t) {
 struct Entry {
   dnnl::convolution_forward primitive;
   dnnl::memory weights;
+  bool winograd = false;
+  // Winograd only: the blocked activations its kernel reads and writes, and the reorders
+  // from and to channels-last (`acc_in` brings a residual block's shortcut in).
+  dnnl::memory::desc src_blocked, dst_blocked;
+  dnnl::reorder src_in, acc_in, dst_out;
 };
 
 struct Conv {
   int64_t out_ch, in_ch, kernel, padding, stride;
   dt type;
+  Algo algo = Algo::Fastest;
   dnnl::memory bias;  // f32, plain
   // Every packing made so far, one per distinct weight layout (the first is the load-time one,
   // and the source of any later one).
   std::vector<dnnl::memory> packs;
   std::unordered_map<std::string, std::shared_ptr<Entry>> primitives;
+  // `Fastest`: what the timing at load chose, per post-op kind and batch 1 / batches.
+  std::unordered_map<int, bool> chose_winograd;
   std::mutex lock;
 
   int64_t out_side(int64_t side) const { return (side + 2 * padding - kernel) / stride + 1; }
 
-  dnnl::convolution_forward::primitive_desc describe(int64_t n, int64_t h, int64_t w, Post post) const {
+  bool winograd_shape() const { return kernel == 3 && stride == 1; }
+
+  dnnl::memory::desc src_desc(int64_t n, int64_t h, int64_t w) const { return {{n, in_ch, h, w}, type, tag::nhwc}; }
+  dnnl::memory::desc dst_desc(int64_t n, int64_t h, int64_t w) const {
+    return {{n, out_ch, out_side(h), out_side(w)}, type, tag::nhwc};
+  }
+
+  dnnl::convolution_forward::primitive_desc describe(int64_t n, int64_t h, int64_t w, Post post,
+                                                     bool winograd = false) const {
     using dnnl::memory;
-    memory::desc src({n, in_ch, h, w}, type, tag::nhwc);
+    const tag activations = winograd ? tag::any : tag::nhwc;
+    memory::desc src({n, in_ch, h, w}, type, activations);
     memory::desc weights({out_ch, in_ch, kernel, kernel}, type, tag::any);
     memory::desc bias_md({out_ch}, dt::f32, tag::x);
-    memory::desc dst({n, out_ch, out_side(h), out_side(w)}, type, tag::nhwc);
+    memory::desc dst({n, out_ch, out_side(h), out_side(w)}, type, activations);
     dnnl::post_ops ops;
     if (post == Post::AddRelu) ops.append_sum(1.f);
     if (post != Post::None) ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
-    dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-                                         src, weights, bias_md, dst, {stride, stride}, {padding, padding},
-                                         {padding, padding});
+    auto algorithm = winograd ? dnnl::algorithm::convolution_winograd : dnnl::algorithm::convolution_direct;
+    dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_inference, algorithm, src, weights, bias_md, dst,
+                                         {stride, stride}, {padding, padding}, {padding, padding});
     return dnnl::convolution_forward::primitive_desc(desc, attr, cpu());
   }
 
   // The packing `want` describes: an existing one, or a reorder of the first (lock held).
+  // Winograd's weight formats are reached through the plain layout.
   dnnl::memory pack(const dnnl::memory::desc& want) {
     for (auto& p : packs)
       if (p.get_desc() == want) return p;
     dnnl::memory made(want, cpu());
     dnnl::stream s(cpu());
-    dnnl::reorder(packs.front(), made).execute(s, packs.front(), made);
+    if (want.data.format_kind == dnnl_format_kind_wino) {
+      dnnl::memory plain({{out_ch, in_ch, kernel, kernel}, type, tag::oihw}, cpu());
+      dnnl::reorder(packs.front(), plain).execute(s, packs.front(), plain);
+      dnnl::reorder(plain, made).execute(s, plain, made);
+    } else {
+      dnnl::reorder(packs.front(), made).execute(s, packs.front(), made);
+    }
     s.wait();
     packs.push_back(made);
     return made;
   }
 
-  std::shared_ptr<Entry> entry(int64_t n, int64_t h, int64_t w, Post post) {
+  std::shared_ptr<Entry> make(int64_t n, int64_t h, int64_t w, Post post, bool winograd) {
+    auto pd = describe(n, h, w, post, winograd);
+    auto e = std::make_shared<Entry>();
+    e->primitive = dnnl::convolution_forward(pd);
+    e->weights = pack(pd.weights_desc());
+    if (winograd) {
+      e->winograd = true;
+      e->src_blocked = pd.src_desc();
+      e->dst_blocked = pd.dst_desc();
+      e->src_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), src_desc(n, h, w), cpu(), e->src_blocked));
+      e->acc_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), dst_desc(n, h, w), cpu(), e->dst_blocked));
+      e->dst_out = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), e->dst_blocked, cpu(), dst_desc(n, h, w)));
+    }
+    return e;
+  }
+
+  // `e` on channels-last `src` into channels-last `dst` (which holds the shortcut for AddRelu).
+  void execute(const Entry& e, dnnl::memory& src, dnnl::memory& dst, Post post) {
+    dnnl::stream& s = thread_stream();
+    if (!e.winograd) {
+      e.primitive.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, bias},
+                              {DNNL_ARG_DST, dst}});
+    } else {
+      dnnl::memory xs(e.src_blocked, cpu()), ys(e.dst_blocked, cpu());
+      e.src_in.execute(s, src, xs);
+      if (post == Post::AddRelu) e.acc_in.execute(s, dst, ys);
+      e.primitive.execute(s, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, bias},
+                              {DNNL_ARG_DST, ys}});
+      e.dst_out.execute(s, ys, dst);
+    }
+    s.wait();
+  }
+
+  // Median of a few runs of `e` on zeros of its shape, in ms.
+  double time(const Entry& e, int64_t n, int64_t h, int64_t w, Post post) {
+    dnnl::memory src(src_desc(n, h, w), cpu()), dst(dst_desc(n, h, w), cpu());
+    std::memset(src.get_data_handle(), 0, src.get_desc().get_size());
+    std::memset(dst.get_data_handle(), 0, dst.get_desc().get_size());
+    std::vector<double> ms;
+    for (int i = 0; i < 4; i++) {
+      auto start = std::chrono::steady_clock::now();
+      execute(e, src, dst, post);
+      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+    std::sort(ms.begin() + 1, ms.end());  // the first run warms up
+    return ms[2];
+  }
+
+  // The primitive for inputs of `n × h × w` with `post`, made if new; `measure`: a shape
+  // prepared at load, where `Fastest` times both kernels.
+  std::shared_ptr<Entry> entry(int64_t n, int64_t h, int64_t w, Post post, bool measure = false) {
     std::string key = std::to_string(n) + "x" + std::to_string(h) + "x" + std::to_string(w) + "/" +
                       std::to_string(static_cast<int>(post));
     std::lock_guard<std::mutex> guard(lock);
     auto found = primitives.find(key);
     if (found != primitives.end()) return found->second;
-    auto pd = describe(n, h, w, post);
-    auto made = std::make_shared<Entry>(Entry{dnnl::convolution_forward(pd), pack(pd.weights_desc())});
+    const int choice = static_cast<int>(post) * 2 + (n > 1 ? 1 : 0);
+    std::shared_ptr<Entry> made;
+    if (!winograd_shape() || algo == Algo::Direct) {
+      made = make(n, h, w, post, false);
+    } else if (algo == Algo::Winograd) {
+      made = make(n, h, w, post, true);
+    } else if (!measure) {
+      auto chosen = chose_winograd.find(choice);
+      made = make(n, h, w, post, chosen != chose_winograd.end() && chosen->second);
+    } else {
+      made = make(n, h, w, post, false);
+      std::shared_ptr<Entry> winograd;
+      try {
+        winograd = make(n, h, w, post, true);
+      } catch (const dnnl::error&) {
+        // No Winograd kernel for this shape, precision or CPU: direct it is.
+      }
+      if (winograd && time(*winograd, n, h, w, post) < time(*made, n, h, w, post)) made = winograd;
+      chose_winograd[choice] = made->winograd;
+    }
     if (primitives.size() < kMaxPrimitives) primitives.emplace(key, made);
     return made;
   }
@@ -126,15 +227,9 @@ struct Conv {
   void run(const Tensor& x, Tensor& out, Post post) {
     const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
     auto e = entry(n, h, w, post);
-    dnnl::memory::desc src_md({n, in_ch, h, w}, type, tag::nhwc);
-    dnnl::memory::desc dst_md({n, out_ch, out_side(h), out_side(w)}, type, tag::nhwc);
-    dnnl::memory src(src_md, cpu(), x.data_ptr());
-    dnnl::memory dst(dst_md, cpu(), out.data_ptr());
-    e->primitive.execute(thread_stream(), {{DNNL_ARG_SRC, src},
-                                           {DNNL_ARG_WEIGHTS, e->weights},
-                                           {DNNL_ARG_BIAS, bias},
-                                           {DNNL_ARG_DST, dst}});
-    thread_stream().wait();
+    dnnl::memory src(src_desc(n, h, w), cpu(), x.data_ptr());
+    dnnl::memory dst(dst_desc(n, h, w), cpu(), out.data_ptr());
+    execute(*e, src, dst, post);
   }
 };
 
@@ -171,9 +266,9 @@ char* sluice_onednn_check() {
 
 // A convolution from its plain weight ([O, I, k, k], float32 or bfloat16: the precision it
 // runs in) and float32 bias ([O]), packed for inputs of `n × h × w` (its primitive for that
-// shape made now, with `post`).
+// shape made now, with `post`); `algo` is an `Algo`.
 char* sluice_onednn_conv_new(const Tensor* weight, const Tensor* bias, int64_t padding, int64_t stride,
-                             const int64_t* input_size, int post, sluice_conv** out) {
+                             const int64_t* input_size, int post, int algo, sluice_conv** out) {
   return guarded([&] {
     Tensor wt = weight->contiguous();
     if (wt.dim() != 4 || wt.size(2) != wt.size(3))
@@ -187,6 +282,8 @@ char* sluice_onednn_conv_new(const Tensor* weight, const Tensor* bias, int64_t p
     conv->padding = padding;
     conv->stride = stride;
     conv->type = data_type(wt);
+    if (algo < 0 || algo > 2) throw std::invalid_argument("unknown convolution algorithm");
+    conv->algo = static_cast<Algo>(algo);
     conv->bias = dnnl::memory({{conv->out_ch}, dt::f32, tag::x}, cpu());
     std::memcpy(conv->bias.get_data_handle(), b.data_ptr(), sizeof(float) * conv->out_ch);
     auto pd = conv->describe(input_size[0], input_size[2], input_size[3], static_cast<Post>(post));
@@ -197,15 +294,16 @@ char* sluice_onednn_conv_new(const Tensor* weight, const Tensor* bias, int64_t p
     dnnl::reorder(plain, packed).execute(s, plain, packed);
     s.wait();
     conv->packs.push_back(packed);
-    conv->entry(input_size[0], input_size[2], input_size[3], static_cast<Post>(post));
+    conv->entry(input_size[0], input_size[2], input_size[3], static_cast<Post>(post), true);
     *out = reinterpret_cast<sluice_conv*>(conv.release());
   });
 }
 
-// Makes (and keeps) the primitive for inputs of `n × h × w` with `post` ahead of its first call.
+// Makes (and keeps) the primitive for inputs of `n × h × w` with `post` ahead of its first
+// call, timing both kernels where the convolution's `Algo` is `Fastest`.
 char* sluice_onednn_conv_prepare(sluice_conv* conv, const int64_t* input_size, int post) {
   return guarded([&] {
-    reinterpret_cast<Conv*>(conv)->entry(input_size[0], input_size[2], input_size[3], static_cast<Post>(post));
+    reinterpret_cast<Conv*>(conv)->entry(input_size[0], input_size[2], input_size[3], static_cast<Post>(post), true);
   });
 }
 
@@ -239,12 +337,15 @@ char* sluice_onednn_conv_add_relu_(sluice_conv* handle, Tensor* acc, const Tenso
   });
 }
 
-// How many weight packings and ready primitives the convolution holds.
-void sluice_onednn_conv_counts(sluice_conv* handle, int64_t* packs, int64_t* primitives) {
+// How many weight packings and ready primitives the convolution holds, and how many of
+// those primitives are Winograd ones.
+void sluice_onednn_conv_counts(sluice_conv* handle, int64_t* packs, int64_t* primitives, int64_t* winograd) {
   Conv& conv = *reinterpret_cast<Conv*>(handle);
   std::lock_guard<std::mutex> guard(conv.lock);
   *packs = static_cast<int64_t>(conv.packs.size());
   *primitives = static_cast<int64_t>(conv.primitives.size());
+  *winograd = std::count_if(conv.primitives.begin(), conv.primitives.end(),
+                            [](const auto& kv) { return kv.second->winograd; });
 }
 
 void sluice_onednn_conv_free(sluice_conv* handle) { delete reinterpret_cast<Conv*>(handle); }
