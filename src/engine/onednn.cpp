@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -84,7 +85,8 @@ struct Conv {
   // Every packing made so far, one per distinct weight layout (the first is the load-time one,
   // and the source of any later one).
   std::vector<dnnl::memory> packs;
-  std::unordered_map<std::string, std::shared_ptr<Entry>> primitives;
+  // Keyed by (batch, height, width, post-op kind), packed into one integer.
+  std::unordered_map<uint64_t, std::shared_ptr<Entry>> primitives;
   // `Fastest`: what the timing at load chose, per post-op kind and batch 1 / batches.
   std::unordered_map<int, bool> chose_winograd;
   std::mutex lock;
@@ -169,26 +171,38 @@ struct Conv {
     s.wait();
   }
 
-  // Median of a few runs of `e` on zeros of its shape, in ms.
-  double time(const Entry& e, int64_t n, int64_t h, int64_t w, Post post) {
+  // Whether `a` ran faster than `b` on zeros of the shape: both alternately, at least 5 runs
+  // each and about 2 ms of the slower in all (at most 50 each), the first of each discarded,
+  // medians compared.
+  bool faster(const Entry& a, const Entry& b, int64_t n, int64_t h, int64_t w, Post post) {
     dnnl::memory src(src_desc(n, h, w), cpu()), dst(dst_desc(n, h, w), cpu());
     std::memset(src.get_data_handle(), 0, src.get_desc().get_size());
     std::memset(dst.get_data_handle(), 0, dst.get_desc().get_size());
-    std::vector<double> ms;
-    for (int i = 0; i < 4; i++) {
+    auto once = [&](const Entry& e) {
       auto start = std::chrono::steady_clock::now();
       execute(e, src, dst, post);
-      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+      return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    };
+    const double first = std::max(once(a), once(b));
+    const int runs = static_cast<int>(std::clamp(2.0 / std::max(first, 1e-3), 5.0, 50.0));
+    std::vector<double> ta, tb;
+    for (int i = 0; i < runs; i++) {
+      ta.push_back(once(a));
+      tb.push_back(once(b));
     }
-    std::sort(ms.begin() + 1, ms.end());  // the first run warms up
-    return ms[2];
+    std::sort(ta.begin(), ta.end());
+    std::sort(tb.begin(), tb.end());
+    return ta[runs / 2] < tb[runs / 2];
   }
 
   // The primitive for inputs of `n × h × w` with `post`, made if new; `measure`: a shape
   // prepared at load, where `Fastest` times both kernels.
   std::shared_ptr<Entry> entry(int64_t n, int64_t h, int64_t w, Post post, bool measure = false) {
-    std::string key = std::to_string(n) + "x" + std::to_string(h) + "x" + std::to_string(w) + "/" +
-                      std::to_string(static_cast<int>(post));
+    if (n < 1 || h < 1 || w < 1 || n >= (1 << 20) || h >= (1 << 20) || w >= (1 << 20))
+      throw std::invalid_argument("convolution input of batch " + std::to_string(n) + " and size " +
+                                  std::to_string(h) + "x" + std::to_string(w) + " is out of range");
+    const uint64_t key = (static_cast<uint64_t>(n) << 42) | (static_cast<uint64_t>(h) << 22) |
+                         (static_cast<uint64_t>(w) << 2) | static_cast<uint64_t>(post);
     std::lock_guard<std::mutex> guard(lock);
     auto found = primitives.find(key);
     if (found != primitives.end()) return found->second;
@@ -209,7 +223,7 @@ struct Conv {
       } catch (const dnnl::error&) {
         // No Winograd kernel for this shape, precision or CPU: direct it is.
       }
-      if (winograd && time(*winograd, n, h, w, post) < time(*made, n, h, w, post)) made = winograd;
+      if (winograd && faster(*winograd, *made, n, h, w, post)) made = winograd;
       chose_winograd[choice] = made->winograd;
     }
     if (primitives.size() < kMaxPrimitives) primitives.emplace(key, made);
