@@ -43,8 +43,9 @@ enum class Post : int { None = 0, Relu = 1, AddRelu = 2 };
 // How a 3×3 stride-1 convolution is computed: oneDNN's direct kernel on the channels-last
 // activations, or its Winograd kernel, which wants blocked activations (reordered in and out
 // around it). `Fastest` times both for the shapes prepared at load and keeps the faster; a
-// shape first seen on a call takes the choice made at load for its post-op kind and for
-// batch 1 or batches (no timing on a request's path). Every other convolution is direct.
+// shape first seen on a call is direct (no timing on a request's path: Winograd's reorders
+// did not pay for the small sub-batches a mixed batch splits into). Every other convolution
+// is direct.
 enum class Algo : int { Fastest = 0, Direct = 1, Winograd = 2 };
 
 dnnl::engine& cpu() {
@@ -87,8 +88,6 @@ struct Conv {
   std::vector<dnnl::memory> packs;
   // Keyed by (batch, height, width, post-op kind), packed into one integer.
   std::unordered_map<uint64_t, std::shared_ptr<Entry>> primitives;
-  // `Fastest`: what the timing at load chose, per post-op kind and batch 1 / batches.
-  std::unordered_map<int, bool> chose_winograd;
   std::mutex lock;
 
   int64_t out_side(int64_t side) const { return (side + 2 * padding - kernel) / stride + 1; }
@@ -206,15 +205,11 @@ struct Conv {
     std::lock_guard<std::mutex> guard(lock);
     auto found = primitives.find(key);
     if (found != primitives.end()) return found->second;
-    const int choice = static_cast<int>(post) * 2 + (n > 1 ? 1 : 0);
     std::shared_ptr<Entry> made;
-    if (!winograd_shape() || algo == Algo::Direct) {
+    if (!winograd_shape() || algo == Algo::Direct || (algo == Algo::Fastest && !measure)) {
       made = make(n, h, w, post, false);
     } else if (algo == Algo::Winograd) {
       made = make(n, h, w, post, true);
-    } else if (!measure) {
-      auto chosen = chose_winograd.find(choice);
-      made = make(n, h, w, post, chosen != chose_winograd.end() && chosen->second);
     } else {
       made = make(n, h, w, post, false);
       std::shared_ptr<Entry> winograd;
@@ -224,7 +219,6 @@ struct Conv {
         // No Winograd kernel for this shape, precision or CPU: direct it is.
       }
       if (winograd && faster(*winograd, *made, n, h, w, post)) made = winograd;
-      chose_winograd[choice] = made->winograd;
     }
     if (primitives.size() < kMaxPrimitives) primitives.emplace(key, made);
     return made;

@@ -86,9 +86,8 @@ pub enum Post {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algo {
     /// Time both for the shapes made at load ([`PackedConv::new`], [`PackedConv::prepare`])
-    /// and keep the faster; a shape first seen on a call takes the choice made at load for
-    /// its post-op kind and for batch 1 or batches (no timing on a request's path). What the
-    /// engine uses.
+    /// and keep the faster; a shape first seen on a call is direct (no timing on a
+    /// request's path). What the engine uses.
     Fastest = 0,
     /// oneDNN's direct kernel on the channels-last activations.
     Direct = 1,
