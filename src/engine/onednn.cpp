@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -194,6 +195,19 @@ struct Conv {
     return ta[runs / 2] < tb[runs / 2];
   }
 
+  // Forgets the packings no kept primitive (nor `also`) uses, but the first: what the losing
+  // kernel of a timing packed (Winograd's weights are 4× the size of direct's). Lock held.
+  void drop_unused_packs(const Entry& also) {
+    auto used = [&](const dnnl::memory& p) {
+      if (p.get_data_handle() == also.weights.get_data_handle()) return true;
+      for (const auto& kv : primitives)
+        if (kv.second->weights.get_data_handle() == p.get_data_handle()) return true;
+      return false;
+    };
+    for (size_t i = packs.size(); i-- > 1;)
+      if (!used(packs[i])) packs.erase(packs.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+
   // The primitive for inputs of `n × h × w` with `post`, made if new; `measure`: a shape
   // prepared at load, where `Fastest` times both kernels.
   std::shared_ptr<Entry> entry(int64_t n, int64_t h, int64_t w, Post post, bool measure = false) {
@@ -219,6 +233,7 @@ struct Conv {
         // No Winograd kernel for this shape, precision or CPU: direct it is.
       }
       if (winograd && faster(*winograd, *made, n, h, w, post)) made = winograd;
+      drop_unused_packs(*made);
     }
     if (primitives.size() < kMaxPrimitives) primitives.emplace(key, made);
     return made;
