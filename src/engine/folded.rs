@@ -326,7 +326,8 @@ impl FoldedConv {
                 if !format.unbatched {
                     packed.prepare(input(BATCHED_PACK), post).unwrap_or_else(|e| fail(e));
                 }
-                // The primitive applies the bias in FP32; this copy is for the gated paths.
+                // The primitive holds the bias in FP32; this copy stays in the engine precision
+                // for `device()` and readers of the public field.
                 (Kernel::Packed(packed), bias.to_kind(kind).contiguous())
             }
             _ => (Kernel::Strided(format.apply(weight)), bias.to_kind(kind).contiguous()),
