@@ -14,12 +14,13 @@ RUN apt-get update -q \
  && apt-get install -y -q --no-install-recommends python3-pip unzip binutils patchelf \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# libtorch (and Debian's oneDNN) first, from setup.sh alone: these layers (and the ~550 MB
-# wheel download) are reused until setup.sh (which holds the pin) changes. `make image` mounts the host's
-# .libtorch/wheels at /src/.libtorch/wheels, so a set-up checkout downloads nothing here.
+# libtorch (and Debian's oneDNN) first, from setup.sh and the shell functions it sources
+# alone: these layers (and the ~550 MB wheel download) are reused until they change (setup.sh
+# holds the pin). `make image` mounts the host's .libtorch/wheels at /src/.libtorch/wheels,
+# so a set-up checkout downloads nothing here.
 # The binary's rpath is $LIBTORCH/lib (build.rs), so it is built against libtorch at the path
 # the runtime stage installs it at.
-COPY deploy/setup.sh deploy/setup.sh
+COPY deploy/setup.sh deploy/lib.sh deploy/
 RUN deploy/setup.sh --no-dataset && ln -s /src/.libtorch/cpu /opt/libtorch
 ENV LIBTORCH=/opt/libtorch
 # The runtime's share of libtorch: libtorch_cpu and c10 (what tch links without CUDA) and the

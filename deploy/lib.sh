@@ -1,4 +1,4 @@
-# Shell functions the set-up scripts share (deploy/setup-test-env.sh,
+# Shell functions the set-up scripts share (deploy/setup.sh, deploy/setup-test-env.sh,
 # benches/setup-bench-env.sh, benches/setup-peers-env.sh). Source it after defining
 # `log`; `install_venv` reads the caller's `venv`, `stamp` and `requirements`.
 

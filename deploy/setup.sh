@@ -33,15 +33,8 @@ log() { echo "setup: $*" >&2; }
 python=${PYTHON:-python3}
 command -v "$python" >/dev/null || { log "needs python3 with pip to fetch the torch wheel"; exit 1; }
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-# Installs Debian packages, refreshing the package lists only when the first try fails.
-apt_install() {
-  log "installing Debian's $*"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null \
-    || { as_root apt-get update -q >/dev/null \
-         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
-}
+# shellcheck source=deploy/lib.sh
+source "$root/deploy/lib.sh" # as_root, apt_install
 
 install_cpu() {
   local view="$dest/cpu" wheels="$dest/wheels"
