@@ -103,11 +103,12 @@ struct Conv {
   dnnl::convolution_forward::primitive_desc describe(int64_t n, int64_t h, int64_t w, Post post,
                                                      bool winograd = false) const {
     using dnnl::memory;
-    const tag activations = winograd ? tag::any : tag::nhwc;
-    memory::desc src({n, in_ch, h, w}, type, activations);
+    // Winograd picks its own (blocked) activation layout; direct reads and writes channels-last.
+    memory::desc src = winograd ? memory::desc({n, in_ch, h, w}, type, tag::any) : src_desc(n, h, w);
+    memory::desc dst = winograd ? memory::desc({n, out_ch, out_side(h), out_side(w)}, type, tag::any)
+                                : dst_desc(n, h, w);
     memory::desc weights({out_ch, in_ch, kernel, kernel}, type, tag::any);
     memory::desc bias_md({out_ch}, dt::f32, tag::x);
-    memory::desc dst({n, out_ch, out_side(h), out_side(w)}, type, activations);
     dnnl::post_ops ops;
     if (post == Post::AddRelu) ops.append_sum(1.f);
     if (post != Post::None) ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
