@@ -290,6 +290,25 @@ mod tests {
         }
     }
 
+    /// At most 256 primitives are kept per convolution; shapes past the cap still compute
+    /// correctly, on a primitive made for the call.
+    #[test]
+    fn the_primitive_table_is_bounded() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(11);
+        let (w, b) = (randn(&[4, 4, 1, 1]), randn(&[4]));
+        let conv = PackedConv::new(&w, &b, 0, 1, [1, 4, 2, 2], Post::None, Algo::Direct).unwrap();
+        for batch in 2..=260 {
+            let x = channels_last(&randn(&[batch, 4, 2, 2]));
+            let y = conv.conv(&x, false);
+            if batch == 260 {
+                let reference = x.conv2d(&w, Some(&b), [1; 2], [0; 2], [1, 1], 1);
+                assert!(max_diff(&y, &reference) < 1e-4, "past the cap the result is still right");
+            }
+        }
+        assert_eq!(conv.counts().primitives, 256);
+    }
+
     /// bf16 weights and activations run as bf16 (FP32 accumulation) and stay close to FP32.
     #[test]
     fn bf16_convolutions_follow_fp32() {
