@@ -82,7 +82,8 @@ pub enum Post {
     AddRelu = 2,
 }
 
-/// How a 3×3 stride-1 convolution is computed (every other one is direct).
+/// How a 3×3 stride-1 convolution whose channel counts are multiples of 16 is computed (every
+/// other one is direct: Winograd's blocked layouts would pad the others).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algo {
     /// Time both for the shapes made at load ([`PackedConv::new`], [`PackedConv::prepare`])
