@@ -5,18 +5,21 @@
 activations (docs/benchmarks.md, "select at batch 8 and 75% FLOPs"). This probe times the
 dense shapes of ResNet-50's first stage (56x56) against the same shapes with the inner
 channels cut to 5/8 and 3/4, at batch 1 and 8, so one can see how much of the FLOP saving a
-kept channel fraction turns into time: the 1x1 convolutions that read or write 256 channels
-are bound by memory traffic, not arithmetic, so their time falls far less than their FLOPs.
+kept channel fraction turns into time: at batch 8 the 1x1 convolutions that read or write
+256 channels are bound by memory traffic, not arithmetic, so their time falls far less than
+their FLOPs.
 
 Not in CI. Run with the bench venv (any torch works):
     .cache/bench-venv/bin/python benches/conv_shapes.py [--threads 2] [--runs 20]
 """
 
 import argparse
+import sys
 
 import torch
 
-from pytorch_reference import time_fn
+sys.dont_write_bytecode = True  # no benches/__pycache__ from the import below
+from pytorch_reference import time_fn  # noqa: E402
 
 
 def main():
