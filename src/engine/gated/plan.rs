@@ -67,7 +67,8 @@ const SELECT_GRANULE: usize = 8;
 /// `select` gathers its weights on every call (and oneDNN reorders them), a cost that grows
 /// with the channels it keeps, while what it saves grows with them and with the output
 /// positions each weight is applied to. Measured per ResNet-50 stage on the 2-core dev VM
-/// (fused dense block vs select at kept fractions 1/4…7/8, batch 1 and 8; docs/decisions.md),
+/// (fused dense block, before Winograd, vs select at kept fractions 1/4…7/8, batch 1 and 8;
+/// docs/decisions.md),
 /// select was faster up to about `positions / 400` of the channels, never above ~3/4:
 /// 56×56 and 28×28 up to 3/4, 14×14 up to 1/2, 7×7 (ResNet-50's last stage at 224×224)
 /// not even at 1/4.
@@ -76,9 +77,20 @@ const SELECT_GRANULE: usize = 8;
 /// than a small block saves: ResNet-20's blocks at 28×28 (3.6 MFLOPs each) ran 0.64–0.77×
 /// dense in select mode at every budget, batch 1 and 32, where slice mode broke even or won.
 /// Below `SELECT_MIN_FLOPS` of dense work per input a block never selects.
+///
+/// Above `SELECT_WIDE_POSITIONS` the limit is `SELECT_WIDE_MAX_FRACTION`: once the dense
+/// blocks ran on sluice's own packed primitives with Winograd, ResNet-50's 56×56 blocks in
+/// select mode ran 1.01–1.43× their dense time at batch 8 with ~60% of their inner channels
+/// (their 1×1 convolutions over 256 channels are bound by memory traffic, which a narrower
+/// inner width barely reduces). Capping them at 1/4 took select at 75% FLOPs from 0.89–0.97×
+/// dense to 0.92–1.01× and kept the lowest reachable FLOPs (never selecting there: 0.98–1.08×,
+/// but select could no longer go below ~53% of dense FLOPs); docs/benchmarks.md, "select at
+/// batch 8 and 75% FLOPs profiled". 28×28 (784 positions) still pays up to 3/4.
 const SELECT_POSITIONS_PER_FRACTION: f64 = 400.0;
 const SELECT_MAX_FRACTION: f64 = 0.75;
 const SELECT_MIN_FLOPS: u64 = 20_000_000;
+const SELECT_WIDE_POSITIONS: i64 = 1600;
+const SELECT_WIDE_MAX_FRACTION: f64 = 0.25;
 
 /// The largest fraction of a block's inner channels that `select` keeps before the block
 /// runs at full width instead, for one input whose block output has `positions` (H × W)
@@ -87,6 +99,9 @@ const SELECT_MIN_FLOPS: u64 = 20_000_000;
 pub fn select_limit(positions: i64, dense_flops: u64) -> f64 {
     if dense_flops < SELECT_MIN_FLOPS {
         return 0.0;
+    }
+    if positions > SELECT_WIDE_POSITIONS {
+        return SELECT_WIDE_MAX_FRACTION;
     }
     (positions as f64 / SELECT_POSITIONS_PER_FRACTION).min(SELECT_MAX_FRACTION)
 }
@@ -218,11 +233,15 @@ mod tests {
     }
 
     #[test]
-    fn the_select_limit_grows_with_positions_up_to_three_quarters() {
+    fn the_select_limit_grows_with_positions_up_to_three_quarters_then_drops_at_56x56() {
         // ResNet-50 at 224x224: stages of 56x56, 28x28, 14x14 and 7x7 positions.
         let big = 200_000_000;
         let [s1, s2, s3, s4] = [56 * 56, 28 * 28, 14 * 14, 7 * 7].map(|p| select_limit(p, big));
-        assert_eq!((s1, s2), (0.75, 0.75));
+        assert_eq!(s1, 0.25, "56x56 blocks lost to full width at ~60% of their channels");
+        assert_eq!(s2, 0.75);
+        assert_eq!(select_limit(40 * 40, big), 0.75);
+        assert_eq!(select_limit(40 * 40 + 1, big), 0.25);
+        assert_eq!(select_limit(56 * 56, 3_600_000), 0.0, "small blocks never select, wide or not");
         assert!((0.45..0.55).contains(&s3), "{s3}");
         assert!(s4 < 0.25, "{s4}: select lost to the full block at every fraction there");
         assert!(
