@@ -68,8 +68,8 @@ const SELECT_GRANULE: usize = 8;
 /// with the channels it keeps, while what it saves grows with them and with the output
 /// positions each weight is applied to. Measured per ResNet-50 stage on the 2-core dev VM
 /// (fused dense block, before Winograd, vs select at kept fractions 1/4…7/8, batch 1 and 8;
-/// docs/decisions.md),
-/// select was faster up to about `positions / 400` of the channels, never above ~3/4:
+/// docs/decisions.md), select was faster up to about `positions / 400` of the channels,
+/// never above ~3/4:
 /// 56×56 and 28×28 up to 3/4, 14×14 up to 1/2, 7×7 (ResNet-50's last stage at 224×224)
 /// not even at 1/4.
 ///
