@@ -43,11 +43,17 @@ enum class Post : int { None = 0, Relu = 1, AddRelu = 2 };
 
 // How a 3×3 stride-1 convolution is computed: oneDNN's direct kernel on the channels-last
 // activations, or its Winograd kernel, which wants blocked activations (reordered in and out
-// around it). `Fastest` times both for the shapes prepared at load and keeps the faster; a
-// shape first seen on a call is direct (no timing on a request's path: Winograd's reorders
-// did not pay for the small sub-batches a mixed batch splits into). Every other convolution
-// is direct.
-enum class Algo : int { Fastest = 0, Direct = 1, Winograd = 2 };
+// around it). A strided 1×1 convolution (a ResNet's downsampling shortcut) has its own
+// alternative: a reorder that keeps every stride-th position, then the stride-1 kernel
+// (`Subsample`; oneDNN 2.6's strided 1×1 kernel ran ResNet-50's 512→1024 shortcut at 2/3 of
+// the stride-1 kernel's rate). `Fastest` times both for the shapes prepared at load and keeps
+// the faster; a shape first seen on a call is direct (no timing on a request's path:
+// Winograd's reorders did not pay for the small sub-batches a mixed batch splits into).
+// Every other convolution is direct.
+enum class Algo : int { Fastest = 0, Direct = 1, Winograd = 2, Subsample = 3 };
+
+// The kernel one primitive runs.
+enum class Kind : int { Direct = 0, Winograd = 1, Subsample = 2 };
 
 dnnl::engine& cpu() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -72,10 +78,12 @@ dt data_type(const Tensor& t) {
 struct Entry {
   dnnl::convolution_forward primitive;
   dnnl::memory weights;
-  bool winograd = false;
-  // Winograd only: the blocked activations its kernel reads and writes, and the reorders
-  // from and to channels-last (`acc_in` brings a residual block's shortcut in).
-  dnnl::memory::desc src_blocked, dst_blocked;
+  Kind kind = Kind::Direct;
+  // Winograd: the blocked activations its kernel reads and writes, and the reorders from and
+  // to channels-last (`acc_in` brings a residual block's shortcut in). Subsample: `src_in`
+  // copies every stride-th position of the input (`src_strided`, a view of it) into a
+  // channels-last `src_blocked`.
+  dnnl::memory::desc src_blocked, dst_blocked, src_strided;
   dnnl::reorder src_in, acc_in, dst_out;
 };
 
@@ -93,11 +101,27 @@ struct Conv {
 
   int64_t out_side(int64_t side) const { return (side + 2 * padding - kernel) / stride + 1; }
 
-  // Winograd's blocked layouts pad channels to a multiple of 16, and a reorder into them
-  // need not clear the padding of a reused buffer: a fresh-clone CI run saw NaN logits from a
-  // ResNet whose widths are not multiples of 16. So only unpadded shapes may use it.
-  bool winograd_shape() const {
-    return kernel == 3 && stride == 1 && in_ch % 16 == 0 && out_ch % 16 == 0;
+  // Channel counts that are not multiples of 16 take Winograd too: its blocked layouts pad
+  // them, and oneDNN's reorders into those layouts write zeros into the padding (a probe that
+  // filled the blocked buffers and packed weights with NaN first got exact results, every
+  // test passing). a9f0e1f had excluded them after NaN logits in one fresh-clone CI run,
+  // blaming stale padding; that cause was ruled out and none other was found
+  // (docs/decisions.md).
+  bool winograd_shape() const { return kernel == 3 && stride == 1; }
+
+  // A 1×1 convolution reads one input position per output position: striding it is the same
+  // as striding its input first. oneDNN describes the kept positions as a strided view only
+  // where the stride divides the input's sides (its view of 7 of 13 rows would reach past
+  // the input), which ResNets' even sides do; other sizes stay direct.
+  bool subsample_shape(int64_t h, int64_t w) const {
+    return kernel == 1 && padding == 0 && stride > 1 && h % stride == 0 && w % stride == 0;
+  }
+
+  // The kernel `Algo` asks for where the shape has it (`Fastest`: the other one to time).
+  Kind alternative(int64_t h, int64_t w) const {
+    if (winograd_shape() && (algo == Algo::Winograd || algo == Algo::Fastest)) return Kind::Winograd;
+    if (subsample_shape(h, w) && (algo == Algo::Subsample || algo == Algo::Fastest)) return Kind::Subsample;
+    return Kind::Direct;
   }
 
   dnnl::memory::desc src_desc(int64_t n, int64_t h, int64_t w) const { return {{n, in_ch, h, w}, type, tag::nhwc}; }
@@ -106,12 +130,17 @@ struct Conv {
   }
 
   dnnl::convolution_forward::primitive_desc describe(int64_t n, int64_t h, int64_t w, Post post,
-                                                     bool winograd = false) const {
+                                                     Kind kind = Kind::Direct) const {
     using dnnl::memory;
-    // Winograd picks its own (blocked) activation layout; direct reads and writes channels-last.
-    memory::desc src = winograd ? memory::desc({n, in_ch, h, w}, type, tag::any) : src_desc(n, h, w);
+    const bool winograd = kind == Kind::Winograd;
+    // Winograd picks its own (blocked) activation layout; direct reads and writes channels-last;
+    // subsample reads a channels-last copy of the positions it keeps, at stride 1.
+    memory::desc src = winograd                  ? memory::desc({n, in_ch, h, w}, type, tag::any)
+                       : kind == Kind::Subsample ? src_desc(n, out_side(h), out_side(w))
+                                                 : src_desc(n, h, w);
     memory::desc dst = winograd ? memory::desc({n, out_ch, out_side(h), out_side(w)}, type, tag::any)
                                 : dst_desc(n, h, w);
+    const int64_t step = kind == Kind::Subsample ? 1 : stride;
     memory::desc weights({out_ch, in_ch, kernel, kernel}, type, tag::any);
     memory::desc bias_md({out_ch}, dt::f32, tag::x);
     dnnl::post_ops ops;
@@ -121,7 +150,7 @@ struct Conv {
     attr.set_post_ops(ops);
     auto algorithm = winograd ? dnnl::algorithm::convolution_winograd : dnnl::algorithm::convolution_direct;
     dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_inference, algorithm, src, weights, bias_md, dst,
-                                         {stride, stride}, {padding, padding}, {padding, padding});
+                                         {step, step}, {padding, padding}, {padding, padding});
     return dnnl::convolution_forward::primitive_desc(desc, attr, cpu());
   }
 
@@ -144,13 +173,20 @@ struct Conv {
     return made;
   }
 
-  std::shared_ptr<Entry> make(int64_t n, int64_t h, int64_t w, Post post, bool winograd) {
-    auto pd = describe(n, h, w, post, winograd);
+  std::shared_ptr<Entry> make(int64_t n, int64_t h, int64_t w, Post post, Kind kind) {
+    auto pd = describe(n, h, w, post, kind);
     auto e = std::make_shared<Entry>();
     e->primitive = dnnl::convolution_forward(pd);
     e->weights = pack(pd.weights_desc());
-    if (winograd) {
-      e->winograd = true;
+    e->kind = kind;
+    if (kind == Kind::Subsample) {
+      const int64_t oh = out_side(h), ow = out_side(w);
+      // The kept positions of channels-last `n × h × w` input, as an `n × oh × ow` view.
+      e->src_strided =
+          dnnl::memory::desc({n, in_ch, oh, ow}, type, {h * w * in_ch, 1, stride * w * in_ch, stride * in_ch});
+      e->src_blocked = pd.src_desc();
+      e->src_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), e->src_strided, cpu(), e->src_blocked));
+    } else if (kind == Kind::Winograd) {
       e->src_blocked = pd.src_desc();
       e->dst_blocked = pd.dst_desc();
       e->src_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), src_desc(n, h, w), cpu(), e->src_blocked));
@@ -163,8 +199,13 @@ struct Conv {
   // `e` on channels-last `src` into channels-last `dst` (which holds the shortcut for AddRelu).
   void execute(const Entry& e, dnnl::memory& src, dnnl::memory& dst, Post post) {
     dnnl::stream& s = thread_stream();
-    if (!e.winograd) {
+    if (e.kind == Kind::Direct) {
       e.primitive.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, bias},
+                              {DNNL_ARG_DST, dst}});
+    } else if (e.kind == Kind::Subsample) {
+      dnnl::memory view(e.src_strided, cpu(), src.get_data_handle()), xs(e.src_blocked, cpu());
+      e.src_in.execute(s, view, xs);
+      e.primitive.execute(s, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, bias},
                               {DNNL_ARG_DST, dst}});
     } else {
       dnnl::memory xs(e.src_blocked, cpu()), ys(e.dst_blocked, cpu());
@@ -226,19 +267,20 @@ struct Conv {
     auto found = primitives.find(key);
     if (found != primitives.end()) return found->second;
     std::shared_ptr<Entry> made;
-    if (!winograd_shape() || algo == Algo::Direct || (algo == Algo::Fastest && !measure)) {
-      made = make(n, h, w, post, false);
-    } else if (algo == Algo::Winograd) {
-      made = make(n, h, w, post, true);
+    const Kind other = alternative(h, w);
+    if (other == Kind::Direct || (algo == Algo::Fastest && !measure)) {
+      made = make(n, h, w, post, Kind::Direct);
+    } else if (algo != Algo::Fastest) {
+      made = make(n, h, w, post, other);
     } else {
-      made = make(n, h, w, post, false);
-      std::shared_ptr<Entry> winograd;
+      made = make(n, h, w, post, Kind::Direct);
+      std::shared_ptr<Entry> contender;
       try {
-        winograd = make(n, h, w, post, true);
+        contender = make(n, h, w, post, other);
       } catch (const dnnl::error&) {
-        // No Winograd kernel for this shape, precision or CPU: direct it is.
+        // No such kernel for this shape, precision or CPU: direct it is.
       }
-      if (winograd && faster(*winograd, *made, n, h, w, post)) made = winograd;
+      if (contender && faster(*contender, *made, n, h, w, post)) made = contender;
       drop_unused_packs(*made);
     }
     if (primitives.size() < kMaxPrimitives) primitives.emplace(key, made);
@@ -311,7 +353,7 @@ char* sluice_onednn_conv_new(const Tensor* weight, const Tensor* bias, int64_t p
     conv->padding = padding;
     conv->stride = stride;
     conv->type = data_type(wt);
-    if (algo < 0 || algo > 2) throw std::invalid_argument("unknown convolution algorithm");
+    if (algo < 0 || algo > 3) throw std::invalid_argument("unknown convolution algorithm");
     conv->algo = static_cast<Algo>(algo);
     conv->bias = dnnl::memory({{conv->out_ch}, dt::f32, tag::x}, cpu());
     std::memcpy(conv->bias.get_data_handle(), b.data_ptr(), sizeof(float) * conv->out_ch);
@@ -367,14 +409,19 @@ char* sluice_onednn_conv_add_relu_(sluice_conv* handle, Tensor* acc, const Tenso
 }
 
 // How many weight packings and ready primitives the convolution holds, and how many of
-// those primitives are Winograd ones.
-void sluice_onednn_conv_counts(sluice_conv* handle, int64_t* packs, int64_t* primitives, int64_t* winograd) {
+// those primitives are Winograd and subsample ones.
+void sluice_onednn_conv_counts(sluice_conv* handle, int64_t* packs, int64_t* primitives, int64_t* winograd,
+                               int64_t* subsample) {
   Conv& conv = *reinterpret_cast<Conv*>(handle);
   std::lock_guard<std::mutex> guard(conv.lock);
   *packs = static_cast<int64_t>(conv.packs.size());
   *primitives = static_cast<int64_t>(conv.primitives.size());
-  *winograd = std::count_if(conv.primitives.begin(), conv.primitives.end(),
-                            [](const auto& kv) { return kv.second->winograd; });
+  auto count = [&](Kind kind) {
+    return std::count_if(conv.primitives.begin(), conv.primitives.end(),
+                         [&](const auto& kv) { return kv.second->kind == kind; });
+  };
+  *winograd = count(Kind::Winograd);
+  *subsample = count(Kind::Subsample);
 }
 
 void sluice_onednn_conv_free(sluice_conv* handle) { delete reinterpret_cast<Conv*>(handle); }

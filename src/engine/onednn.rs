@@ -49,6 +49,7 @@ unsafe extern "C" {
         packs: *mut i64,
         primitives: *mut i64,
         winograd: *mut i64,
+        subsample: *mut i64,
     );
     fn sluice_onednn_conv_free(conv: *mut RawConv);
     fn sluice_onednn_free_error(message: *mut c_char);
@@ -82,8 +83,9 @@ pub enum Post {
     AddRelu = 2,
 }
 
-/// How a 3×3 stride-1 convolution whose channel counts are multiples of 16 is computed (every
-/// other one is direct: Winograd's blocked layouts would pad the others).
+/// How a 3×3 stride-1 convolution whose channel counts are multiples of 16 (Winograd's blocked
+/// layouts would pad the others), or a strided 1×1 one, is computed; every other one is
+/// direct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algo {
     /// Time both for the shapes made at load ([`PackedConv::new`], [`PackedConv::prepare`])
@@ -93,8 +95,14 @@ pub enum Algo {
     /// oneDNN's direct kernel on the channels-last activations.
     Direct = 1,
     /// oneDNN's Winograd kernel (F(2×2 or 4×4, 3×3)), on blocked activations reordered in
-    /// and out around it; an error where oneDNN has none for the shape or precision.
+    /// and out around it; an error where oneDNN has none for the shape or precision. Direct
+    /// for every other shape.
     Winograd = 2,
+    /// For a strided 1×1 convolution: a reorder that keeps every stride-th input position,
+    /// then the stride-1 kernel on that copy (oneDNN 2.6's strided 1×1 kernel ran
+    /// ResNet-50's 512→1024 shortcut at about 2/3 of the stride-1 kernel's rate on the dev
+    /// VM). Direct for every other shape.
+    Subsample = 3,
 }
 
 /// What a [`PackedConv`] holds.
@@ -106,6 +114,8 @@ pub struct Counts {
     pub primitives: i64,
     /// How many of those are Winograd ones.
     pub winograd: i64,
+    /// How many of those subsample their input first ([`Algo::Subsample`]).
+    pub subsample: i64,
 }
 
 /// One convolution on oneDNN: weights packed at construction, a primitive per input shape
@@ -200,9 +210,17 @@ impl PackedConv {
 
     /// What this convolution holds.
     pub fn counts(&self) -> Counts {
-        let mut c = Counts { packs: 0, primitives: 0, winograd: 0 };
-        // SAFETY: `raw` is live; the shim writes the three counts.
-        unsafe { sluice_onednn_conv_counts(self.raw, &mut c.packs, &mut c.primitives, &mut c.winograd) };
+        let mut c = Counts { packs: 0, primitives: 0, winograd: 0, subsample: 0 };
+        // SAFETY: `raw` is live; the shim writes the four counts.
+        unsafe {
+            sluice_onednn_conv_counts(
+                self.raw,
+                &mut c.packs,
+                &mut c.primitives,
+                &mut c.winograd,
+                &mut c.subsample,
+            )
+        };
         c
     }
 }
@@ -287,6 +305,83 @@ mod tests {
                 assert_eq!(held.winograd, 0, "{algo:?}");
             } else if algo == Algo::Winograd {
                 assert_eq!(held.winograd, held.primitives, "every primitive is a Winograd one");
+            }
+        }
+    }
+
+    /// A strided 1×1 convolution (a downsampling shortcut) computes the same whether oneDNN
+    /// strides it or sluice subsamples its input first, for every post-op and for sizes the
+    /// stride does not divide (direct there); `Fastest` keeps one of the two.
+    #[test]
+    fn strided_pointwise_convolutions_match_when_subsampled() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(5);
+        for (algo, stride) in
+            [(Algo::Subsample, 2), (Algo::Subsample, 3), (Algo::Direct, 2), (Algo::Fastest, 2)]
+        {
+            let (w, b) = (randn(&[32, 16, 1, 1]), randn(&[32]));
+            let conv = PackedConv::new(&w, &b, 0, stride, [1, 16, 12, 12], Post::AddRelu, algo).unwrap();
+            let at_start = conv.counts();
+            match algo {
+                Algo::Subsample => assert_eq!(at_start.subsample, 1, "{at_start:?}"),
+                Algo::Direct => assert_eq!(at_start.subsample, 0, "{at_start:?}"),
+                _ => assert!(at_start.subsample <= 1 && at_start.winograd == 0, "{at_start:?}"),
+            }
+            for (batch, side) in [(1, 12), (3, 13), (2, 7)] {
+                let x = channels_last(&randn(&[batch, 16, side, side]));
+                let reference = x.conv2d(&w, Some(&b), [stride; 2], [0; 2], [1, 1], 1);
+                let case = format!("{algo:?}, stride {stride}, b{batch}, {side}x{side}");
+                let tolerance = 1e-4 * reference.abs().max().double_value(&[]).max(1.0);
+                let y = conv.conv(&x, true);
+                assert_eq!(y.size(), reference.size(), "{case}");
+                assert!(max_diff(&y, &reference.relu()) < tolerance, "{case}");
+                let shortcut = channels_last(&randn(&reference.size()));
+                let mut acc = shortcut.copy();
+                conv.conv_add_relu_(&mut acc, &x);
+                assert!(max_diff(&acc, &(&reference + &shortcut).relu()) < tolerance, "{case}");
+            }
+            if algo == Algo::Subsample {
+                let held = conv.counts();
+                // Only 12x12 is divided by the stride: its two post-op kinds subsample.
+                assert_eq!((held.subsample, held.primitives), (2, 6), "{held:?}");
+            }
+        }
+        // A 3x3 convolution, or a 1x1 one at stride 1, never subsamples.
+        for (k, stride) in [(3, 2), (1, 1)] {
+            let (w, b) = (randn(&[8, 8, k, k]), randn(&[8]));
+            let conv =
+                PackedConv::new(&w, &b, k / 2, stride, [1, 8, 8, 8], Post::None, Algo::Subsample).unwrap();
+            assert_eq!(conv.counts().subsample, 0, "{k}x{k} at stride {stride}");
+        }
+    }
+
+    /// Winograd on channel counts that are not multiples of 16 (its blocked layouts pad them)
+    /// computes what libtorch does, direct into a new tensor and added into a shortcut, also
+    /// right after memory of the padded buffers' size was filled with NaN and freed (which
+    /// the allocator tends to hand back): the padding is written, never read stale.
+    #[test]
+    fn padded_winograd_reads_no_stale_padding() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(9);
+        for (cin, cout) in [(40, 40), (24, 56), (8, 8)] {
+            let (w, b) = (randn(&[cout, cin, 3, 3]), randn(&[cout]));
+            let conv =
+                PackedConv::new(&w, &b, 1, 1, [2, cin, 14, 14], Post::AddRelu, Algo::Winograd).unwrap();
+            assert_eq!(conv.counts().winograd, 1, "{cin}->{cout}");
+            let x = channels_last(&randn(&[2, cin, 14, 14]));
+            let reference = x.conv2d(&w, Some(&b), [1; 2], [1; 2], [1, 1], 1);
+            let tolerance = 1e-4 * reference.abs().max().double_value(&[]).max(1.0);
+            for round in 0..20 {
+                // Freed just before the call: the allocator tends to hand this memory back.
+                for padded in [cin, cout].map(|c: i64| (c + 15) / 16 * 16) {
+                    drop(Tensor::full([2 * padded * 14 * 14], f64::NAN, (Kind::Float, Device::Cpu)));
+                }
+                let y = conv.conv(&x, false);
+                assert!(max_diff(&y, &reference) < tolerance, "{cin}->{cout}, round {round}");
+                let shortcut = channels_last(&randn(&reference.size()));
+                let mut acc = shortcut.copy();
+                conv.conv_add_relu_(&mut acc, &x);
+                assert!(max_diff(&acc, &(&reference + &shortcut).relu()) < tolerance, "{cin}->{cout}, add");
             }
         }
     }
