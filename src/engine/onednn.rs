@@ -353,6 +353,26 @@ mod tests {
                 PackedConv::new(&w, &b, k / 2, stride, [1, 8, 8, 8], Post::None, Algo::Subsample).unwrap();
             assert_eq!(conv.counts().subsample, 0, "{k}x{k} at stride {stride}");
         }
+        // bf16 (a bf16 model's shortcuts take the same path).
+        if crate::engine::folded::Precision::Bf16.check().is_ok() {
+            let (w, b) = (randn(&[32, 16, 1, 1]), randn(&[32]));
+            let conv = PackedConv::new(
+                &w.to_kind(Kind::BFloat16),
+                &b,
+                0,
+                2,
+                [2, 16, 12, 12],
+                Post::Relu,
+                Algo::Subsample,
+            )
+            .unwrap();
+            assert_eq!(conv.counts().subsample, 1);
+            let x = channels_last(&randn(&[2, 16, 12, 12]));
+            let reference = x.conv2d(&w, Some(&b), [2; 2], [0; 2], [1, 1], 1).relu();
+            let y = conv.conv(&x.to_kind(Kind::BFloat16), true).to_kind(Kind::Float);
+            let scale = reference.abs().max().double_value(&[]);
+            assert!(max_diff(&y, &reference) < 0.02 * scale, "bf16 subsampled");
+        }
     }
 
     /// Winograd on channel counts that are not multiples of 16 (its blocked layouts pad them)
