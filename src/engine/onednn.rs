@@ -83,8 +83,7 @@ pub enum Post {
     AddRelu = 2,
 }
 
-/// How a 3×3 stride-1 convolution whose channel counts are multiples of 16 (Winograd's blocked
-/// layouts would pad the others), or a strided 1×1 one, is computed; every other one is
+/// How a 3×3 stride-1 convolution, or a strided 1×1 one, is computed; every other one is
 /// direct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algo {
