@@ -39,6 +39,10 @@ namespace {
 // have fixed dims and at most max_batch_size rows, so a served model stays far below.
 constexpr size_t kMaxPrimitives = 256;
 
+// The batch size a batched model's convolutions are prepared (and timed) for at load besides
+// 1 (`BATCHED_PACK` in folded.rs).
+constexpr int64_t kBatchedPack = 8;
+
 enum class Post : int { None = 0, Relu = 1, AddRelu = 2 };
 
 // How a 3×3 stride-1 convolution is computed: oneDNN's direct kernel on the channels-last
@@ -47,9 +51,9 @@ enum class Post : int { None = 0, Relu = 1, AddRelu = 2 };
 // alternative: a reorder that keeps every stride-th position, then the stride-1 kernel
 // (`Subsample`; oneDNN 2.6's strided 1×1 kernel ran ResNet-50's 512→1024 shortcut at 2/3 of
 // the stride-1 kernel's rate). `Fastest` times both for the shapes prepared at load and keeps
-// the faster; a shape first seen on a call is direct (no timing on a request's path:
-// Winograd's reorders did not pay for the small sub-batches a mixed batch splits into).
-// Every other convolution is direct.
+// the faster; a shape first seen on a call is not timed (none on a request's path): a batch
+// size between 1 and 8 (a mixed batch's sub-batch) takes the kernel both of those chose,
+// anything else is direct. Every other convolution is direct.
 enum class Algo : int { Fastest = 0, Direct = 1, Winograd = 2, Subsample = 3 };
 
 // The kernel one primitive runs.
@@ -261,14 +265,27 @@ struct Conv {
     if (n < 1 || h < 1 || w < 1 || n >= (1 << 20) || h >= (1 << 20) || w >= (1 << 20))
       throw std::invalid_argument("convolution input of batch " + std::to_string(n) + " and size " +
                                   std::to_string(h) + "x" + std::to_string(w) + " is out of range");
-    const uint64_t key = (static_cast<uint64_t>(n) << 42) | (static_cast<uint64_t>(h) << 22) |
-                         (static_cast<uint64_t>(w) << 2) | static_cast<uint64_t>(post);
+    auto key_of = [&](int64_t batch) {
+      return (static_cast<uint64_t>(batch) << 42) | (static_cast<uint64_t>(h) << 22) |
+             (static_cast<uint64_t>(w) << 2) | static_cast<uint64_t>(post);
+    };
+    const uint64_t key = key_of(n);
     std::lock_guard<std::mutex> guard(lock);
     auto found = primitives.find(key);
     if (found != primitives.end()) return found->second;
     std::shared_ptr<Entry> made;
     const Kind other = alternative(h, w);
-    if (other == Kind::Direct || (algo == Algo::Fastest && !measure)) {
+    // A batch size between two timed at load (a mixed batch's sub-batch) takes their kernel
+    // where both chose the same one.
+    auto timed = [&](int64_t batch) {
+      auto it = primitives.find(key_of(batch));
+      return it == primitives.end() ? Kind::Direct : it->second->kind;
+    };
+    const bool between = algo == Algo::Fastest && !measure && n > 1 && n < kBatchedPack &&
+                         timed(1) == other && timed(kBatchedPack) == other;
+    if (between) {
+      made = make(n, h, w, post, other);
+    } else if (other == Kind::Direct || (algo == Algo::Fastest && !measure)) {
       made = make(n, h, w, post, Kind::Direct);
     } else if (algo != Algo::Fastest) {
       made = make(n, h, w, post, other);

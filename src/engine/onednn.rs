@@ -88,8 +88,9 @@ pub enum Post {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algo {
     /// Time both for the shapes made at load ([`PackedConv::new`], [`PackedConv::prepare`])
-    /// and keep the faster; a shape first seen on a call is direct (no timing on a
-    /// request's path). What the engine uses.
+    /// and keep the faster; a shape first seen on a call is not timed (none on a request's
+    /// path): a batch size between 1 and 8 takes the kernel both of those chose, anything
+    /// else is direct. What the engine uses.
     Fastest = 0,
     /// oneDNN's direct kernel on the channels-last activations.
     Direct = 1,
@@ -372,6 +373,29 @@ mod tests {
             let scale = reference.abs().max().double_value(&[]);
             assert!(max_diff(&y, &reference) < 0.02 * scale, "bf16 subsampled");
         }
+    }
+
+    /// A batch size between 1 and 8 (a mixed batch's sub-batch) is not timed: it takes the
+    /// kernel the load-time timing chose at both 1 and 8, and direct where they differ.
+    #[test]
+    fn sub_batches_take_the_kernel_both_timed_sizes_chose() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(13);
+        let (w, b) = (randn(&[32, 32, 3, 3]), randn(&[32]));
+        let conv = PackedConv::new(&w, &b, 1, 1, [1, 32, 28, 28], Post::Relu, Algo::Fastest).unwrap();
+        conv.prepare([8, 32, 28, 28], Post::Relu).unwrap();
+        let timed = conv.counts();
+        assert_eq!(timed.primitives, 2);
+        let x = channels_last(&randn(&[4, 32, 28, 28]));
+        let reference = x.conv2d(&w, Some(&b), [1; 2], [1; 2], [1, 1], 1).relu();
+        assert!(max_diff(&conv.conv(&x, true), &reference) < 1e-4 * reference.abs().max().double_value(&[]));
+        let after = conv.counts();
+        assert_eq!(after.primitives, 3);
+        let expected = match timed.winograd {
+            2 => 3, // both Winograd: the sub-batch too
+            n => n, // both direct, or they differ: direct
+        };
+        assert_eq!(after.winograd, expected, "timed {timed:?}, after {after:?}");
     }
 
     /// Winograd on channel counts that are not multiples of 16 (its blocked layouts pad them)
