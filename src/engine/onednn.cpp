@@ -83,11 +83,12 @@ struct Entry {
   dnnl::convolution_forward primitive;
   dnnl::memory weights;
   Kind kind = Kind::Direct;
-  // Winograd: the blocked activations its kernel reads and writes, and the reorders from and
-  // to channels-last (`acc_in` brings a residual block's shortcut in). Subsample: `src_in`
-  // copies every stride-th position of the input (`src_strided`, a view of it) into a
-  // channels-last `src_blocked`.
-  dnnl::memory::desc src_blocked, dst_blocked, src_strided;
+  // `src_kernel`: what the kernel reads when it is not the caller's input. Winograd: blocked
+  // activations in and out (`dst_blocked`), reordered from and to channels-last by `src_in`
+  // and `dst_out` (`acc_in` brings a residual block's shortcut in). Subsample: a channels-last
+  // copy of every stride-th input position, which `src_in` makes from `src_strided` (a view
+  // of the input).
+  dnnl::memory::desc src_kernel, dst_blocked, src_strided;
   dnnl::reorder src_in, acc_in, dst_out;
 };
 
@@ -188,12 +189,12 @@ struct Conv {
       // The kept positions of channels-last `n × h × w` input, as an `n × oh × ow` view.
       e->src_strided =
           dnnl::memory::desc({n, in_ch, oh, ow}, type, {h * w * in_ch, 1, stride * w * in_ch, stride * in_ch});
-      e->src_blocked = pd.src_desc();
-      e->src_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), e->src_strided, cpu(), e->src_blocked));
+      e->src_kernel = pd.src_desc();
+      e->src_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), e->src_strided, cpu(), e->src_kernel));
     } else if (kind == Kind::Winograd) {
-      e->src_blocked = pd.src_desc();
+      e->src_kernel = pd.src_desc();
       e->dst_blocked = pd.dst_desc();
-      e->src_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), src_desc(n, h, w), cpu(), e->src_blocked));
+      e->src_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), src_desc(n, h, w), cpu(), e->src_kernel));
       e->acc_in = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), dst_desc(n, h, w), cpu(), e->dst_blocked));
       e->dst_out = dnnl::reorder(dnnl::reorder::primitive_desc(cpu(), e->dst_blocked, cpu(), dst_desc(n, h, w)));
     }
@@ -207,12 +208,12 @@ struct Conv {
       e.primitive.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, bias},
                               {DNNL_ARG_DST, dst}});
     } else if (e.kind == Kind::Subsample) {
-      dnnl::memory view(e.src_strided, cpu(), src.get_data_handle()), xs(e.src_blocked, cpu());
+      dnnl::memory view(e.src_strided, cpu(), src.get_data_handle()), xs(e.src_kernel, cpu());
       e.src_in.execute(s, view, xs);
       e.primitive.execute(s, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, bias},
                               {DNNL_ARG_DST, dst}});
     } else {
-      dnnl::memory xs(e.src_blocked, cpu()), ys(e.dst_blocked, cpu());
+      dnnl::memory xs(e.src_kernel, cpu()), ys(e.dst_blocked, cpu());
       e.src_in.execute(s, src, xs);
       if (post == Post::AddRelu) e.acc_in.execute(s, dst, ys);
       e.primitive.execute(s, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, bias},
@@ -275,20 +276,18 @@ struct Conv {
     if (found != primitives.end()) return found->second;
     std::shared_ptr<Entry> made;
     const Kind other = alternative(h, w);
-    // A batch size between two timed at load (a mixed batch's sub-batch) takes their kernel
-    // where both chose the same one.
+    // The kernel both sizes timed at load chose (Direct where they differ or one is missing).
     auto timed = [&](int64_t batch) {
       auto it = primitives.find(key_of(batch));
       return it == primitives.end() ? Kind::Direct : it->second->kind;
     };
-    const bool between = algo == Algo::Fastest && !measure && n > 1 && n < kBatchedPack &&
-                         timed(1) == other && timed(kBatchedPack) == other;
-    if (between) {
-      made = make(n, h, w, post, other);
-    } else if (other == Kind::Direct || (algo == Algo::Fastest && !measure)) {
-      made = make(n, h, w, post, Kind::Direct);
-    } else if (algo != Algo::Fastest) {
-      made = make(n, h, w, post, other);
+    if (algo != Algo::Fastest) {
+      made = make(n, h, w, post, other);  // what was asked, where the shape has it
+    } else if (!measure || other == Kind::Direct) {
+      // Not timed: a size between 1 and 8 (a mixed batch's sub-batch) takes the kernel both
+      // of those chose; anything else is direct.
+      const bool between = n > 1 && n < kBatchedPack && timed(1) == other && timed(kBatchedPack) == other;
+      made = make(n, h, w, post, between ? other : Kind::Direct);
     } else {
       made = make(n, h, w, post, Kind::Direct);
       std::shared_ptr<Entry> contender;
