@@ -58,8 +58,8 @@ fn model_info_rejects_bad_arguments_clearly() {
 }
 
 /// `sluice calibrate` then `sluice eval` on a copy of the shipped model, on a few hundred
-/// images: the table keeps every budget, the eval prints one JSON row per budget and writes
-/// its report.
+/// images: the table keeps every budget, each timed and within the accuracy margin, the eval
+/// prints one JSON row per budget and writes its report.
 #[test]
 fn calibrate_then_eval_write_a_table_and_a_report() {
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/models/fashion-resnet20");
@@ -75,11 +75,28 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
     assert_eq!(table["images"], 300);
     let budgets = table["budgets"].as_array().unwrap();
     assert_eq!(budgets.len(), 19);
+    let frontier = table["frontier"].as_array().unwrap();
     for entry in budgets {
         let (budget, fraction) =
             (entry["budget"].as_f64().unwrap(), entry["flop_fraction"].as_f64().unwrap());
         assert!(fraction <= budget, "{entry}");
+        // Timed at batch 1 (the default --latency-images), and never more than the default
+        // --latency-margin (0.2 pt) below the most accurate point within the budget.
+        let ratio = entry["latency_ratio"].as_f64().unwrap_or_else(|| panic!("no latency: {entry}"));
+        assert!(ratio > 0.0 && ratio.is_finite(), "{entry}");
+        if budget < 1.0 {
+            let best = frontier
+                .iter()
+                .filter(|p| p["flop_fraction"].as_f64().unwrap() <= budget)
+                .map(|p| p["validation_accuracy"].as_f64().unwrap())
+                .fold(0.0, f64::max);
+            assert!(
+                entry["validation_accuracy"].as_f64().unwrap() >= best - 0.002 - 1e-9,
+                "{entry} vs {best}"
+            );
+        }
     }
+    assert_eq!(budgets.last().unwrap()["latency_ratio"].as_f64(), Some(1.0), "dense is the reference");
 
     let report = dir.path().join("report");
     let out = sluice(&[

@@ -44,6 +44,9 @@ fn policies_change_live_with_validation_and_versions() {
     assert_eq!(status, 200);
     assert_eq!(state["policy"]["version"], 1);
     assert_eq!(state["calibration"].as_array().unwrap().len(), 3);
+    // The measured latency where calibration timed the point, absent where it did not.
+    assert_eq!(state["calibration"][1]["latency_ratio"].as_f64(), Some(0.62));
+    assert!(state["calibration"][0].get("latency_ratio").is_none(), "{state}");
     assert!(state["gates"].as_array().unwrap().contains(&json!("layer2.1.block")));
     assert_eq!(infer_version(&s), (200, 1));
 
@@ -143,7 +146,10 @@ fn a_token_guards_the_control_api_on_the_public_ports() {
         assert_eq!(c.get_gating(req).await.unwrap_err().code(), tonic::Code::PermissionDenied);
         let mut req = get();
         req.metadata_mut().insert("authorization", "Bearer open-sesame".parse().unwrap());
-        assert_eq!(c.get_gating(req).await.unwrap().into_inner().policy.unwrap().budget, Some(0.3));
+        let state = c.get_gating(req).await.unwrap().into_inner();
+        assert_eq!(state.policy.unwrap().budget, Some(0.3));
+        let latency: Vec<Option<f64>> = state.calibration.iter().map(|p| p.latency_ratio).collect();
+        assert_eq!(latency, vec![None, Some(0.62), None], "the table's measured latency, over gRPC too");
     });
 }
 

@@ -4,6 +4,10 @@
 
 use std::time::Instant;
 
+use tch::Tensor;
+
+use crate::engine::{GatePolicy, Model};
+
 /// Median milliseconds of each variant and the median per-round ratio `base / variant`.
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -48,6 +52,37 @@ pub fn summarize(times: &[Vec<f64>]) -> Timing {
         .map(|t| median(&times[0].iter().zip(t).map(|(b, v)| b / v).collect::<Vec<_>>()))
         .collect();
     Timing { median_ms: times.iter().map(|t| median(t)).collect(), speedup }
+}
+
+/// Per policy: the median batch-1 latency (ms) over `inputs` (one image each) and the median
+/// per-image ratio to the first policy's time on the same image. Every policy runs on each
+/// image, in an order that rotates from image to image, so drifts of a shared machine hit
+/// them alike; the first five images are run once first as warm-up.
+pub fn batch1_latencies(model: &Model, inputs: &[Tensor], policies: &[GatePolicy]) -> Vec<(f64, f64)> {
+    let k = policies.len();
+    if inputs.is_empty() || k == 0 {
+        return Vec::new();
+    }
+    let _guard = tch::no_grad_guard();
+    for x in inputs.iter().take(5) {
+        policies.iter().for_each(|p| drop(model.net.forward(x, p)));
+    }
+    let mut times = vec![Vec::with_capacity(inputs.len()); k];
+    for (i, x) in inputs.iter().enumerate() {
+        for j in 0..k {
+            let p = (i + j) % k;
+            let start = Instant::now();
+            let _ = model.net.forward(x, &policies[p]);
+            times[p].push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times
+        .iter()
+        .map(|t| {
+            let ratios: Vec<f64> = t.iter().zip(&times[0]).map(|(a, d)| a / d).collect();
+            (median(t), median(&ratios))
+        })
+        .collect()
 }
 
 /// Median of a non-empty slice (0 for an empty one).

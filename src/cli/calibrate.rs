@@ -1,15 +1,20 @@
 //! `sluice calibrate <model-dir>`: sweep thresholds on a dataset's validation split
-//! (`--data`) and write the budget → thresholds table beside the weights.
+//! (`--data`) and write the budget → thresholds table beside the weights. Each budget gets
+//! the most accurate point within its FLOPs, or, where points nearly as accurate run faster
+//! (`--latency-margin`), the fastest of them as timed at batch 1 on validation images.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 
+use crate::bench::timing::batch1_latencies;
 use crate::control::calibration::{
-    CALIBRATION_FILE, CalibrationTable, budget_table, default_budgets, dense_point, frontier,
+    BudgetEntry, CALIBRATION_FILE, CalibrationTable, OperatingPoint, budget_table, default_budgets,
+    dense_point, fastest_of, frontier, near_best, same_thresholds,
 };
-use crate::engine::{ChannelMode, Model};
+use crate::data::Split;
+use crate::engine::{ChannelMode, GatePolicy, Model};
 use crate::repository::ModelDir;
 use crate::train::calibrate::{SweepGrid, sweep_refined};
 
@@ -29,6 +34,17 @@ pub struct CalibrateArgs {
     /// budget).
     #[arg(long, env = "SLUICE_CALIBRATE_REFINE_ROUNDS", default_value_t = 3)]
     pub refine_rounds: usize,
+    /// Validation accuracy (a fraction: 0.002 = 0.2 points) a budget may give up, against its
+    /// most accurate point, for a point that runs faster at batch 1; 0 chooses on FLOPs alone.
+    #[arg(long, env = "SLUICE_CALIBRATE_LATENCY_MARGIN", default_value_t = 0.002)]
+    pub latency_margin: f64,
+    /// Validation images every candidate point is timed on, one at a time (0: choose on FLOPs
+    /// alone). Each budget's candidates, and the dense network, run on each image in turn.
+    #[arg(long, env = "SLUICE_CALIBRATE_LATENCY_IMAGES", default_value_t = 300)]
+    pub latency_images: usize,
+    /// At most this many candidate points per budget are timed (the most accurate first).
+    #[arg(long, env = "SLUICE_CALIBRATE_LATENCY_CANDIDATES", default_value_t = 12)]
+    pub latency_candidates: usize,
     /// Use only the first N validation images (0: all).
     #[arg(long, env = "SLUICE_CALIBRATE_LIMIT", default_value_t = 0)]
     pub limit: usize,
@@ -66,30 +82,105 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         })?;
     let dense = dense_point(&points).cloned().context("the sweep measured no dense point")?;
     let frontier = frontier(&points);
+    let mut entries = budget_table(&frontier, &budgets, &dense);
+    if args.latency_images > 0 && args.latency_margin > 0.0 {
+        weigh_latency(&model, &validation, &points, &mut entries, args)?;
+    }
     let table = CalibrationTable {
         model: dir.config.name.clone(),
         split: "validation".into(),
         images: validation.len(),
         channel_mode: ChannelMode::Slice,
-        budgets: budget_table(&frontier, &budgets, &dense),
+        budgets: entries,
         frontier,
     };
     let out = args.out.clone().unwrap_or_else(|| args.model.join(CALIBRATION_FILE));
     table.save(&out)?;
-    println!("| budget | channel t | block t | exit t | validation accuracy | FLOP fraction |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| budget | channel t | block t | exit t | validation accuracy | FLOP fraction | latency / dense |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for e in &table.budgets {
         let p = &e.point;
         println!(
-            "| {:.2} | {:.4} | {:.4} | {:.4} | {:.4} | {:.3} |",
+            "| {:.2} | {:.4} | {:.4} | {:.4} | {:.4} | {:.3} | {} |",
             e.budget,
             p.channel_threshold,
             p.block_threshold,
             p.exit_threshold,
             p.validation_accuracy,
-            p.flop_fraction
+            p.flop_fraction,
+            e.latency_ratio.map_or("–".into(), |r| format!("{r:.2}"))
         );
     }
     tracing::info!(path = %out.display(), points = table.budgets.len(), "calibration table written");
     Ok(())
 }
+
+/// Where points nearly as accurate as a budget's choice (within `--latency-margin`) exist,
+/// times them all at batch 1 on the first `--latency-images` validation images, with the
+/// dense network as the reference, and gives each budget the fastest (within 3%, the most
+/// accurate of those: [`fastest_of`]). Every entry gets its measured latency ratio.
+fn weigh_latency(
+    model: &Model,
+    validation: &Split,
+    points: &[OperatingPoint],
+    entries: &mut [BudgetEntry],
+    args: &CalibrateArgs,
+) -> anyhow::Result<()> {
+    let candidates: Vec<Vec<OperatingPoint>> = entries
+        .iter()
+        .map(|e| {
+            if e.budget >= 1.0 {
+                vec![e.point.clone()]
+            } else {
+                near_best(points, e.budget, args.latency_margin, args.latency_candidates.max(1))
+            }
+        })
+        .collect();
+    let mut distinct: Vec<OperatingPoint> = Vec::new();
+    for p in candidates.iter().flatten() {
+        if !distinct.iter().any(|q| same_thresholds(p, q)) {
+            distinct.push(p.clone());
+        }
+    }
+    let n = args.latency_images.min(validation.len());
+    tracing::info!(points = distinct.len(), images = n, "timing candidate points at batch 1");
+    let inputs = (0..n).map(|i| validation.images(i..i + 1)).collect::<Result<Vec<_>, _>>()?;
+    let mut policies = vec![GatePolicy::dense()];
+    policies.extend(distinct.iter().map(|p| GatePolicy {
+        channel_mode: ChannelMode::Slice,
+        ..GatePolicy::with_thresholds(p.channel_threshold, p.block_threshold, p.exit_threshold)
+    }));
+    let timed = batch1_latencies(model, &inputs, &policies);
+    let ratio_of = |p: &OperatingPoint| {
+        distinct.iter().position(|q| same_thresholds(p, q)).and_then(|i| timed.get(i + 1)).map(|t| t.1)
+    };
+    for (entry, cands) in entries.iter_mut().zip(&candidates) {
+        if entry.budget >= 1.0 {
+            entry.latency_ratio = timed.first().map(|_| 1.0);
+            continue;
+        }
+        let with_time: Vec<(OperatingPoint, f64)> =
+            cands.iter().filter_map(|p| Some((p.clone(), ratio_of(p)?))).collect();
+        let Some((point, ratio)) = fastest_of(&with_time, FASTER_BY) else { continue };
+        if !same_thresholds(&point, &entry.point) {
+            tracing::info!(
+                budget = entry.budget,
+                accuracy = point.validation_accuracy,
+                instead_of = entry.point.validation_accuracy,
+                flop_fraction = point.flop_fraction,
+                latency_ratio = ratio,
+                instead_of_ratio = ratio_of(&entry.point),
+                "a nearly as accurate point runs faster"
+            );
+        }
+        entry.point = point;
+        entry.latency_ratio = Some(ratio);
+    }
+    Ok(())
+}
+
+/// How much faster (a fraction of the fastest candidate's latency) a point must measure to
+/// be taken over a more accurate one: timing noise on a shared machine is a few percent.
+const FASTER_BY: f64 = 0.03;

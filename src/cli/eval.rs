@@ -3,13 +3,12 @@
 //! CSV, a markdown table and an SVG plot.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use crate::bench::timing::median;
+use crate::bench::timing::batch1_latencies;
 use crate::control::calibration::CalibrationTable;
 use crate::engine::{BatchTotals, GatePolicy, Model};
 use crate::repository::ModelDir;
@@ -107,7 +106,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             policies.push((Some(e.budget), t.policy_for(e.budget)?));
         }
     }
-    let latencies = batch1_latencies(&model, &test, &policies, args.latency_images)?;
+    let latencies = split_latencies(&model, &test, &policies, args.latency_images)?;
     let mut rows = Vec::new();
     for (k, (budget, policy)) in policies.iter().enumerate() {
         let (accuracy, flop_fraction) = accuracy_and_flops(&model, &test, policy)?;
@@ -171,39 +170,16 @@ pub fn accuracy_and_flops(
     Ok((correct as f64 / test.len().max(1) as f64, totals.flop_fraction()))
 }
 
-/// Per policy: median batch-1 latency (ms) and median per-image ratio to the first policy,
-/// timing every policy on each image in a rotating order.
-fn batch1_latencies(
+/// [`batch1_latencies`] of `policies` on the first `images` images of `test`.
+fn split_latencies(
     model: &Model,
     test: &crate::data::Split,
     policies: &[(Option<f64>, GatePolicy)],
     images: usize,
 ) -> Result<Vec<(f64, f64)>, crate::data::DataError> {
-    let n = images.min(test.len());
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    let k = policies.len();
-    let mut times = vec![Vec::with_capacity(n); k];
-    let inputs = (0..n).map(|i| test.images(i..i + 1)).collect::<Result<Vec<_>, _>>()?;
-    for x in inputs.iter().take(5) {
-        policies.iter().for_each(|(_, p)| drop(model.net.forward(x, p)));
-    }
-    for (i, x) in inputs.iter().enumerate() {
-        for j in 0..k {
-            let p = (i + j) % k;
-            let start = Instant::now();
-            let _ = model.net.forward(x, &policies[p].1);
-            times[p].push(start.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    Ok(times
-        .iter()
-        .map(|t| {
-            let ratios: Vec<f64> = t.iter().zip(&times[0]).map(|(a, d)| a / d).collect();
-            (median(t), median(&ratios))
-        })
-        .collect())
+    let inputs = (0..images.min(test.len())).map(|i| test.images(i..i + 1)).collect::<Result<Vec<_>, _>>()?;
+    let policies: Vec<GatePolicy> = policies.iter().map(|(_, p)| p.clone()).collect();
+    Ok(batch1_latencies(model, &inputs, &policies))
 }
 
 fn label(budget: Option<f64>) -> String {

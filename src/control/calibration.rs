@@ -29,6 +29,11 @@ pub struct BudgetEntry {
     pub budget: f64,
     #[serde(flatten)]
     pub point: OperatingPoint,
+    /// Median batch-1 latency of the point ÷ the dense network's, per validation image,
+    /// where `sluice calibrate` timed it (`--latency-images`); absent in tables built on
+    /// FLOPs alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ratio: Option<f64>,
 }
 
 /// The calibration table of a model.
@@ -132,15 +137,64 @@ pub fn budget_table(
         .iter()
         .filter_map(|&budget| {
             if budget >= 1.0 {
-                return Some(BudgetEntry { budget, point: dense.clone() });
+                return Some(BudgetEntry { budget, point: dense.clone(), latency_ratio: None });
             }
             frontier
                 .iter()
                 .filter(|p| p.flop_fraction <= budget)
                 .max_by(|a, b| a.validation_accuracy.total_cmp(&b.validation_accuracy))
-                .map(|p| BudgetEntry { budget, point: p.clone() })
+                .map(|p| BudgetEntry { budget, point: p.clone(), latency_ratio: None })
         })
         .collect()
+}
+
+/// The points `budget` may choose among when time is weighed too: every point of `points`
+/// (all swept points, not just the frontier: a point that exits early can be a little less
+/// accurate than a channel-only one of fewer FLOPs and still be faster) whose FLOPs are within
+/// the budget and whose validation accuracy is at most `margin` below the best such point;
+/// most accurate first (ties: fewer FLOPs first), distinct thresholds, at most `max`.
+pub fn near_best(points: &[OperatingPoint], budget: f64, margin: f64, max: usize) -> Vec<OperatingPoint> {
+    let mut within: Vec<&OperatingPoint> = points.iter().filter(|p| p.flop_fraction <= budget).collect();
+    within.sort_by(|a, b| {
+        b.validation_accuracy
+            .total_cmp(&a.validation_accuracy)
+            .then(a.flop_fraction.total_cmp(&b.flop_fraction))
+    });
+    let Some(best) = within.first().map(|p| p.validation_accuracy) else { return Vec::new() };
+    let mut out: Vec<OperatingPoint> = Vec::new();
+    for p in within.into_iter().take_while(|p| p.validation_accuracy >= best - margin - 1e-12) {
+        if out.len() == max {
+            break;
+        }
+        if !out.iter().any(|q| same_thresholds(p, q)) {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+/// Whether two points run the same policy.
+pub fn same_thresholds(a: &OperatingPoint, b: &OperatingPoint) -> bool {
+    a.channel_threshold == b.channel_threshold
+        && a.block_threshold == b.block_threshold
+        && a.exit_threshold == b.exit_threshold
+}
+
+/// Of `timed` candidates (point, measured latency ÷ dense; most accurate first, as
+/// [`near_best`] returns them), the most accurate one whose latency is within `slack` (a
+/// fraction) of the fastest's: a faster point is taken only when it is faster by more than
+/// timing noise, and never over one that is as fast and more accurate.
+pub fn fastest_of(timed: &[(OperatingPoint, f64)], slack: f64) -> Option<(OperatingPoint, f64)> {
+    let fastest = timed.iter().map(|(_, r)| *r).min_by(f64::total_cmp)?;
+    timed
+        .iter()
+        .filter(|(_, r)| *r <= fastest * (1.0 + slack))
+        .max_by(|(a, _), (b, _)| {
+            a.validation_accuracy
+                .total_cmp(&b.validation_accuracy)
+                .then(b.flop_fraction.total_cmp(&a.flop_fraction))
+        })
+        .cloned()
 }
 
 /// The dense network's point among a sweep's (every gate at threshold 0, exits off).
@@ -199,5 +253,46 @@ mod tests {
         // Budget 1.0 serves the dense policy itself.
         let full = t.policy_for(1.0).unwrap();
         assert_eq!(full, GatePolicy { budget: Some(1.0), ..GatePolicy::dense() });
+    }
+
+    #[test]
+    fn near_best_keeps_points_within_the_margin_most_accurate_first() {
+        let exits =
+            |acc: f64, fraction: f64, e: f32| OperatingPoint { exit_threshold: e, ..point(acc, fraction) };
+        let points = vec![
+            point(0.930, 0.45),
+            exits(0.928, 0.48, 0.9),
+            exits(0.929, 0.47, 0.95),
+            exits(0.925, 0.40, 0.8),
+            point(0.940, 0.55), // over the budget
+            point(0.930, 0.45), // the same thresholds again (a refined sweep)
+        ];
+        let near = near_best(&points, 0.5, 0.002, 10);
+        let acc: Vec<f64> = near.iter().map(|p| p.validation_accuracy).collect();
+        assert_eq!(
+            acc,
+            vec![0.930, 0.929, 0.928],
+            "0.925 is 0.5 pt below; 0.94 is over budget; no duplicate"
+        );
+        assert_eq!(near_best(&points, 0.5, 0.002, 2).len(), 2);
+        assert_eq!(near_best(&points, 0.5, 0.0, 10).len(), 1, "margin 0: the FLOPs-only choice");
+        assert!(near_best(&points, 0.3, 0.01, 10).is_empty(), "no point fits 0.3");
+    }
+
+    #[test]
+    fn fastest_of_takes_a_faster_point_only_beyond_the_slack() {
+        let a = point(0.930, 0.45);
+        let b = OperatingPoint { exit_threshold: 0.9, ..point(0.928, 0.48) };
+        let c = OperatingPoint { exit_threshold: 0.95, ..point(0.929, 0.47) };
+        // b is clearly faster: chosen over the more accurate a.
+        assert_eq!(fastest_of(&[(a.clone(), 0.80), (b.clone(), 0.55)], 0.03).unwrap().0, b);
+        // c is within 3% of the fastest b and more accurate: c.
+        assert_eq!(
+            fastest_of(&[(a.clone(), 0.80), (c.clone(), 0.56), (b.clone(), 0.55)], 0.03).unwrap(),
+            (c, 0.56)
+        );
+        // Within noise of each other: the most accurate stays.
+        assert_eq!(fastest_of(&[(a.clone(), 0.80), (b, 0.79)], 0.03).unwrap().0, a);
+        assert!(fastest_of(&[], 0.03).is_none());
     }
 }

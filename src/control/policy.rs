@@ -535,6 +535,7 @@ mod tests {
                 validation_accuracy: 0.9,
                 flop_fraction: budget,
             },
+            latency_ratio: None,
         };
         let table = CalibrationTable {
             model: "m".into(),

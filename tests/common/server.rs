@@ -42,9 +42,9 @@ pub fn write_calibration(dir: &Path) {
         flop_fraction: f,
     };
     let budgets = vec![
-        BudgetEntry { budget: 0.3, point: point(1.0, 1.0, 0.3) },
-        BudgetEntry { budget: 0.5, point: point(0.9, 0.95, 0.5) },
-        BudgetEntry { budget: 1.0, point: point(0.0, 0.0, 1.0) },
+        BudgetEntry { budget: 0.3, point: point(1.0, 1.0, 0.3), latency_ratio: None },
+        BudgetEntry { budget: 0.5, point: point(0.9, 0.95, 0.5), latency_ratio: Some(0.62) },
+        BudgetEntry { budget: 1.0, point: point(0.0, 0.0, 1.0), latency_ratio: None },
     ];
     let table = CalibrationTable {
         model: "fixture".into(),

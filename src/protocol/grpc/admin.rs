@@ -139,6 +139,7 @@ fn state(m: &ModelRuntime, p: &GatePolicy) -> pb::GatingState {
                     exit_threshold: e.point.exit_threshold,
                     validation_accuracy: e.point.validation_accuracy,
                     flop_fraction: e.point.flop_fraction,
+                    latency_ratio: e.latency_ratio,
                 })
                 .collect()
         })
