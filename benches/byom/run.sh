@@ -12,7 +12,8 @@
 #      "retrofit vs from scratch" time comparison (OUT/models/scratch/report).
 # Every step is skipped when its output exists, so a rerun resumes. Usage:
 #   benches/byom/run.sh [OUT=runs/byom]   (TEACHER_EPOCHS=5 RETROFIT_EPOCHS=2 SCRATCH_EPOCHS=0 THREADS=2)
-# The well-trained-teacher comparison of docs/benchmarks.md (about 2.5 hours):
+# The well-trained-teacher comparison of docs/benchmarks.md (about 2.5 hours; about 1.5 with the
+# cached teacher of benches/byom/teacher-t15/, copied into OUT first: its README):
 #   IMAGES=runs/byom/images TEACHER_EPOCHS=15 SCRATCH_EPOCHS=8 benches/byom/run.sh runs/byom-t15
 # The Bottleneck variant: a torchvision ResNet-50 on a subset, at the same 32x32 input:
 #   ARCH=resnet50 LIMIT=20000 TEACHER_EPOCHS=5 RETROFIT_EPOCHS=1 IMAGES=runs/byom/images \
