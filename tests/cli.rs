@@ -98,6 +98,45 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
     }
     assert_eq!(budgets.last().unwrap()["latency_ratio"].as_f64(), Some(1.0), "dense is the reference");
 
+    // One candidate per budget (the most accurate) is the FLOPs-only table, timed; margin 0
+    // is the same table, untimed.
+    let (one, flops) = (dir.path().join("one.json"), dir.path().join("flops.json"));
+    let args = |out: &std::path::Path, extra: &[&str]| {
+        let mut a =
+            vec!["calibrate", model, "--limit", "300", "--steps", "4", "--out", out.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    for (out, extra) in [
+        (&one, &["--latency-candidates", "1", "--latency-images", "20"][..]),
+        (&flops, &["--latency-margin", "0"][..]),
+    ] {
+        let a = args(out, extra);
+        let out = sluice(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let (one, flops) = (read(&one), read(&flops));
+    let thresholds = |t: &serde_json::Value| -> Vec<(f64, f64, f64)> {
+        t["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["channel_threshold"].as_f64().unwrap(),
+                    e["block_threshold"].as_f64().unwrap(),
+                    e["exit_threshold"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(thresholds(&one), thresholds(&flops));
+    assert!(one["budgets"].as_array().unwrap().iter().all(|e| e["latency_ratio"].as_f64().is_some()));
+    assert!(flops["budgets"].as_array().unwrap().iter().all(|e| e.get("latency_ratio").is_none()), "{flops}");
+
     let report = dir.path().join("report");
     let out = sluice(&[
         "eval",
