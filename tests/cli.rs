@@ -76,10 +76,16 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
     let budgets = table["budgets"].as_array().unwrap();
     assert_eq!(budgets.len(), 19);
     let frontier = table["frontier"].as_array().unwrap();
+    // The default --flops-confidence: a budget's point keeps two standard errors below it.
+    assert_eq!(table["flops_confidence"].as_f64(), Some(2.0));
+    let bound = |p: &serde_json::Value| {
+        let stderr = p["flop_fraction_stderr"].as_f64().unwrap();
+        assert!(stderr >= 0.0 && stderr < 0.05, "{p}");
+        p["flop_fraction"].as_f64().unwrap() + 2.0 * stderr
+    };
     for entry in budgets {
-        let (budget, fraction) =
-            (entry["budget"].as_f64().unwrap(), entry["flop_fraction"].as_f64().unwrap());
-        assert!(fraction <= budget, "{entry}");
+        let budget = entry["budget"].as_f64().unwrap();
+        assert!(bound(entry) <= budget + 1e-12 || budget >= 1.0, "{entry}");
         // Timed at batch 1 (the default --latency-images), and never more than the default
         // --latency-margin (0.2 pt) below the most accurate point within the budget.
         let ratio = entry["latency_ratio"].as_f64().unwrap_or_else(|| panic!("no latency: {entry}"));
@@ -87,7 +93,7 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
         if budget < 1.0 {
             let best = frontier
                 .iter()
-                .filter(|p| p["flop_fraction"].as_f64().unwrap() <= budget)
+                .filter(|p| bound(p) <= budget)
                 .map(|p| p["validation_accuracy"].as_f64().unwrap())
                 .fold(0.0, f64::max);
             assert!(
@@ -136,6 +142,11 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
     assert_eq!(thresholds(&one), thresholds(&flops));
     assert!(one["budgets"].as_array().unwrap().iter().all(|e| e["latency_ratio"].as_f64().is_some()));
     assert!(flops["budgets"].as_array().unwrap().iter().all(|e| e.get("latency_ratio").is_none()), "{flops}");
+
+    let out = sluice(&["calibrate", model, "--flops-confidence", "nan"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--flops-confidence") && err.contains("standard errors"), "{err}");
 
     let report = dir.path().join("report");
     let out = sluice(&[

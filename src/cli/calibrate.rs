@@ -1,7 +1,9 @@
 //! `sluice calibrate <model-dir>`: sweep thresholds on a dataset's validation split
 //! (`--data`) and write the budget → thresholds table beside the weights. Each budget gets
-//! the most accurate point within its FLOPs, or, where points nearly as accurate run faster
-//! (`--latency-margin`), the fastest of them as timed at batch 1 on validation images.
+//! the most accurate point within its FLOPs (with `--flops-confidence` standard errors to
+//! spare, so that the budget holds on images the split did not hold), or, where points nearly
+//! as accurate run faster (`--latency-margin`), the fastest of them as timed at batch 1 on
+//! validation images.
 
 use std::path::PathBuf;
 
@@ -34,6 +36,12 @@ pub struct CalibrateArgs {
     /// budget).
     #[arg(long, env = "SLUICE_CALIBRATE_REFINE_ROUNDS", default_value_t = 3)]
     pub refine_rounds: usize,
+    /// A budget takes only points whose mean FLOP fraction plus this many standard errors
+    /// (measured per point on the split) is within it, so the budget holds on new images
+    /// too, not only on the validation split (2: ~98% one-sided; 0: the mean alone).
+    #[arg(long, env = "SLUICE_CALIBRATE_FLOPS_CONFIDENCE", default_value_t = 2.0,
+          value_parser = non_negative)]
+    pub flops_confidence: f64,
     /// Validation accuracy (a fraction: 0.002 = 0.2 points) a budget may give up, against its
     /// most accurate point, for a point that runs faster at batch 1; 0 chooses on FLOPs alone.
     #[arg(long, env = "SLUICE_CALIBRATE_LATENCY_MARGIN", default_value_t = 0.002)]
@@ -74,15 +82,16 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     );
     let rounds = if args.max_gap > 0.0 { args.refine_rounds } else { 0 };
     let budgets = default_budgets();
+    let z = args.flops_confidence;
     let points =
-        sweep_refined(&model, &validation, &grid, 500, &budgets, args.max_gap, rounds, |done, total| {
+        sweep_refined(&model, &validation, &grid, 500, &budgets, z, args.max_gap, rounds, |done, total| {
             if done % 10 == 0 || done == total {
                 tracing::info!(done, total, "threshold pairs measured");
             }
         })?;
     let dense = dense_point(&points).cloned().context("the sweep measured no dense point")?;
     let frontier = frontier(&points);
-    let mut entries = budget_table(&frontier, &budgets, &dense);
+    let mut entries = budget_table(&frontier, &budgets, &dense, z);
     if args.latency_images > 0 && args.latency_margin > 0.0 {
         weigh_latency(&model, &validation, &points, &mut entries, args)?;
     }
@@ -91,25 +100,27 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         split: "validation".into(),
         images: validation.len(),
         channel_mode: ChannelMode::Slice,
+        flops_confidence: z,
         budgets: entries,
         frontier,
     };
     let out = args.out.clone().unwrap_or_else(|| args.model.join(CALIBRATION_FILE));
     table.save(&out)?;
     println!(
-        "| budget | channel t | block t | exit t | validation accuracy | FLOP fraction | latency / dense |"
+        "| budget | channel t | block t | exit t | validation accuracy | FLOP fraction ± s.e. | latency / dense |"
     );
     println!("|---|---|---|---|---|---|---|");
     for e in &table.budgets {
         let p = &e.point;
         println!(
-            "| {:.2} | {:.4} | {:.4} | {:.4} | {:.4} | {:.3} | {} |",
+            "| {:.2} | {:.4} | {:.4} | {:.4} | {:.4} | {:.3} ± {:.3} | {} |",
             e.budget,
             p.channel_threshold,
             p.block_threshold,
             p.exit_threshold,
             p.validation_accuracy,
             p.flop_fraction,
+            p.flop_fraction_stderr,
             e.latency_ratio.map_or("–".into(), |r| format!("{r:.2}"))
         );
     }
@@ -134,7 +145,8 @@ fn weigh_latency(
             if e.budget >= 1.0 {
                 vec![e.point.clone()]
             } else {
-                near_best(points, e.budget, args.latency_margin, args.latency_candidates.max(1))
+                let max = args.latency_candidates.max(1);
+                near_best(points, e.budget, args.flops_confidence, args.latency_margin, max)
             }
         })
         .collect();
@@ -179,6 +191,14 @@ fn weigh_latency(
         entry.latency_ratio = Some(ratio);
     }
     Ok(())
+}
+
+/// `--flops-confidence`: a finite number of standard errors, not below 0.
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(z) if z.is_finite() && z >= 0.0 => Ok(z),
+        _ => Err(format!("expected a number of standard errors >= 0, got `{s}`")),
+    }
 }
 
 /// How much faster (a fraction of the fastest candidate's latency) a point must measure to

@@ -1,5 +1,7 @@
 //! The runtime calibration table: it maps a compute budget (fraction of dense FLOPs) to the
-//! thresholds with the best validation accuracy whose mean executed FLOPs stay within it.
+//! thresholds with the best validation accuracy whose mean executed FLOPs stay within it,
+//! with a margin of a few standard errors so that they stay within it on images the
+//! validation split did not hold ([`OperatingPoint::fits`]).
 //! Stored beside the weights as `calibration.json`; the offline sweep that measures it is
 //! `train::calibrate`.
 
@@ -21,6 +23,20 @@ pub struct OperatingPoint {
     pub validation_accuracy: f64,
     /// Mean executed FLOPs / dense FLOPs (gate heads included).
     pub flop_fraction: f64,
+    /// Standard error of `flop_fraction` (the per-image fractions' standard deviation ÷
+    /// √images): how far the mean may move on other images of the same distribution. 0 in
+    /// tables written before it was measured.
+    #[serde(default)]
+    pub flop_fraction_stderr: f64,
+}
+
+impl OperatingPoint {
+    /// Whether the point's mean FLOP fraction, plus `confidence` standard errors, is within
+    /// `budget`: with 2, a budget holds on unseen images of the validation split's
+    /// distribution with ~98% confidence, not just on the split itself (docs/decisions.md).
+    pub fn fits(&self, budget: f64, confidence: f64) -> bool {
+        self.flop_fraction + confidence * self.flop_fraction_stderr <= budget
+    }
 }
 
 /// A budget and the operating point chosen for it.
@@ -44,6 +60,10 @@ pub struct CalibrationTable {
     pub split: String,
     pub images: usize,
     pub channel_mode: ChannelMode,
+    /// How many standard errors of its FLOP fraction each budget's point keeps below the
+    /// budget (`sluice calibrate --flops-confidence`); 0 in tables built on the mean alone.
+    #[serde(default)]
+    pub flops_confidence: f64,
     /// Ascending budgets.
     pub budgets: Vec<BudgetEntry>,
     /// Every point of the accuracy/FLOPs frontier the sweep found, ascending FLOPs.
@@ -124,14 +144,15 @@ pub fn frontier(points: &[OperatingPoint]) -> Vec<OperatingPoint> {
     out
 }
 
-/// For each budget, the most accurate point whose FLOP fraction is within it; budgets no
-/// point fits are left out (the table's range says what is calibrated). Budget 1.0 is the
-/// dense network, `dense` (../shared/DESIGN.md), even where a cheaper point measured as
-/// accurate on the validation split.
+/// For each budget, the most accurate point that fits it at `confidence` standard errors
+/// ([`OperatingPoint::fits`]); budgets no point fits are left out (the table's range says
+/// what is calibrated). Budget 1.0 is the dense network, `dense` (../shared/DESIGN.md), even
+/// where a cheaper point measured as accurate on the validation split.
 pub fn budget_table(
     frontier: &[OperatingPoint],
     budgets: &[f64],
     dense: &OperatingPoint,
+    confidence: f64,
 ) -> Vec<BudgetEntry> {
     budgets
         .iter()
@@ -141,7 +162,7 @@ pub fn budget_table(
             }
             frontier
                 .iter()
-                .filter(|p| p.flop_fraction <= budget)
+                .filter(|p| p.fits(budget, confidence))
                 .max_by(|a, b| a.validation_accuracy.total_cmp(&b.validation_accuracy))
                 .map(|p| BudgetEntry { budget, point: p.clone(), latency_ratio: None })
         })
@@ -150,11 +171,18 @@ pub fn budget_table(
 
 /// The points `budget` may choose among when time is weighed too: every point of `points`
 /// (all swept points, not just the frontier: a point that exits early can be a little less
-/// accurate than a channel-only one of fewer FLOPs and still be faster) whose FLOPs are within
-/// the budget and whose validation accuracy is at most `margin` below the best such point;
-/// most accurate first (ties: fewer FLOPs first), distinct thresholds, at most `max`.
-pub fn near_best(points: &[OperatingPoint], budget: f64, margin: f64, max: usize) -> Vec<OperatingPoint> {
-    let mut within: Vec<&OperatingPoint> = points.iter().filter(|p| p.flop_fraction <= budget).collect();
+/// accurate than a channel-only one of fewer FLOPs and still be faster) that fits the budget
+/// at `confidence` standard errors and whose validation accuracy is at most `margin` below
+/// the best such point; most accurate first (ties: fewer FLOPs first), distinct thresholds,
+/// at most `max`.
+pub fn near_best(
+    points: &[OperatingPoint],
+    budget: f64,
+    confidence: f64,
+    margin: f64,
+    max: usize,
+) -> Vec<OperatingPoint> {
+    let mut within: Vec<&OperatingPoint> = points.iter().filter(|p| p.fits(budget, confidence)).collect();
     within.sort_by(|a, b| {
         b.validation_accuracy
             .total_cmp(&a.validation_accuracy)
@@ -218,6 +246,7 @@ mod tests {
             exit_threshold: 1.0,
             validation_accuracy: acc,
             flop_fraction: fraction,
+            flop_fraction_stderr: 0.0,
         }
     }
 
@@ -232,7 +261,7 @@ mod tests {
         all.push(dense.clone());
         assert_eq!(dense_point(&all), Some(&dense));
         assert_eq!(dense_point(&points), None);
-        let table = budget_table(&f, &[0.25, 0.3, 0.55, 0.95, 1.0], &dense);
+        let table = budget_table(&f, &[0.25, 0.3, 0.55, 0.95, 1.0], &dense, 2.0);
         assert_eq!(table.len(), 4, "0.25 fits no point");
         assert_eq!(table[1].point.flop_fraction, 0.5);
         assert_eq!(table[2].point.validation_accuracy, 0.93, "0.95: the more accurate 0.6 point");
@@ -242,6 +271,7 @@ mod tests {
             split: "validation".into(),
             images: 10,
             channel_mode: ChannelMode::Slice,
+            flops_confidence: 2.0,
             budgets: table,
             frontier: f,
         };
@@ -256,6 +286,26 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_keeps_its_points_standard_errors_below_it() {
+        let edge = OperatingPoint { flop_fraction_stderr: 0.002, ..point(0.935, 0.4996) };
+        let inside = OperatingPoint { flop_fraction_stderr: 0.002, ..point(0.934, 0.49) };
+        assert!(edge.fits(0.5, 0.0) && !edge.fits(0.5, 2.0));
+        assert!(inside.fits(0.5, 2.0) && !inside.fits(0.5, 5.1));
+        let dense = OperatingPoint { channel_threshold: 0.0, ..point(0.94, 1.0) };
+        let f = frontier(&[inside.clone(), edge.clone(), dense.clone()]);
+        let pick = |confidence| budget_table(&f, &[0.5], &dense, confidence)[0].point.clone();
+        assert_eq!(pick(0.0), edge, "on the mean alone: the point at the edge");
+        assert_eq!(pick(2.0), inside, "two standard errors: the point with room");
+        assert_eq!(near_best(&[inside.clone(), edge], 0.5, 2.0, 0.01, 10), vec![inside]);
+        // Tables written before the field existed read as exact means.
+        let old: OperatingPoint = serde_json::from_str(
+            r#"{"channel_threshold":0.5,"block_threshold":0,"exit_threshold":1,"validation_accuracy":0.9,"flop_fraction":0.5}"#,
+        )
+        .unwrap();
+        assert_eq!(old.flop_fraction_stderr, 0.0);
+    }
+
+    #[test]
     fn near_best_keeps_points_within_the_margin_most_accurate_first() {
         let exits =
             |acc: f64, fraction: f64, e: f32| OperatingPoint { exit_threshold: e, ..point(acc, fraction) };
@@ -267,16 +317,16 @@ mod tests {
             point(0.940, 0.55), // over the budget
             point(0.930, 0.45), // the same thresholds again (a refined sweep)
         ];
-        let near = near_best(&points, 0.5, 0.002, 10);
+        let near = near_best(&points, 0.5, 0.0, 0.002, 10);
         let acc: Vec<f64> = near.iter().map(|p| p.validation_accuracy).collect();
         assert_eq!(
             acc,
             vec![0.930, 0.929, 0.928],
             "0.925 is 0.5 pt below; 0.94 is over budget; no duplicate"
         );
-        assert_eq!(near_best(&points, 0.5, 0.002, 2).len(), 2);
-        assert_eq!(near_best(&points, 0.5, 0.0, 10).len(), 1, "margin 0: the FLOPs-only choice");
-        assert!(near_best(&points, 0.3, 0.01, 10).is_empty(), "no point fits 0.3");
+        assert_eq!(near_best(&points, 0.5, 0.0, 0.002, 2).len(), 2);
+        assert_eq!(near_best(&points, 0.5, 0.0, 0.0, 10).len(), 1, "margin 0: the FLOPs-only choice");
+        assert!(near_best(&points, 0.3, 0.0, 0.01, 10).is_empty(), "no point fits 0.3");
     }
 
     #[test]

@@ -534,6 +534,7 @@ mod tests {
                 exit_threshold: 1.0,
                 validation_accuracy: 0.9,
                 flop_fraction: budget,
+                flop_fraction_stderr: 0.0,
             },
             latency_ratio: None,
         };
@@ -542,6 +543,7 @@ mod tests {
             split: "validation".into(),
             images: 0,
             channel_mode: ChannelMode::Slice,
+            flops_confidence: 0.0,
             budgets: vec![entry(0.3, 0.9), entry(0.5, 0.5), entry(1.0, 0.0)],
             frontier: Vec::new(),
         };

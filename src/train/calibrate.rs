@@ -69,7 +69,8 @@ fn quantiles(mut values: Vec<f32>, steps: usize) -> Vec<f32> {
     (1..steps).map(|i| values[(i * (values.len() - 1)) / steps]).collect()
 }
 
-/// Measures every grid point on `split` (slice mode): accuracy and mean FLOP fraction.
+/// Measures every grid point on `split` (slice mode): accuracy, mean FLOP fraction and its
+/// standard error.
 /// Each (channel, block) pair is one traced pass; every exit threshold follows from it.
 pub fn sweep(
     model: &Model,
@@ -86,8 +87,8 @@ pub fn sweep(
     for &c in &grid.channel {
         for &b in &grid.block {
             let policy = GatePolicy::with_thresholds(c, b, 1.0);
-            // Per exit threshold: (correct, FLOP fraction sum).
-            let mut acc = vec![(0usize, 0.0f64); grid.exit.len()];
+            // Per exit threshold: (correct, FLOP fraction sum, sum of squares).
+            let mut acc = vec![(0usize, 0.0f64, 0.0f64); grid.exit.len()];
             for start in (0..n).step_by(batch.max(1)) {
                 let range = start..(start + batch).min(n);
                 let labels = &split.labels[range.clone()];
@@ -106,18 +107,22 @@ pub fn sweep(
                             None if e < 1.0 => (final_pred[i], r.executed_flops),
                             None => (final_pred[i], r.executed_flops - trace.head_flops[i]),
                         };
+                        let fraction = flops as f64 / dense;
                         acc[k].0 += usize::from(pred == label as i64);
-                        acc[k].1 += flops as f64 / dense;
+                        acc[k].1 += fraction;
+                        acc[k].2 += fraction * fraction;
                     }
                 }
             }
             for (k, &e) in grid.exit.iter().enumerate() {
+                let (correct, sum, squares) = acc[k];
                 points.push(OperatingPoint {
                     channel_threshold: c,
                     block_threshold: b,
                     exit_threshold: e,
-                    validation_accuracy: acc[k].0 as f64 / n as f64,
-                    flop_fraction: acc[k].1 / n as f64,
+                    validation_accuracy: correct as f64 / n as f64,
+                    flop_fraction: sum / n as f64,
+                    flop_fraction_stderr: standard_error(sum, squares, n),
                 });
             }
             done += 1;
@@ -130,7 +135,8 @@ pub fn sweep(
 /// [`sweep`], then fills the frontier where it is too coarse for the budget table: for each
 /// of `budgets` whose best point sits more than `max_gap` of dense FLOPs below it, the
 /// threshold pair halfway between that point and the next frontier point above the budget
-/// is swept too (every exit threshold comes with it), for up to `rounds` rounds. Quantile
+/// is swept too (every exit threshold comes with it), for up to `rounds` rounds; "below it"
+/// at `confidence` standard errors, as the table will choose ([`OperatingPoint::fits`]). Quantile
 /// grids follow the gates' score mass, which piles up near 0 and 1, so one quantile step can
 /// jump from 35% to 53% of dense FLOPs and leave every budget in between on the point below.
 #[allow(clippy::too_many_arguments)]
@@ -140,6 +146,7 @@ pub fn sweep_refined(
     grid: &SweepGrid,
     batch: usize,
     budgets: &[f64],
+    confidence: f64,
     max_gap: f64,
     rounds: usize,
     mut progress: impl FnMut(usize, usize),
@@ -148,7 +155,7 @@ pub fn sweep_refined(
     let mut swept: Vec<(f32, f32)> =
         points.iter().map(|p| (p.channel_threshold, p.block_threshold)).collect();
     for round in 0..rounds {
-        let pairs: Vec<(f32, f32)> = gap_pairs(&frontier(&points), budgets, max_gap)
+        let pairs: Vec<(f32, f32)> = gap_pairs(&frontier(&points), budgets, confidence, max_gap)
             .into_iter()
             .filter(|pair| !swept.iter().any(|s| (s.0 - pair.0).abs() < 1e-5 && (s.1 - pair.1).abs() < 1e-5))
             .collect();
@@ -169,16 +176,16 @@ pub fn sweep_refined(
     Ok(points)
 }
 
-/// For each budget below 1 whose best frontier point (`frontier` ascending FLOPs, so
-/// ascending accuracy) is more than `max_gap` below it, the (channel, block) thresholds
-/// halfway to the first point above the budget; deduplicated.
-fn gap_pairs(frontier: &[OperatingPoint], budgets: &[f64], max_gap: f64) -> Vec<(f32, f32)> {
+/// For each budget below 1 whose best fitting frontier point (`frontier` ascending FLOPs, so
+/// ascending accuracy; fitting at `confidence` standard errors) leaves more than `max_gap`
+/// of it unused, the (channel, block) thresholds halfway to the next point, which does not
+/// fit; deduplicated.
+fn gap_pairs(frontier: &[OperatingPoint], budgets: &[f64], confidence: f64, max_gap: f64) -> Vec<(f32, f32)> {
     let mut pairs: Vec<(f32, f32)> = Vec::new();
     for &budget in budgets.iter().filter(|&&b| b < 1.0) {
-        let below = frontier.iter().rev().find(|p| p.flop_fraction <= budget);
-        let above = frontier.iter().find(|p| p.flop_fraction > budget);
-        let (Some(lo), Some(hi)) = (below, above) else { continue };
-        if budget - lo.flop_fraction <= max_gap {
+        let Some(at) = frontier.iter().rposition(|p| p.fits(budget, confidence)) else { continue };
+        let (lo, Some(hi)) = (&frontier[at], frontier.get(at + 1)) else { continue };
+        if budget - lo.flop_fraction - confidence * lo.flop_fraction_stderr <= max_gap {
             continue;
         }
         let mid = (
@@ -190,6 +197,17 @@ fn gap_pairs(frontier: &[OperatingPoint], budgets: &[f64], max_gap: f64) -> Vec<
         }
     }
     pairs
+}
+
+/// The standard error of a mean from `n` values' sum and sum of squares (sample variance;
+/// 0 for fewer than two values, and never negative from rounding).
+fn standard_error(sum: f64, squares: f64, n: usize) -> f64 {
+    if n < 2 {
+        return 0.0;
+    }
+    let n = n as f64;
+    let variance = ((squares - sum * sum / n) / (n - 1.0)).max(0.0);
+    (variance / n).sqrt()
 }
 
 fn argmax(logits: &Tensor) -> Vec<i64> {
@@ -211,7 +229,17 @@ mod tests {
             exit_threshold: 1.0,
             validation_accuracy: acc,
             flop_fraction: flops,
+            flop_fraction_stderr: 0.0,
         }
+    }
+
+    #[test]
+    fn standard_error_of_a_mean_from_its_sums() {
+        // 0.2, 0.4, 0.6: sample variance 0.04, so the standard error is sqrt(0.04 / 3).
+        let (sum, squares) = (1.2, 0.04 + 0.16 + 0.36);
+        assert!((standard_error(sum, squares, 3) - (0.04f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(standard_error(0.5, 0.25, 1), 0.0);
+        assert_eq!(standard_error(1.5, 0.75, 3), 0.0, "three equal values, rounding kept at 0");
     }
 
     #[test]
@@ -220,10 +248,16 @@ mod tests {
             vec![point(0.8, 0.0, 0.90, 0.35), point(0.4, 0.2, 0.92, 0.53), point(0.0, 0.0, 0.93, 1.0)];
         // 0.40, 0.45 and 0.50 all sit on the 0.35 point: one pair between it and 0.53. 0.55
         // is within 0.03 of 0.53; 0.60 … 0.95 fall between 0.53 and dense.
-        let pairs = gap_pairs(&front, &[0.4, 0.45, 0.5, 0.55, 0.6, 1.0], 0.03);
+        let pairs = gap_pairs(&front, &[0.4, 0.45, 0.5, 0.55, 0.6, 1.0], 0.0, 0.03);
         assert_eq!(pairs, vec![(0.6, 0.1), (0.2, 0.1)]);
-        assert!(gap_pairs(&front, &[0.36, 0.54], 0.03).is_empty());
+        assert!(gap_pairs(&front, &[0.36, 0.54], 0.0, 0.03).is_empty());
         // Below the cheapest point there is nothing to bisect towards from.
-        assert!(gap_pairs(&front, &[0.2], 0.03).is_empty());
+        assert!(gap_pairs(&front, &[0.2], 0.0, 0.03).is_empty());
+        // At two standard errors the 0.53 point (0.53 + 2 x 0.02) does not fit 0.55, which
+        // then sits 0.2 above the 0.35 point: the same pair as 0.40 ... 0.50.
+        let wide = OperatingPoint { flop_fraction_stderr: 0.02, ..front[1].clone() };
+        let wide = vec![front[0].clone(), wide, front[2].clone()];
+        assert!(gap_pairs(&wide, &[0.55], 0.0, 0.03).is_empty());
+        assert_eq!(gap_pairs(&wide, &[0.55], 2.0, 0.03), vec![(0.6, 0.1)]);
     }
 }

@@ -40,6 +40,7 @@ pub fn write_calibration(dir: &Path) {
         exit_threshold: 1.0,
         validation_accuracy: 0.5,
         flop_fraction: f,
+        flop_fraction_stderr: 0.0,
     };
     let budgets = vec![
         BudgetEntry { budget: 0.3, point: point(1.0, 1.0, 0.3), latency_ratio: None },
@@ -51,6 +52,7 @@ pub fn write_calibration(dir: &Path) {
         split: "validation".into(),
         images: 0,
         channel_mode: ChannelMode::Slice,
+        flops_confidence: 0.0,
         frontier: budgets.iter().map(|b| b.point.clone()).collect(),
         budgets,
     };
