@@ -80,7 +80,7 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
     assert_eq!(table["flops_confidence"].as_f64(), Some(2.0));
     let bound = |p: &serde_json::Value| {
         let stderr = p["flop_fraction_stderr"].as_f64().unwrap();
-        assert!(stderr >= 0.0 && stderr < 0.05, "{p}");
+        assert!((0.0..0.05).contains(&stderr), "{p}");
         p["flop_fraction"].as_f64().unwrap() + 2.0 * stderr
     };
     for entry in budgets {

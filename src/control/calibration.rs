@@ -35,7 +35,12 @@ impl OperatingPoint {
     /// `budget`: with 2, a budget holds on unseen images of the validation split's
     /// distribution with ~98% confidence, not just on the split itself (docs/decisions.md).
     pub fn fits(&self, budget: f64, confidence: f64) -> bool {
-        self.flop_fraction + confidence * self.flop_fraction_stderr <= budget
+        self.flops_bound(confidence) <= budget
+    }
+
+    /// The mean FLOP fraction plus `confidence` standard errors.
+    pub fn flops_bound(&self, confidence: f64) -> f64 {
+        self.flop_fraction + confidence * self.flop_fraction_stderr
     }
 }
 

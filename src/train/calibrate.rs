@@ -185,7 +185,7 @@ fn gap_pairs(frontier: &[OperatingPoint], budgets: &[f64], confidence: f64, max_
     for &budget in budgets.iter().filter(|&&b| b < 1.0) {
         let Some(at) = frontier.iter().rposition(|p| p.fits(budget, confidence)) else { continue };
         let (lo, Some(hi)) = (&frontier[at], frontier.get(at + 1)) else { continue };
-        if budget - lo.flop_fraction - confidence * lo.flop_fraction_stderr <= max_gap {
+        if budget - lo.flops_bound(confidence) <= max_gap {
             continue;
         }
         let mid = (
