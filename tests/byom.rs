@@ -13,6 +13,15 @@ fn ok(out: std::process::Output) -> std::process::Output {
 }
 
 #[test]
+fn exit_weight_must_be_a_non_negative_number() {
+    for bad in ["-1", "nan", "inf", "heavy"] {
+        let out = sluice(&["train", "--out", "/nonexistent/run", "--exit-weight", bad]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("expected a loss weight >= 0"), "{bad}: {stderr}");
+    }
+}
+
+#[test]
 fn gate_lr_needs_init() {
     let out = sluice(&["train", "--out", "/nonexistent/run", "--gate-lr", "0.2"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -59,6 +68,8 @@ fn an_image_folder_trains_calibrates_and_evaluates() {
         "colours",
         "--augment",
         "none",
+        "--exit-weight",
+        "0.8",
         "--quiet",
     ]));
     let config: toml::Table =
@@ -77,6 +88,7 @@ fn an_image_folder_trains_calibrates_and_evaluates() {
             .unwrap();
     assert_eq!(run["config"]["classes"], 3);
     assert_eq!(run["config"]["augment"], "none", "--augment is recorded with the run");
+    assert_eq!(run["config"]["exit_weight"], 0.8, "--exit-weight is recorded with the run");
     assert!(run["config"]["data"].as_str().unwrap().starts_with("imagefolder:"));
 
     ok(sluice(&["calibrate", &path("model"), "--data", &data, "--steps", "3"]));

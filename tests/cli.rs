@@ -45,6 +45,52 @@ fn bench_engine_runs_both_engines_in_the_format_asked_for() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown layout"));
 }
 
+/// `bench widths` times every width a channel gate may choose in one identity block per
+/// stage: rows for exactly the allowed widths, FLOP fractions from the widths, the full
+/// width as the time reference.
+#[test]
+fn bench_widths_times_every_allowed_width_of_each_stage() {
+    let out = sluice(&["bench", "widths", "--arch", "resnet20", "--rounds", "2", "--calls", "3", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = json_lines(&out.stdout);
+    let per_block = |prefix: &str| -> Vec<(i64, f64, f64)> {
+        rows.iter()
+            .filter(|r| r["block"] == prefix)
+            .map(|r| {
+                (
+                    r["inner"].as_i64().unwrap(),
+                    r["flop_fraction"].as_f64().unwrap(),
+                    r["time_fraction"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // ResNet-20 at 32×32: layer1.0 (16 channels, 32×32), layer2.1 (32, 16×16), layer3.1 (64, 8×8);
+    // widths are multiples of 8 from a quarter of the inner width.
+    let inner = |rows: &[(i64, f64, f64)]| rows.iter().map(|r| r.0).collect::<Vec<_>>();
+    assert_eq!(inner(&per_block("layer1.0")), vec![8, 16]);
+    assert_eq!(inner(&per_block("layer2.1")), vec![8, 16, 24, 32]);
+    assert_eq!(inner(&per_block("layer3.1")), vec![16, 24, 32, 40, 48, 56, 64]);
+    assert_eq!(rows.len(), 13, "one identity block per stage, nothing else");
+    for block in ["layer1.0", "layer2.1", "layer3.1"] {
+        let rows = per_block(block);
+        let full = rows[rows.len() - 1];
+        assert_eq!((full.1, full.2), (1.0, 1.0), "{block}: the full width is the reference");
+        let c = full.0 as f64;
+        for &(k, flops, time) in &rows {
+            // Two convolutions, each linear in the inner width.
+            assert!((flops - k as f64 / c).abs() < 1e-9, "{block} width {k}: {flops}");
+            assert!(time.is_finite() && time > 0.0, "{block} width {k}: {time}");
+        }
+    }
+    let table = sluice(&["bench", "widths", "--rounds", "1", "--calls", "1"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("CPU: ") && text.contains("| layer3.1 | 64×8×8 | 64 | 1.00 |"), "{text}");
+    let bad = sluice(&["bench", "widths", "--dims", "3x32"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--dims must be CxHxW"));
+}
+
 #[test]
 fn model_info_rejects_bad_arguments_clearly() {
     let out = sluice(&["model", "info", "vgg16"]);
@@ -143,10 +189,12 @@ fn calibrate_then_eval_write_a_table_and_a_report() {
     assert!(one["budgets"].as_array().unwrap().iter().all(|e| e["latency_ratio"].as_f64().is_some()));
     assert!(flops["budgets"].as_array().unwrap().iter().all(|e| e.get("latency_ratio").is_none()), "{flops}");
 
-    let out = sluice(&["calibrate", model, "--flops-confidence", "nan"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--flops-confidence") && err.contains("standard errors"), "{err}");
+    for bad in ["nan", "-1"] {
+        let out = sluice(&["calibrate", model, "--flops-confidence", bad]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--flops-confidence") && err.contains("standard errors"), "{bad}: {err}");
+    }
 
     let report = dir.path().join("report");
     let out = sluice(&[

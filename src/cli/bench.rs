@@ -1,4 +1,6 @@
-//! `sluice bench engine`: the realized-speedup table of gating (markdown, or JSON lines).
+//! `sluice bench engine`: the realized-speedup table of gating (markdown, or JSON lines);
+//! `sluice bench forward`: one model folder's forward pass; `sluice bench widths`: what each
+//! channel-gate width costs in time.
 
 use clap::{Args, Subcommand};
 
@@ -11,6 +13,61 @@ pub enum BenchCommand {
     Engine(EngineArgs),
     /// Time a model folder's forward pass alone (engine only, no server) on one input.
     Forward(ForwardArgs),
+    /// Time one residual block per stage at every width a channel gate may choose: where a
+    /// narrower width saves FLOPs but not time on this CPU.
+    Widths(WidthsArgs),
+}
+
+/// Arguments of `sluice bench widths`.
+#[derive(Debug, Args)]
+pub struct WidthsArgs {
+    /// Architecture: resnet20/32/56 (CIFAR-style), resnet18/34/50 (torchvision).
+    #[arg(long, env = "SLUICE_BENCH_ARCH", default_value = "resnet20")]
+    pub arch: String,
+    /// Input size CxHxW.
+    #[arg(long, env = "SLUICE_BENCH_DIMS", default_value = "3x32x32")]
+    pub dims: super::Shape,
+    #[arg(long, env = "SLUICE_BENCH_BATCH", default_value_t = 1)]
+    pub batch: i64,
+    /// Interleaved rounds; each times every width (medians are reported).
+    #[arg(long, env = "SLUICE_BENCH_ROUNDS", default_value_t = 15)]
+    pub rounds: usize,
+    /// Calls per timing.
+    #[arg(long, env = "SLUICE_BENCH_CALLS", default_value_t = 200)]
+    pub calls: usize,
+    /// One JSON object per row instead of a markdown table.
+    #[arg(long, env = "SLUICE_BENCH_JSON")]
+    pub json: bool,
+    #[arg(long, env = "SLUICE_THREADS", default_value_t = 2)]
+    pub threads: usize,
+}
+
+fn widths(args: &WidthsArgs) -> anyhow::Result<()> {
+    use crate::bench::widths::{WidthsPlan, cpu_caption, markdown_header, markdown_row, run};
+    tch::set_num_threads(args.threads.max(1) as i32);
+    let dims = match args.dims.0.as_slice() {
+        &[c, h, w] => [c, h, w],
+        _ => anyhow::bail!("--dims must be CxHxW"),
+    };
+    let plan = WidthsPlan {
+        arch: args.arch.clone(),
+        dims,
+        batch: args.batch,
+        rounds: args.rounds,
+        calls: args.calls,
+    };
+    if !args.json {
+        println!("{} at batch {}, {} threads; {}\n", args.arch, args.batch, args.threads, cpu_caption());
+        println!("{}", markdown_header());
+    }
+    run(&plan, |row| {
+        if args.json {
+            println!("{}", serde_json::to_string(row).unwrap_or_default());
+        } else {
+            println!("{}", markdown_row(row));
+        }
+    })?;
+    Ok(())
 }
 
 /// Arguments of `sluice bench forward`.
@@ -153,6 +210,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     let args = match command {
         BenchCommand::Engine(args) => args,
         BenchCommand::Forward(args) => return forward(args),
+        BenchCommand::Widths(args) => return widths(args),
     };
     tch::set_num_threads(args.threads.max(1) as i32);
     let mut plan = BenchPlan::standard(args.rounds);

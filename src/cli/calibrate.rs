@@ -40,7 +40,7 @@ pub struct CalibrateArgs {
     /// (measured per point on the split) is within it, so the budget holds on new images
     /// too, not only on the validation split (2: ~98% one-sided; 0: the mean alone).
     #[arg(long, env = "SLUICE_CALIBRATE_FLOPS_CONFIDENCE", default_value_t = 2.0,
-          value_parser = non_negative)]
+          value_parser = non_negative, allow_negative_numbers = true)]
     pub flops_confidence: f64,
     /// Validation accuracy (a fraction: 0.002 = 0.2 points) a budget may give up, against its
     /// most accurate point, for a point that runs faster at batch 1; 0 chooses on FLOPs alone.

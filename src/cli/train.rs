@@ -43,6 +43,12 @@ pub struct TrainArgs {
     /// at --lr.
     #[arg(long, env = "SLUICE_TRAIN_GATE_LR", requires = "init")]
     pub gate_lr: Option<f64>,
+    /// Weight of each exit head's loss (cross-entropy, and with --init the teacher's
+    /// distillation) against the final classifier's 1: higher trains the exits harder, so
+    /// more inputs leave early at a given exit threshold.
+    #[arg(long, env = "SLUICE_TRAIN_EXIT_WEIGHT", default_value_t = 0.5, value_parser = non_negative_weight,
+          allow_negative_numbers = true)]
+    pub exit_weight: f64,
     /// Retrofit gates onto a dense network: a model folder (its architecture, input size and
     /// weights) or a safetensors checkpoint with torchvision names (with --arch and the
     /// dataset's size). Its backbone, each block's inner channels ordered by importance
@@ -133,6 +139,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             mean: t.norm.mean.clone(),
             std: t.norm.std.clone(),
             augment: args.augment,
+            exit_weight: args.exit_weight,
             ..TrainConfig::fashion_default()
         };
         let config = match init {
@@ -148,4 +155,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         tracing::info!(dir = %dir.display(), "model exported");
     }
     Ok(())
+}
+
+/// `--exit-weight`: a finite weight, not below 0.
+fn non_negative_weight(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if w.is_finite() && w >= 0.0 => Ok(w),
+        _ => Err(format!("expected a loss weight >= 0, got `{s}`")),
+    }
 }
