@@ -89,6 +89,9 @@ fn bench_widths_times_every_allowed_width_of_each_stage() {
     let bad = sluice(&["bench", "widths", "--dims", "3x32"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--dims must be CxHxW"));
+    let huge = sluice(&["bench", "widths", "--dims", "3x100000x100000"]);
+    assert!(!huge.status.success());
+    assert!(String::from_utf8_lossy(&huge.stderr).contains("each of --dims at most 1024"));
 }
 
 #[test]

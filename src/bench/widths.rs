@@ -1,7 +1,8 @@
 //! `sluice bench widths`: what a channel gate's narrower widths cost in time, not FLOPs.
 //!
 //! For one identity block of every stage of an architecture, the residual branch is built at
-//! every width a channel gate may choose ([`allowed_widths`]), on the engine's own oneDNN
+//! every width a channel gate of the default gate configuration may choose
+//! ([`allowed_widths`]: multiples of 8 from a quarter of the inner width), on the engine's own oneDNN
 //! convolutions with random weights, and timed alone, widths interleaved round by round. A
 //! vector unit computes output channels in fixed-size groups (16 FP32 lanes with AVX-512), so
 //! a width that is not a multiple of the group may cost as much as the next one up: the table
@@ -21,6 +22,10 @@ use crate::engine::{Format, GateConfig, Layout, Precision};
 
 /// Untimed calls of every width before the rounds.
 const WARMUP_CALLS: usize = 20;
+
+/// Limits on what is timed (ImageNet-size inputs fit many times over).
+const MAX_BATCH: i64 = 256;
+const MAX_SIDE: i64 = 1024;
 
 /// What to time.
 #[derive(Clone, Debug)]
@@ -88,6 +93,11 @@ pub fn run(plan: &WidthsPlan, mut each: impl FnMut(&WidthRow)) -> anyhow::Result
         "batch, rounds and calls must be >= 1"
     );
     let [c, h, w] = plan.dims;
+    // Checked before any tensor is made: a block's input is at most batch × 2048 × H × W.
+    anyhow::ensure!(
+        plan.batch <= MAX_BATCH && h <= MAX_SIDE && w <= MAX_SIDE && c <= MAX_SIDE,
+        "--batch must be at most {MAX_BATCH} and each of --dims at most {MAX_SIDE}"
+    );
     let spec = ArchSpec::named(&plan.arch, c, 10).context("--arch")?;
     let _guard = tch::no_grad_guard();
     tch::manual_seed(0);
