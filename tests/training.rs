@@ -218,13 +218,13 @@ fn bottleneck_networks_train_and_export() {
         let c = saliency.size()[1];
         assert_eq!(range.len() as i64, 2 * c, "one saliency per channel of each inner width");
         // σ(a − b_c): the served saliencies come through the engine's fused, packed stem and
-        // the trainer's through the plain one, so a and b_c carry float rounding relative to
-        // their size, and b_c (a cumulative sum) reaches hundreds on a 512-channel block. The
-        // allowance: 1e-4, plus 1e-6 of |a| + b_c (σ' ≤ 1/4). Measured: 0 to 1.4e-5 across 16
-        // seeds here, 3.7e-5 once in a fresh-clone CI run; a wrong offset or a misplaced
-        // group differs by orders of magnitude more.
-        let size = (gate.demand.forward(&hidden).abs() + gate.offsets().abs()).max().double_value(&[]);
-        let allowed = 1e-4 + 1e-6 * size;
+        // the trainer's through libtorch's plain one, so float rounding differs: 0 to 1.4e-5
+        // across 16 seed pairs here, 3.7e-5 once in a fresh-clone CI run, and once over 1e-4
+        // in a full local run (value not captured, not reproduced). Allowed: 5e-4, under what
+        // a prefix shifted by one channel moves a steep saliency: σ' × (b_c+1 − b_c), about
+        // 0.25 × 3/C at the offsets' initial spacing (1.5e-3 on a 512-channel block, 1.2e-2
+        // on a 64-channel one); a misread layout differs by far more.
+        let allowed = 5e-4;
         for group in 0..2 {
             let served = scores.narrow(1, range.start as i64 + group * c, c);
             let diff = (&served - &saliency).abs().max().double_value(&[]);
