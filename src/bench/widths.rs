@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 use super::timing::median;
 use crate::engine::arch::{ArchSpec, BlockSpec, ConvShape};
 use crate::engine::flops::residual_flops;
-use crate::engine::folded::{FoldedConv, fold_layers, residual_add_relu};
+use crate::engine::folded::{FoldedConv, cpu_info_field, fold_layers, residual_add_relu};
 use crate::engine::gates::allowed_widths;
 use crate::engine::{Format, GateConfig, Layout, Precision};
 
@@ -168,16 +168,8 @@ pub fn markdown_row(r: &WidthRow) -> String {
 
 /// The CPU's model name and its SIMD flags (Linux `/proc/cpuinfo`), for the table's caption.
 pub fn cpu_caption() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |key: &str| {
-        info.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let model = field("model name");
-    let flags = field("flags");
+    let model = cpu_info_field("model name").unwrap_or_default();
+    let flags = cpu_info_field("flags").unwrap_or_default();
     let simd: Vec<&str> =
         flags.split_whitespace().filter(|f| f.starts_with("avx") || f.starts_with("amx")).collect();
     format!("CPU: {} ({})", if model.is_empty() { "unknown" } else { &model }, simd.join(" "))

@@ -195,10 +195,7 @@ fn weigh_latency(
 
 /// `--flops-confidence`: a finite number of standard errors, not below 0.
 fn non_negative(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(z) if z.is_finite() && z >= 0.0 => Ok(z),
-        _ => Err(format!("expected a number of standard errors >= 0, got `{s}`")),
-    }
+    super::non_negative_number(s, "a number of standard errors")
 }
 
 /// How much faster (a fraction of the fastest candidate's latency) a point must measure to

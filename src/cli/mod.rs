@@ -139,6 +139,14 @@ pub struct DataArgs {
     pub data_memory_mib: u64,
 }
 
+/// A finite number not below 0 for a flag's value parser; the error names `what` it should be.
+fn non_negative_number(s: &str, what: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("expected {what} >= 0, got `{s}`")),
+    }
+}
+
 /// The normalisation a model folder records (`[input.image] mean, std`), if any.
 pub fn recorded_normalization(dir: &crate::repository::ModelDir) -> Option<crate::data::Normalization> {
     let image = dir.config.input.image.as_ref()?;

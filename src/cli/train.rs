@@ -159,8 +159,5 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
 
 /// `--exit-weight`: a finite weight, not below 0.
 fn non_negative_weight(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(w) if w.is_finite() && w >= 0.0 => Ok(w),
-        _ => Err(format!("expected a loss weight >= 0, got `{s}`")),
-    }
+    super::non_negative_number(s, "a loss weight")
 }

@@ -122,11 +122,15 @@ impl Precision {
 
 /// Whether `/proc/cpuinfo` lists `flag` (Linux; false elsewhere).
 fn cpu_flag(flag: &str) -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|info| {
-            info.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == flag))
-        })
-        .unwrap_or(false)
+    cpu_info_field("flags").is_some_and(|flags| flags.split_whitespace().any(|f| f == flag))
+}
+
+/// The value of the first `/proc/cpuinfo` line naming `key` (`model name`, `flags`; Linux,
+/// `None` elsewhere).
+pub fn cpu_info_field(key: &str) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with(key))?;
+    line.split_once(':').map(|(_, v)| v.trim().to_string())
 }
 
 impl Layout {
