@@ -92,6 +92,9 @@ fn bench_widths_times_every_allowed_width_of_each_stage() {
     let huge = sluice(&["bench", "widths", "--dims", "3x100000x100000"]);
     assert!(!huge.status.success());
     assert!(String::from_utf8_lossy(&huge.stderr).contains("each of --dims at most 1024"));
+    let many = sluice(&["bench", "widths", "--batch", "257"]);
+    assert!(!many.status.success());
+    assert!(String::from_utf8_lossy(&many.stderr).contains("--batch must be at most 256"));
 }
 
 #[test]

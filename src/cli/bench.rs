@@ -24,9 +24,10 @@ pub struct WidthsArgs {
     /// Architecture: resnet20/32/56 (CIFAR-style), resnet18/34/50 (torchvision).
     #[arg(long, env = "SLUICE_BENCH_ARCH", default_value = "resnet20")]
     pub arch: String,
-    /// Input size CxHxW.
+    /// Input size CxHxW (each at most 1024).
     #[arg(long, env = "SLUICE_BENCH_DIMS", default_value = "3x32x32")]
     pub dims: super::Shape,
+    /// Inputs per call (at most 256).
     #[arg(long, env = "SLUICE_BENCH_BATCH", default_value_t = 1)]
     pub batch: i64,
     /// Interleaved rounds; each times every width (medians are reported).
