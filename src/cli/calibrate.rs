@@ -51,7 +51,7 @@ pub struct CalibrateArgs {
     #[arg(long, env = "SLUICE_CALIBRATE_LATENCY_IMAGES", default_value_t = 300)]
     pub latency_images: usize,
     /// At most this many candidate points per budget are timed (the most accurate first).
-    #[arg(long, env = "SLUICE_CALIBRATE_LATENCY_CANDIDATES", default_value_t = 12)]
+    #[arg(long, env = "SLUICE_CALIBRATE_LATENCY_CANDIDATES", default_value_t = 24)]
     pub latency_candidates: usize,
     /// Use only the first N validation images (0: all).
     #[arg(long, env = "SLUICE_CALIBRATE_LIMIT", default_value_t = 0)]

@@ -40,11 +40,7 @@ impl SweepGrid {
             block.extend(quantiles(b, steps));
         }
         let has_exits = !model.net.gates.exits.is_empty();
-        let exit = if has_exits {
-            vec![1.0, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5]
-        } else {
-            vec![1.0]
-        };
+        let exit = if has_exits { exit_ladder() } else { vec![1.0] };
         let tidy = |mut v: Vec<f32>| {
             v.sort_by(f32::total_cmp);
             v.dedup_by(|a, b| (*a - *b).abs() < 1e-6);
@@ -59,6 +55,18 @@ impl SweepGrid {
             if model.net.gates.blocks.iter().any(|s| s.block.is_some()) { tidy(block) } else { vec![0.0] };
         SweepGrid { channel, block, exit }
     }
+}
+
+/// The exit thresholds every sweep tries: 1 (exits off), the near-certain 0.9999 … 0.995,
+/// every hundredth from 0.99 to 0.80 — where the accuracy/time trade of an exit lives, and
+/// where a step of 0.02 moved a budget's point by 0.1 of dense FLOPs (docs/decisions.md,
+/// stop 31) — then 0.75 … 0.5. Exit thresholds cost the sweep no forward pass: every one is
+/// read off the same trace.
+fn exit_ladder() -> Vec<f32> {
+    let mut ladder = vec![1.0, 0.9999, 0.999, 0.995];
+    ladder.extend((80..=99).rev().map(|h| h as f32 / 100.0));
+    ladder.extend([0.75, 0.7, 0.6, 0.5]);
+    ladder
 }
 
 fn quantiles(mut values: Vec<f32>, steps: usize) -> Vec<f32> {
@@ -231,6 +239,18 @@ mod tests {
             flop_fraction: flops,
             flop_fraction_stderr: 0.0,
         }
+    }
+
+    #[test]
+    fn exit_ladder_descends_from_off_through_every_hundredth_above_0_8() {
+        let ladder = exit_ladder();
+        assert_eq!(ladder[0], 1.0, "the first exit threshold turns exits off");
+        assert!(ladder.windows(2).all(|w| w[0] > w[1]), "strictly descending: {ladder:?}");
+        for h in 80..=99 {
+            let t = h as f32 / 100.0;
+            assert!(ladder.iter().any(|&e| (e - t).abs() < 1e-6), "{t} missing from {ladder:?}");
+        }
+        assert_eq!(ladder.last(), Some(&0.5));
     }
 
     #[test]
