@@ -6,16 +6,11 @@ use sluice::engine::arch::BlockKind;
 use sluice::engine::flops::{dense_flops, linear_flops, residual_flops, shortcut_flops};
 use sluice::engine::folded::{FoldedResNet, Format, Layout, Precision};
 use sluice::engine::gates::{BlockGates, GateConfig, GateLayout};
-use sluice::engine::model::{NetworkParams, load_params};
+use sluice::engine::model::{NetworkParams, load_params, seeded};
 use sluice::engine::{ArchSpec, BlockDecision, ChannelMode, ComputeReport, GatePolicy, Model, ModelSource};
 use tch::{Device, Kind, Tensor};
 
-/// Random initialisation and inputs use libtorch's global generator: tests running in
-/// parallel take turns, so each gets the same weights on every run.
-static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn gated(arch: &str, channels: i64, exits: Vec<usize>, seed: i64) -> (NetworkParams, Model) {
-    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let config = GateConfig {
         channel: true,
         block: BlockGates::Identity,
@@ -34,10 +29,9 @@ fn gated(arch: &str, channels: i64, exits: Vec<usize>, seed: i64) -> (NetworkPar
 
 /// Random images whose per-image scale and offset differ, so the gates' pooled features do.
 fn input(n: i64, c: i64, hw: i64, seed: i64) -> Tensor {
-    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(seed);
     let spread = Tensor::arange(n, (Kind::Float, Device::Cpu)).view([n, 1, 1, 1]) / n as f64;
-    Tensor::randn([n, c, hw, hw], (Kind::Float, Device::Cpu)) * (&spread + 0.5) + (spread - 0.5)
+    seeded(seed, || Tensor::randn([n, c, hw, hw], (Kind::Float, Device::Cpu))) * (&spread + 0.5)
+        + (spread - 0.5)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {

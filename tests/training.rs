@@ -7,6 +7,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use sluice::data::fashion_mnist::DEFAULT_DIR;
 use sluice::data::{Dataset, FashionMnist};
+use sluice::engine::model::seeded;
 use sluice::engine::{GatePolicy, Model};
 use sluice::repository::ModelDir;
 use sluice::train::export::export_model;
@@ -156,14 +157,13 @@ fn a_retrofit_starts_from_the_dense_weights_it_learns_from() {
 fn bottleneck_networks_train_and_export() {
     use sluice::data::{Normalization, Pixels, Split};
     use sluice::engine::{BlockGates, GateConfig};
-    tch::manual_seed(7);
     let gates =
         GateConfig { channel: true, block: BlockGates::Identity, exits: vec![], ..GateConfig::default() };
     let config =
         TrainConfig { arch: "resnet50".into(), dims: [3, 32, 32], classes: 4, gates, ..small_config() };
     let mut trainer = Trainer::new(config).unwrap();
     let mut rng = StdRng::seed_from_u64(2);
-    let x = Tensor::randn([8, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+    let x = seeded(7, || Tensor::randn([8, 3, 32, 32], (Kind::Float, tch::Device::Cpu)));
     let y = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3]);
     for _ in 0..2 {
         let (loss, _) = trainer.step(&x, &y, &mut rng, 0.01);
@@ -267,7 +267,9 @@ fn ordering_inner_channels_keeps_the_function_and_sorts_by_importance() {
     use sluice::engine::gates::GateLayout;
     use sluice::engine::{BlockGates, GateConfig};
     for arch in ["resnet20", "resnet50"] {
-        tch::manual_seed(3);
+        // Weights, statistics and input drawn in one turn of libtorch's generator: the same on
+        // every run, whatever other tests draw meanwhile.
+        let turn = sluice::engine::model::GeneratorTurn::seeded(3);
         let spec = ArchSpec::named(arch, 3, 10).unwrap();
         let gates =
             GateConfig { channel: true, block: BlockGates::Identity, exits: vec![], ..GateConfig::default() };
@@ -294,6 +296,7 @@ fn ordering_inner_channels_keeps_the_function_and_sorts_by_importance() {
             }
         });
         let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        drop(turn);
         let full = PassMode::Widths(net.widest());
         let before = tch::no_grad(|| net.forward(&x, &full, false).logits);
         net.order_inner_channels();

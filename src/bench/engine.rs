@@ -134,9 +134,10 @@ fn find_knob(model: &Model, x: &Tensor, kind: GateKind, target: f64) -> f32 {
 
 /// Inputs whose per-image scale and offset differ, so gate decisions differ per input.
 pub fn varied_inputs(n: i64, c: i64, hw: i64, seed: i64) -> Tensor {
-    tch::manual_seed(seed);
     let spread = Tensor::arange(n, (Kind::Float, Device::Cpu)).view([n, 1, 1, 1]) / n.max(1) as f64;
-    Tensor::randn([n, c, hw, hw], (Kind::Float, Device::Cpu)) * (&spread + 0.5) + (spread - 0.5)
+    crate::engine::model::seeded(seed, || Tensor::randn([n, c, hw, hw], (Kind::Float, Device::Cpu)))
+        * (&spread + 0.5)
+        + (spread - 0.5)
 }
 
 fn kept_fraction(spec: &ArchSpec, reports: &[ComputeReport]) -> f64 {

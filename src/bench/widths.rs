@@ -100,7 +100,7 @@ pub fn run(plan: &WidthsPlan, mut each: impl FnMut(&WidthRow)) -> anyhow::Result
     );
     let spec = ArchSpec::named(&plan.arch, c, 10).context("--arch")?;
     let _guard = tch::no_grad_guard();
-    tch::manual_seed(0);
+    let _turn = crate::engine::model::GeneratorTurn::seeded(0);
     let sizes = spec.block_input_sizes([h, w]);
     let gates = GateConfig { channel: true, ..GateConfig::default() };
     let mut rows = Vec::new();

@@ -2,6 +2,7 @@
 //! thread that will own it.
 
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -101,15 +102,73 @@ impl Model {
     }
 }
 
+/// libtorch's random generator, held by one thread from seeding to its last draw. libtorch
+/// has one generator per process, so two threads that seed and draw at the same time (tests
+/// running in parallel, models initialised side by side) would interleave their draws and
+/// get different numbers on every run. Every seeding in sluice and its tests takes a turn
+/// ([`seeded`] for a closure); while a thread holds one, it must not take another (it would
+/// wait for itself).
+pub struct GeneratorTurn {
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl GeneratorTurn {
+    /// Waits for the generator, then seeds it with `seed`.
+    pub fn seeded(seed: i64) -> Self {
+        static TURN: Mutex<()> = Mutex::new(());
+        let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+        tch::manual_seed(seed);
+        GeneratorTurn { _turn: turn }
+    }
+}
+
+/// Runs `draw` on libtorch's generator seeded with `seed`, with no other thread seeding or
+/// drawing through a [`GeneratorTurn`] meanwhile.
+pub fn seeded<T>(seed: i64, draw: impl FnOnce() -> T) -> T {
+    let _turn = GeneratorTurn::seeded(seed);
+    draw()
+}
+
 /// Builds the parameter store of `source` (random, or loaded strictly from safetensors).
 pub fn load_params(source: &ModelSource) -> Result<(VarStore, NetworkParams), EngineError> {
-    tch::manual_seed(source.seed);
     let layout = GateLayout::new(&source.spec, &source.gates)?;
-    let mut vs = VarStore::new(Device::Cpu);
-    let backbone = ResNetParams::new(&vs.root(), &source.spec);
-    let gates = GateParams::new(&vs.root(), &source.spec, &layout);
+    let (mut vs, backbone, gates) = seeded(source.seed, || {
+        let vs = VarStore::new(Device::Cpu);
+        let backbone = ResNetParams::new(&vs.root(), &source.spec);
+        let gates = GateParams::new(&vs.root(), &source.spec, &layout);
+        (vs, backbone, gates)
+    });
     if let Some(path) = &source.weights {
         weights::load_strict(&mut vs, path)?;
     }
     Ok((vs, NetworkParams { backbone, gates }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every parameter of a random model, in name order, as plain numbers (tensors stay on
+    /// the thread that made them).
+    fn random_weights(seed: i64) -> Vec<f32> {
+        let spec = ArchSpec::named("resnet20", 1, 10).unwrap();
+        let (vs, _params) = load_params(&ModelSource::random(spec, seed)).unwrap();
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named.iter().flat_map(|(_, t)| Vec::<f32>::try_from(t.reshape(-1)).unwrap()).collect()
+    }
+
+    /// Models initialised on several threads at once from two seeds get, per seed, the
+    /// weights a lone initialisation gets: the threads take turns on libtorch's generator.
+    #[test]
+    fn seeded_initialisations_on_parallel_threads_match_a_lone_one() {
+        let alone = [random_weights(5), random_weights(6)];
+        assert_ne!(alone[0], alone[1], "two seeds, two networks");
+        let threads: Vec<_> =
+            (0..6).map(|i| std::thread::spawn(move || (i % 2, random_weights(5 + i % 2)))).collect();
+        for thread in threads {
+            let (which, weights) = thread.join().unwrap();
+            assert!(weights == alone[which as usize], "seed {}: weights differ from a lone run", 5 + which);
+        }
+    }
 }

@@ -249,7 +249,7 @@ mod tests {
     #[test]
     fn fused_convolutions_match_the_unfused_ones() {
         let _g = tch::no_grad_guard();
-        tch::manual_seed(7);
+        let _turn = crate::engine::model::GeneratorTurn::seeded(7);
         available().unwrap();
         let cases = [
             (1, 12, Algo::Direct),
@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn strided_pointwise_convolutions_match_when_subsampled() {
         let _g = tch::no_grad_guard();
-        tch::manual_seed(5);
+        let _turn = crate::engine::model::GeneratorTurn::seeded(5);
         for (algo, stride) in
             [(Algo::Subsample, 2), (Algo::Subsample, 3), (Algo::Direct, 2), (Algo::Fastest, 2)]
         {
@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn sub_batches_take_the_kernel_both_timed_sizes_chose() {
         let _g = tch::no_grad_guard();
-        tch::manual_seed(13);
+        let _turn = crate::engine::model::GeneratorTurn::seeded(13);
         let (w, b) = (randn(&[32, 32, 3, 3]), randn(&[32]));
         let conv = PackedConv::new(&w, &b, 1, 1, [1, 32, 28, 28], Post::Relu, Algo::Fastest).unwrap();
         conv.prepare([8, 32, 28, 28], Post::Relu).unwrap();
@@ -405,7 +405,7 @@ mod tests {
     #[test]
     fn padded_winograd_reads_no_stale_padding() {
         let _g = tch::no_grad_guard();
-        tch::manual_seed(9);
+        let _turn = crate::engine::model::GeneratorTurn::seeded(9);
         for (cin, cout) in [(40, 40), (24, 56), (8, 8)] {
             let (w, b) = (randn(&[cout, cin, 3, 3]), randn(&[cout]));
             let conv =
@@ -434,7 +434,7 @@ mod tests {
     #[test]
     fn the_primitive_table_is_bounded() {
         let _g = tch::no_grad_guard();
-        tch::manual_seed(11);
+        let _turn = crate::engine::model::GeneratorTurn::seeded(11);
         let (w, b) = (randn(&[4, 4, 1, 1]), randn(&[4]));
         let conv = PackedConv::new(&w, &b, 0, 1, [1, 4, 2, 2], Post::None, Algo::Direct).unwrap();
         for batch in 2..=260 {
@@ -452,7 +452,7 @@ mod tests {
     #[test]
     fn bf16_convolutions_follow_fp32() {
         let _g = tch::no_grad_guard();
-        tch::manual_seed(3);
+        let _turn = crate::engine::model::GeneratorTurn::seeded(3);
         let (w, b) = (randn(&[16, 8, 3, 3]), randn(&[16]));
         let x = channels_last(&randn(&[2, 8, 10, 10]));
         let reference = x.conv2d(&w, Some(&b), [1; 2], [1; 2], [1, 1], 1);

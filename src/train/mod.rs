@@ -25,6 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{DataError, Dataset, Split};
 use crate::engine::gates::GateLayout;
+use crate::engine::model::seeded;
 use crate::engine::params::ResNetParams;
 use crate::engine::{ArchSpec, GateConfig};
 
@@ -297,15 +298,17 @@ impl Trainer {
                 anyhow::bail!("{name} must be a positive number, got {lr}");
             }
         }
-        tch::manual_seed(config.seed as i64);
         let [channels, h, w] = config.dims;
         if h != w {
             anyhow::bail!("training needs square inputs, got {h}x{w}");
         }
         let spec = ArchSpec::named(&config.arch, channels, config.classes as i64)?;
         let layout = GateLayout::new(&spec, &config.gates)?;
-        let vs = VarStore::new(Device::Cpu);
-        let net = TrainableNet::new(&vs.root(), &spec, &layout, h).map_err(anyhow::Error::msg)?;
+        let (vs, net) = seeded(config.seed as i64, || {
+            let vs = VarStore::new(Device::Cpu);
+            let net = TrainableNet::new(&vs.root(), &spec, &layout, h).map_err(anyhow::Error::msg);
+            net.map(|net| (vs, net))
+        })?;
         let mut trainable: Vec<(String, Tensor)> =
             vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         trainable.sort_by(|a, b| a.0.cmp(&b.0));

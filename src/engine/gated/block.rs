@@ -368,7 +368,7 @@ mod tests {
     use crate::engine::arch::ArchSpec;
     use crate::engine::folded::Layout;
     use crate::engine::gates::GateConfig;
-    use crate::engine::model::{ModelSource, load_params};
+    use crate::engine::model::{ModelSource, load_params, seeded};
 
     /// A random channel-gated network whose per-width batch-norm statistics differ from the
     /// full width's, as training leaves them.
@@ -383,11 +383,17 @@ mod tests {
             ..ModelSource::random(spec, seed)
         };
         let (vs, params) = load_params(&source).unwrap();
-        for stats in params.gates.blocks.iter().flat_map(|b| b.slim_stats.iter().flatten()) {
-            let n = stats.running_mean.size()[0];
-            stats.running_mean.shallow_clone().copy_(&(Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.3));
-            stats.running_var.shallow_clone().copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
-        }
+        seeded(seed + 1, || {
+            for stats in params.gates.blocks.iter().flat_map(|b| b.slim_stats.iter().flatten()) {
+                let n = stats.running_mean.size()[0];
+                let mean = Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.3;
+                stats.running_mean.shallow_clone().copy_(&mean);
+                stats
+                    .running_var
+                    .shallow_clone()
+                    .copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
+            }
+        });
         (vs, params)
     }
 
@@ -404,7 +410,8 @@ mod tests {
                 let format = Format::from(layout);
                 let block = GatedBlock::build(bp, gp, slots, format, [hw, hw]);
                 let cin = bp.layers[0].conv.shape.in_ch;
-                let x = format.apply(&Tensor::randn([2, cin, hw, hw], (Kind::Float, Device::Cpu)));
+                let x =
+                    format.apply(&seeded(7, || Tensor::randn([2, cin, hw, hw], (Kind::Float, Device::Cpu))));
                 for (v, &width) in slots.widths.iter().enumerate().take(slots.widths.len() - 1) {
                     let groups = bp.layers.len() - 1;
                     let sets = vec![(0..width).collect::<Vec<i64>>(); groups];
@@ -450,7 +457,8 @@ mod tests {
                 let block = GatedBlock::build(bp, gp, slots, format, [hw, hw]);
                 let cin = bp.layers[0].conv.shape.in_ch;
                 // Non-negative, as a block's input is (the previous block's ReLU output).
-                let x = Tensor::randn([execs.len() as i64, cin, hw, hw], (Kind::Float, Device::Cpu)).relu();
+                let n = execs.len() as i64;
+                let x = seeded(9, || Tensor::randn([n, cin, hw, hw], (Kind::Float, Device::Cpu))).relu();
                 let refs: Vec<&Exec> = execs.iter().collect();
                 // A copy: a block may add into its input in place.
                 let (together, widths) = block.run(&format.apply(&x.copy()), &refs, format);
