@@ -58,10 +58,9 @@ impl SweepGrid {
 }
 
 /// The exit thresholds every sweep tries: 1 (exits off), the near-certain 0.9999 … 0.995,
-/// every hundredth from 0.99 to 0.80 — where the accuracy/time trade of an exit lives, and
-/// where a step of 0.02 moved a budget's point by 0.1 of dense FLOPs (docs/decisions.md,
-/// stop 31) — then 0.75 … 0.5. Exit thresholds cost the sweep no forward pass: every one is
-/// read off the same trace.
+/// every hundredth from 0.99 to 0.80 — where the accuracy/time trade of an exit lives
+/// (docs/decisions.md, stop 31) — then 0.75 … 0.5. Exit thresholds cost the sweep no forward
+/// pass: every one is read off the same trace.
 fn exit_ladder() -> Vec<f32> {
     let mut ladder = vec![1.0, 0.9999, 0.999, 0.995];
     ladder.extend((80..=99).rev().map(|h| h as f32 / 100.0));
