@@ -469,6 +469,13 @@ impl Controller {
         {
             let ratio = (measured / predicted).clamp(0.5, 4.0);
             self.correction += SMOOTHING * (ratio - self.correction);
+        } else if load.measured_ms.is_none() && load.arrival_rate <= 0.0 && load.queued == 0 {
+            // Idle: nothing to learn from, and what was learnt under the last load (a
+            // correction of up to 4×) no longer describes a request arriving alone, which the
+            // uncorrected model predicts from measured compute. Without this, a correction
+            // learnt in an overload kept the operator's budget from coming back once the
+            // traffic stopped (docs/decisions.md, stop 31).
+            self.correction += SMOOTHING * (1.0 - self.correction);
         }
         self.current = self.current.clamp(self.floor, self.ceiling);
         let target = self.objective.target_ms;
@@ -735,6 +742,32 @@ mod tests {
         assert!(back.0 - 4.0 <= 5.0, "restored {:.1} s after the drop", back.0 - 4.0);
         // And it stays there.
         assert!(trace.iter().filter(|&&(t, _, _)| t >= back.0).all(|&(_, b, _)| b >= 1.0));
+    }
+
+    /// An overload that taught the controller a large correction, then no traffic at all: the
+    /// operator's budget comes back, although no request arrives to measure that it may.
+    #[test]
+    fn an_idle_server_gets_the_operator_budget_back_after_an_overload() {
+        let mut c = Controller::new(levels(), objective(15.0), 1.0, 1, 5).unwrap();
+        // A lone dense request: 5 ms of compute (the target is three times that).
+        c.observe_batch(1.0, 1, 5e-3);
+        // The overload: batches of 8 at whatever level is live, 0.5 ms per image, and a
+        // measured p99 four times what the model predicts.
+        for _ in 0..30 {
+            c.observe_batch(c.budget(), 8, 8.0 * 0.5e-3);
+            let predicted = c.predicted_ms(index_at_or_below(&c.levels, c.budget())).unwrap();
+            c.tick(&Load {
+                arrival_rate: 2000.0,
+                queued: 40,
+                measured_ms: Some(4.0 * predicted / c.correction),
+            });
+        }
+        assert!(c.budget() < 1.0, "the overload lowered it: {}", c.budget());
+        assert!(c.correction > 3.0, "and taught a large correction: {}", c.correction);
+        // Nothing arrives any more.
+        let idle = Load { arrival_rate: 0.0, queued: 0, measured_ms: None };
+        let back = (1..=50).find(|_| c.tick(&idle).budget >= 1.0);
+        assert!(back.is_some(), "still at {} after 5 idle seconds (correction {})", c.budget(), c.correction);
     }
 
     #[test]
