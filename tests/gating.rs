@@ -2,11 +2,13 @@
 //! extreme thresholds, and proof that skipped work is physically not run.
 
 use proptest::prelude::*;
+// Random images whose per-image scale and offset differ, so the gates' pooled features do.
+use sluice::bench::engine::varied_inputs as input;
 use sluice::engine::arch::BlockKind;
 use sluice::engine::flops::{dense_flops, linear_flops, residual_flops, shortcut_flops};
 use sluice::engine::folded::{FoldedResNet, Format, Layout, Precision};
 use sluice::engine::gates::{BlockGates, GateConfig, GateLayout};
-use sluice::engine::model::{NetworkParams, load_params, seeded};
+use sluice::engine::model::{NetworkParams, load_params};
 use sluice::engine::{ArchSpec, BlockDecision, ChannelMode, ComputeReport, GatePolicy, Model, ModelSource};
 use tch::{Device, Kind, Tensor};
 
@@ -25,13 +27,6 @@ fn gated(arch: &str, channels: i64, exits: Vec<usize>, seed: i64) -> (NetworkPar
     let (_vs, params) = load_params(&source).unwrap();
     let model = Model::from_params(&params, Layout::ChannelsLast);
     (params, model)
-}
-
-/// Random images whose per-image scale and offset differ, so the gates' pooled features do.
-fn input(n: i64, c: i64, hw: i64, seed: i64) -> Tensor {
-    let spread = Tensor::arange(n, (Kind::Float, Device::Cpu)).view([n, 1, 1, 1]) / n as f64;
-    seeded(seed, || Tensor::randn([n, c, hw, hw], (Kind::Float, Device::Cpu))) * (&spread + 0.5)
-        + (spread - 0.5)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
