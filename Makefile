@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers bench-byom bench-slo image image-test
+.PHONY: setup build run test test-env lint bench bench-server soak bench-hostile fuzz bench-reference bench-peers bench-byom bench-byom-t15 bench-slo image image-test
 
 ## Fetch libtorch (PyPI wheel → .libtorch/) and the dataset; idempotent and cached.
 setup:
@@ -88,6 +88,14 @@ bench-peers: build test-env
 ## training times (benches/byom/run.sh; outputs in runs/byom/).
 bench-byom: build
 	SCRATCH_EPOCHS=$${SCRATCH_EPOCHS:-8} benches/byom/run.sh
+
+## Issue 13's targets from a well-trained teacher (not in CI, ~1.5 h): the cached fifteen-epoch
+## PyTorch teacher (benches/byom/teacher-t15/), a three-epoch retrofit at distillation
+## temperature 4, and eleven epochs from scratch to compare (outputs in runs/byom-t15/).
+bench-byom-t15: build
+	mkdir -p runs/byom-t15 && cp -n benches/byom/teacher-t15/teacher.* runs/byom-t15/
+	IMAGES=$${IMAGES:-runs/byom-t15/images} RETROFIT_EPOCHS=3 DISTILL_TEMPERATURE=4 \
+	  SCRATCH_EPOCHS=$${SCRATCH_EPOCHS:-11} benches/byom/run.sh runs/byom-t15
 
 ## The latency-SLO proof of issue 14 (not in CI, ~12 min): the dense model's batch-1 latency
 ## (SLO p99 = 4x) and saturation throughput, then one seeded Poisson schedule (0.5x, 2x, 0.5x

@@ -22,6 +22,29 @@ fn exit_weight_must_be_a_non_negative_number() {
 }
 
 #[test]
+fn distill_temperature_is_from_1_to_20_and_needs_init() {
+    for bad in ["0.5", "0", "-2", "25", "nan", "warm"] {
+        let out = sluice(&[
+            "train",
+            "--out",
+            "/nonexistent/run",
+            "--init",
+            "/nonexistent/model",
+            "--distill-temperature",
+            bad,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("expected a distillation temperature from 1 to 20"),
+            "{bad}: {stderr}"
+        );
+    }
+    let out = sluice(&["train", "--out", "/nonexistent/run", "--distill-temperature", "4"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--init"), "{stderr}");
+}
+
+#[test]
 fn gate_lr_needs_init() {
     let out = sluice(&["train", "--out", "/nonexistent/run", "--gate-lr", "0.2"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -190,6 +213,8 @@ fn import_retrofit_calibrate_serve() {
         &path("repo/retrofit"),
         "--name",
         "retrofit",
+        "--distill-temperature",
+        "2",
         "--quiet",
     ]));
     let run: serde_json::Value =
@@ -201,6 +226,7 @@ fn import_retrofit_calibrate_serve() {
     assert_eq!(run["config"]["warmup_epochs"], 0.2, "{run}");
     assert_eq!(run["config"]["exit_distill"], true, "{run}");
     assert_eq!(run["config"]["order_channels"], true, "{run}");
+    assert_eq!(run["config"]["distill_temperature"], 2.0, "--distill-temperature is recorded with the run");
     assert_eq!(run["config"]["mean"], serde_json::json!([0.4, 0.4, 0.4]), "normalised as the teacher was");
     let config: toml::Table =
         std::fs::read_to_string(dir.path().join("repo/retrofit/config.toml")).unwrap().parse().unwrap();

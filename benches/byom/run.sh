@@ -11,10 +11,12 @@
 #      for N epochs (sluice's own recipe), calibrated and evaluated the same way, for the
 #      "retrofit vs from scratch" time comparison (OUT/models/scratch/report).
 # Every step is skipped when its output exists, so a rerun resumes. Usage:
-#   benches/byom/run.sh [OUT=runs/byom]   (TEACHER_EPOCHS=5 RETROFIT_EPOCHS=2 SCRATCH_EPOCHS=0 THREADS=2)
+#   benches/byom/run.sh [OUT=runs/byom]   (TEACHER_EPOCHS=5 RETROFIT_EPOCHS=2 SCRATCH_EPOCHS=0 THREADS=2
+#                                           DISTILL_TEMPERATURE=1)
 # The well-trained-teacher comparison of docs/benchmarks.md (about 2.5 hours; about 1.5 with the
 # cached teacher of benches/byom/teacher-t15/, copied into OUT first: its README):
-#   IMAGES=runs/byom/images TEACHER_EPOCHS=15 SCRATCH_EPOCHS=8 benches/byom/run.sh runs/byom-t15
+#   IMAGES=runs/byom/images TEACHER_EPOCHS=15 RETROFIT_EPOCHS=3 DISTILL_TEMPERATURE=4 \
+#     SCRATCH_EPOCHS=11 benches/byom/run.sh runs/byom-t15
 # The Bottleneck variant: a torchvision ResNet-50 on a subset, at the same 32x32 input:
 #   ARCH=resnet50 LIMIT=20000 TEACHER_EPOCHS=5 RETROFIT_EPOCHS=1 IMAGES=runs/byom/images \
 #     EVAL_LIMIT=1000 benches/byom/run.sh runs/byom-r50      (about 45 minutes)
@@ -57,6 +59,7 @@ if [ ! -f "$out/models/retrofit/config.toml" ]; then
   step "sluice train --init (gate retrofit)"
   resume=(); [ -f "$out/retrofit-run/checkpoint.json" ] && resume=(--resume)
   "$sluice" train --init "$out/models/teacher" --data "$data" --epochs "${RETROFIT_EPOCHS:-2}" \
+    --distill-temperature "${DISTILL_TEMPERATURE:-1}" \
     --limit "$limit" --threads "$threads" --out "$out/retrofit-run" --export "$out/models/retrofit" --name retrofit "${resume[@]}"
 fi
 # calibrate (once) and evaluate at every budget the model folder OUT/models/$1 ($2 says which).

@@ -49,6 +49,12 @@ pub struct TrainArgs {
     #[arg(long, env = "SLUICE_TRAIN_EXIT_WEIGHT", default_value_t = 0.5, value_parser = non_negative_weight,
           allow_negative_numbers = true)]
     pub exit_weight: f64,
+    /// Temperature of the distillation from the teacher with --init: the teacher's and the
+    /// students' logits are divided by it and the term scaled by its square. 1 (the default)
+    /// is plain distillation; higher passes on more of how the teacher ranks wrong classes.
+    #[arg(long, env = "SLUICE_TRAIN_DISTILL_TEMPERATURE", default_value_t = 1.0, requires = "init",
+          value_parser = distill_temperature, allow_negative_numbers = true)]
+    pub distill_temperature: f64,
     /// Retrofit gates onto a dense network: a model folder (its architecture, input size and
     /// weights) or a safetensors checkpoint with torchvision names (with --arch and the
     /// dataset's size). Its backbone, each block's inner channels ordered by importance
@@ -140,6 +146,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             std: t.norm.std.clone(),
             augment: args.augment,
             exit_weight: args.exit_weight,
+            distill_temperature: args.distill_temperature,
             ..TrainConfig::fashion_default()
         };
         let config = match init {
@@ -160,4 +167,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
 /// `--exit-weight`: a finite weight, not below 0.
 fn non_negative_weight(s: &str) -> Result<f64, String> {
     super::non_negative_number(s, "a loss weight")
+}
+
+/// `--distill-temperature`: a finite number from 1 to 20 (below 1 sharpens the teacher, which
+/// only throws its ranking of the wrong classes away).
+fn distill_temperature(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if (1.0..=20.0).contains(&t) => Ok(t),
+        _ => Err(format!("expected a distillation temperature from 1 to 20, got `{s}`")),
+    }
 }
