@@ -93,7 +93,8 @@ bench-byom: build
 ## PyTorch teacher (benches/byom/teacher-t15/), a three-epoch retrofit at distillation
 ## temperature 4, and eleven epochs from scratch to compare (outputs in runs/byom-t15/).
 bench-byom-t15: build
-	mkdir -p runs/byom-t15 && cp -n benches/byom/teacher-t15/teacher.* runs/byom-t15/
+	mkdir -p runs/byom-t15
+	[ -f runs/byom-t15/teacher.json ] || cp benches/byom/teacher-t15/teacher.* runs/byom-t15/
 	IMAGES=$${IMAGES:-runs/byom-t15/images} RETROFIT_EPOCHS=3 DISTILL_TEMPERATURE=4 \
 	  SCRATCH_EPOCHS=$${SCRATCH_EPOCHS:-11} benches/byom/run.sh runs/byom-t15
 
