@@ -91,12 +91,14 @@ bench-byom: build
 
 ## Issue 13's targets from a well-trained teacher (not in CI, ~1.5 h): the cached fifteen-epoch
 ## PyTorch teacher (benches/byom/teacher-t15/), a three-epoch retrofit at distillation
-## temperature 4, and eleven epochs from scratch to compare (outputs in runs/byom-t15/).
+## temperature 4, and eleven epochs from scratch to compare (outputs in runs/byom-t15-t4/, a
+## folder of its own: run.sh skips every step whose output exists, whatever its settings).
 bench-byom-t15: build
-	mkdir -p runs/byom-t15
-	[ -f runs/byom-t15/teacher.json ] || cp benches/byom/teacher-t15/teacher.* runs/byom-t15/
-	IMAGES=$${IMAGES:-runs/byom-t15/images} RETROFIT_EPOCHS=3 DISTILL_TEMPERATURE=4 \
-	  SCRATCH_EPOCHS=$${SCRATCH_EPOCHS:-11} benches/byom/run.sh runs/byom-t15
+	mkdir -p runs/byom-t15-t4
+	[ -f runs/byom-t15-t4/teacher.json ] && [ -f runs/byom-t15-t4/teacher.safetensors ] || \
+	  cp benches/byom/teacher-t15/teacher.json benches/byom/teacher-t15/teacher.safetensors runs/byom-t15-t4/
+	IMAGES=$${IMAGES:-runs/byom/images} RETROFIT_EPOCHS=3 DISTILL_TEMPERATURE=4 \
+	  SCRATCH_EPOCHS=$${SCRATCH_EPOCHS:-11} benches/byom/run.sh runs/byom-t15-t4
 
 ## The latency-SLO proof of issue 14 (not in CI, ~12 min): the dense model's batch-1 latency
 ## (SLO p99 = 4x) and saturation throughput, then one seeded Poisson schedule (0.5x, 2x, 0.5x

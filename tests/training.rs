@@ -249,6 +249,15 @@ fn learning_rates_must_be_positive() {
 }
 
 #[test]
+fn a_distillation_temperature_below_1_or_not_finite_is_refused() {
+    for t in [0.5, 0.0, f64::NAN, f64::INFINITY, 21.0] {
+        let err =
+            Trainer::new(TrainConfig { distill_temperature: t, ..small_config() }).err().expect("refused");
+        assert!(err.to_string().starts_with("distill_temperature must be from 1 to 20"), "{t}: {err}");
+    }
+}
+
+#[test]
 fn the_retrofit_recipe_takes_both_learning_rates_or_its_defaults() {
     let init = PathBuf::from("dense.safetensors");
     let given = small_config().retrofit(init.clone(), Some(0.02), Some(0.3));

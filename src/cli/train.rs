@@ -169,11 +169,15 @@ fn non_negative_weight(s: &str) -> Result<f64, String> {
     super::non_negative_number(s, "a loss weight")
 }
 
-/// `--distill-temperature`: a finite number from 1 to 20 (below 1 sharpens the teacher, which
-/// only throws its ranking of the wrong classes away).
+/// `--distill-temperature`: a number within `DISTILL_TEMPERATURES`.
 fn distill_temperature(s: &str) -> Result<f64, String> {
+    let range = crate::train::DISTILL_TEMPERATURES;
     match s.parse::<f64>() {
-        Ok(t) if (1.0..=20.0).contains(&t) => Ok(t),
-        _ => Err(format!("expected a distillation temperature from 1 to 20, got `{s}`")),
+        Ok(t) if range.contains(&t) => Ok(t),
+        _ => Err(format!(
+            "expected a distillation temperature from {} to {}, got `{s}`",
+            range.start(),
+            range.end()
+        )),
     }
 }

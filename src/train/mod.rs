@@ -7,6 +7,7 @@
 
 pub mod augment;
 pub mod calibrate;
+mod distill;
 pub mod export;
 pub mod net;
 pub mod optim;
@@ -28,6 +29,8 @@ use crate::engine::gates::GateLayout;
 use crate::engine::model::seeded;
 use crate::engine::params::ResNetParams;
 use crate::engine::{ArchSpec, GateConfig};
+pub use distill::DISTILL_TEMPERATURES;
+use distill::distillation;
 
 use self::net::{PassMode, TrainableNet};
 use self::optim::{Sgd, cosine_lr};
@@ -171,13 +174,6 @@ impl TrainConfig {
     }
 }
 
-/// Distillation at temperature `t`: `t²` × the cross-entropy of the student's softened
-/// prediction (`logits / t`) against `soft`, the teacher's softmax at the same temperature,
-/// averaged over rows. The `t²` keeps its gradients the size they are at `t = 1`.
-fn distillation(soft: &Tensor, logits: &Tensor, t: f64) -> Tensor {
-    -(soft * (logits / t).log_softmax(1, Kind::Float)).sum(Kind::Float) * (t * t) / logits.size()[0]
-}
-
 /// Progress of a run, saved beside the checkpoint.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrainState {
@@ -315,6 +311,14 @@ impl Trainer {
             {
                 anyhow::bail!("{name} must be a positive number, got {lr}");
             }
+        }
+        if !DISTILL_TEMPERATURES.contains(&config.distill_temperature) {
+            anyhow::bail!(
+                "distill_temperature must be from {} to {}, got {}",
+                DISTILL_TEMPERATURES.start(),
+                DISTILL_TEMPERATURES.end(),
+                config.distill_temperature
+            );
         }
         let [channels, h, w] = config.dims;
         if h != w {
@@ -579,50 +583,4 @@ fn progress_bar(len: u64, epoch: usize, epochs: usize, quiet: bool) -> ProgressB
 /// Whether `dir` holds a run that can be resumed.
 pub fn has_checkpoint(dir: &Path) -> bool {
     RunDir { dir: dir.to_path_buf() }.state().is_file()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn distillation_at_a_temperature_passes_on_the_ranking_of_the_wrong_classes() {
-        let teacher = Tensor::from_slice(&[8.0f32, 3.0, 1.0, 0.0]).view([1, 4]);
-        // Two students with the teacher's top class and the same confidence in it, one ranking
-        // the wrong classes as the teacher does and one reversing them.
-        let same = Tensor::from_slice(&[8.0f32, 3.0, 1.0, 0.0]).view([1, 4]);
-        let reversed = Tensor::from_slice(&[8.0f32, 0.0, 1.0, 3.0]).view([1, 4]);
-        let gap = |t: f64| {
-            let soft = (&teacher / t).softmax(1, Kind::Float);
-            let loss = |s: &Tensor| distillation(&soft, s, t).double_value(&[]);
-            loss(&reversed) - loss(&same)
-        };
-        // At t = 1 the teacher's softmax is nearly one-hot, so the ranking barely counts;
-        // softened, it is a clear part of the loss.
-        assert!(gap(1.0) < 0.05, "{}", gap(1.0));
-        assert!(gap(4.0) > 10.0 * gap(1.0), "{} vs {}", gap(4.0), gap(1.0));
-        // At t = 1 it is the plain cross-entropy against the teacher's softmax.
-        let soft = teacher.softmax(1, Kind::Float);
-        let plain = -(&soft * same.log_softmax(1, Kind::Float)).sum(Kind::Float).double_value(&[]);
-        assert!((distillation(&soft, &same, 1.0).double_value(&[]) - plain).abs() < 1e-6);
-    }
-
-    #[test]
-    fn distillation_gradients_keep_their_size_across_temperatures() {
-        let teacher = Tensor::from_slice(&[2.0f32, 1.0, 0.5, -1.0, 0.0, 1.5]).view([2, 3]);
-        let norm = |t: f64| {
-            let student =
-                Tensor::from_slice(&[0.5f32, 1.0, 0.0, 0.0, 1.0, -0.5]).view([2, 3]).set_requires_grad(true);
-            let soft = (&teacher / t).softmax(1, Kind::Float);
-            distillation(&soft, &student, t).backward();
-            student.grad().norm().double_value(&[])
-        };
-        // t² scaling: within a small factor at t = 1, 2, 4 instead of falling as 1/t².
-        let (n1, n4) = (norm(1.0), norm(4.0));
-        assert!(n4 > n1 / 4.0 && n4 < n1 * 4.0, "{n1} vs {n4}");
-        // A student that already matches its teacher gets no gradient.
-        let student = teacher.copy().set_requires_grad(true);
-        distillation(&(&teacher / 4.0).softmax(1, Kind::Float), &student, 4.0).backward();
-        assert!(student.grad().abs().max().double_value(&[]) < 1e-6);
-    }
 }
