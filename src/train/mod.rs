@@ -400,10 +400,12 @@ impl Trainer {
         }
         // The sub-networks learn from the full network's predictions, or in a retrofit from
         // the frozen dense teacher's, which the full network learns from too.
-        let t = if self.teacher.is_some() { c.distill_temperature } else { 1.0 };
-        let soft = match &self.teacher {
-            Some(teacher) => (teacher.logits(images) / t).softmax(1, Kind::Float),
-            None => full.logits.detach().softmax(1, Kind::Float),
+        let (soft, t) = match &self.teacher {
+            Some(teacher) => {
+                let t = c.distill_temperature;
+                ((teacher.logits(images) / t).softmax(1, Kind::Float), t)
+            }
+            None => (full.logits.detach().softmax(1, Kind::Float), 1.0),
         };
         let distill =
             |logits: &Tensor, rows: (i64, i64)| distillation(&soft.narrow(0, rows.0, rows.1), logits, t);

@@ -387,11 +387,9 @@ mod tests {
             for stats in params.gates.blocks.iter().flat_map(|b| b.slim_stats.iter().flatten()) {
                 let n = stats.running_mean.size()[0];
                 let mean = Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.3;
+                let var = Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5;
                 stats.running_mean.shallow_clone().copy_(&mean);
-                stats
-                    .running_var
-                    .shallow_clone()
-                    .copy_(&(Tensor::rand([n], (Kind::Float, Device::Cpu)) + 0.5));
+                stats.running_var.shallow_clone().copy_(&var);
             }
         });
         (vs, params)
