@@ -13,6 +13,15 @@ Not in CI; standard library only. For example (docs/benchmarks.md, stop 27):
     ONEDNN_VERBOSE=1 target/release/sluice bench engine --models resnet50 --batches 1,8 \\
         --gates channel-slice --targets 0.75,0.5 --rounds 4 > /tmp/verbose.log
     python3 benches/onednn_verbose.py /tmp/verbose.log --match 'ih56oh56kh3'
+
+With `--forwards N` it instead splits the log into whole forwards, each starting at the
+stem's convolution (`--stem`), and for the last N of them sums the time per convolution
+class (kernel and stride, input size) and of the reorders; the forwards with the most
+FLOPs are the dense engine's, the rest the gated one's (`sluice bench engine` alternates
+them), and each class prints the median over its forwards (docs/benchmarks.md, stop 33):
+    ONEDNN_VERBOSE=1 target/release/sluice bench engine --models resnet50 --batches 1 \\
+        --gates channel-slice --targets 0.5 --rounds 16 > /tmp/verbose.log
+    python3 benches/onednn_verbose.py /tmp/verbose.log --forwards 40
 """
 
 import argparse
@@ -43,8 +52,14 @@ def main() -> int:
     parser.add_argument("--match", default="", help="only shapes matching this regular expression")
     parser.add_argument("--skip", type=int, default=0,
                         help="ignore the first N exec lines (load-time packing, warm-up)")
+    parser.add_argument("--forwards", type=int, default=0,
+                        help="sum per convolution class over each of the last N whole forwards")
+    parser.add_argument("--stem", default=r"ic3oc64_ih224",
+                        help="the shape that starts a forward (default: ResNet-50's stem at 224)")
     args = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly
+    if args.forwards > 0:
+        return forwards(args)
     pattern = re.compile(args.match)
 
     calls = defaultdict(list)
@@ -81,6 +96,56 @@ def main() -> int:
     if not calls:
         print("no exec lines matched (run with ONEDNN_VERBOSE=1?)", file=sys.stderr)
         return 1
+    return 0
+
+
+def conv_class(shape: str) -> str:
+    """`1x1 s2 ih56`: kernel, stride and input size of a convolution problem string."""
+    m = CONV.search(shape)
+    stride = re.search(r"sh(\d+)", shape)
+    if not m:
+        return "convolution ?"
+    _mb, _ic, _oc, ih, _oh, kh, _ow, kw = m.groups()
+    return f"conv {kh}x{kw} s{stride.group(1) if stride else '?'} ih{ih}"
+
+
+def forwards(args) -> int:
+    stem = re.compile(args.stem)
+    runs = []
+    with open(args.log) if args.log else sys.stdin as lines:
+        for line in lines:
+            fields = line.rstrip("\n").split(",")
+            if len(fields) < 6 or fields[1] != "exec":
+                continue
+            if fields[3] == "convolution" and stem.search(fields[-2]):
+                runs.append(defaultdict(float))
+            if not runs:
+                continue
+            try:
+                ms = float(fields[-1])
+            except ValueError:
+                continue
+            run = runs[-1]
+            if fields[3] == "convolution":
+                run[conv_class(fields[-2])] += ms
+                run["convolutions"] += ms
+                run["GFLOPs"] += conv_flops(fields[-2]) / 1e9
+            else:
+                run[fields[3]] += ms
+    runs = runs[-args.forwards:]
+    if not runs:
+        print("no forward found (run with ONEDNN_VERBOSE=1? a different --stem?)", file=sys.stderr)
+        return 1
+    most = max(run["GFLOPs"] for run in runs)
+    groups = {"dense": [r for r in runs if r["GFLOPs"] >= 0.95 * most],
+              "gated": [r for r in runs if r["GFLOPs"] < 0.95 * most]}
+    keys = sorted({k for run in runs for k in run})
+    print(f"{'':<22}" + "".join(f"{name + ' (' + str(len(g)) + ')':>14}" for name, g in groups.items()))
+    for key in keys:
+        cells = []
+        for group in groups.values():
+            cells.append(f"{statistics.median([r[key] for r in group]):14.3f}" if group else " " * 14)
+        print(f"{key:<22}" + "".join(cells))
     return 0
 
 
