@@ -144,7 +144,10 @@ def forwards(args) -> int:
     for key in keys:
         cells = []
         for group in groups.values():
-            cells.append(f"{statistics.median([r[key] for r in group]):14.3f}" if group else " " * 14)
+            # Blank where no forward of the group ran that class; 0 counts where some did not.
+            present = any(key in r for r in group)
+            values = [r.get(key, 0.0) for r in group]
+            cells.append(f"{statistics.median(values):14.3f}" if present else " " * 14)
         print(f"{key:<22}" + "".join(cells))
     return 0
 
