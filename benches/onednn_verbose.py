@@ -46,6 +46,20 @@ def conv_flops(shape: str) -> int:
     return 2 * mb * ic * oc * oh * ow * kh * kw
 
 
+def executions(path):
+    """`(fields, ms)` of every `exec` line of a verbose log (`path`, or stdin when None):
+    onednn_verbose,exec,cpu,<primitive>,<implementation>,...,<shape>,<ms>"""
+    with open(path) if path else sys.stdin as lines:
+        for line in lines:
+            fields = line.rstrip("\n").split(",")
+            if len(fields) < 6 or fields[1] != "exec":
+                continue
+            try:
+                yield fields, float(fields[-1])
+            except ValueError:
+                continue
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("log", nargs="?", help="verbose log (default: stdin)")
@@ -63,29 +77,16 @@ def main() -> int:
     pattern = re.compile(args.match)
 
     calls = defaultdict(list)
-    seen = 0
-    with open(args.log) if args.log else sys.stdin as lines:
-        for line in lines:
-            fields = line.rstrip("\n").split(",")
-            # onednn_verbose,exec,cpu,<primitive>,<implementation>,...,<shape>,<ms>
-            if len(fields) < 6 or fields[1] != "exec":
-                continue
-            seen += 1
-            if seen <= args.skip:
-                continue
-            shape = fields[-2]
-            if not pattern.search(shape):
-                continue
-            try:
-                ms = float(fields[-1])
-            except ValueError:
-                continue
-            if fields[3] == "reorder":
-                # A reorder's shape is only its dims: tell them apart by their layouts
-                # (`acdb` is channels-last; blocked ones are Winograd's activations).
-                layouts = {arg: tag or kind for arg, kind, tag in LAYOUT.findall(fields[6])}
-                shape = f"{shape} {layouts.get('src', '?')}->{layouts.get('dst', '?')}"
-            calls[(fields[3], fields[4].split(":")[0], shape)].append(ms)
+    for seen, (fields, ms) in enumerate(executions(args.log), start=1):
+        shape = fields[-2]
+        if seen <= args.skip or not pattern.search(shape):
+            continue
+        if fields[3] == "reorder":
+            # A reorder's shape is only its dims: tell them apart by their layouts
+            # (`acdb` is channels-last; blocked ones are Winograd's activations).
+            layouts = {arg: tag or kind for arg, kind, tag in LAYOUT.findall(fields[6])}
+            shape = f"{shape} {layouts.get('src', '?')}->{layouts.get('dst', '?')}"
+        calls[(fields[3], fields[4].split(":")[0], shape)].append(ms)
 
     print(f"{'calls':>6}  {'primitive':<12} {'implementation':<20} {'median ms':>10} {'GFLOP/s':>8}  shape")
     for (primitive, impl, shape), times in sorted(calls.items(), key=lambda kv: (kv[0][2], kv[0][1])):
@@ -112,26 +113,18 @@ def conv_class(shape: str) -> str:
 def forwards(args) -> int:
     stem = re.compile(args.stem)
     runs = []
-    with open(args.log) if args.log else sys.stdin as lines:
-        for line in lines:
-            fields = line.rstrip("\n").split(",")
-            if len(fields) < 6 or fields[1] != "exec":
-                continue
-            if fields[3] == "convolution" and stem.search(fields[-2]):
-                runs.append(defaultdict(float))
-            if not runs:
-                continue
-            try:
-                ms = float(fields[-1])
-            except ValueError:
-                continue
-            run = runs[-1]
-            if fields[3] == "convolution":
-                run[conv_class(fields[-2])] += ms
-                run["convolutions"] += ms
-                run["GFLOPs"] += conv_flops(fields[-2]) / 1e9
-            else:
-                run[fields[3]] += ms
+    for fields, ms in executions(args.log):
+        if fields[3] == "convolution" and stem.search(fields[-2]):
+            runs.append(defaultdict(float))
+        if not runs:
+            continue
+        run = runs[-1]
+        if fields[3] == "convolution":
+            run[conv_class(fields[-2])] += ms
+            run["convolutions"] += ms
+            run["GFLOPs"] += conv_flops(fields[-2]) / 1e9
+        else:
+            run[fields[3]] += ms
     runs = runs[-args.forwards:]
     if not runs:
         print("no forward found (run with ONEDNN_VERBOSE=1? a different --stem?)", file=sys.stderr)
