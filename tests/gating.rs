@@ -144,47 +144,103 @@ fn some_block_mixed(reports: &[ComputeReport]) -> bool {
     })
 }
 
+/// A mixed-batch case: a model with an exit after stage 1, a batch of varied inputs, and
+/// the batch's median channel and block scores.
+struct MixedCase {
+    arch: &'static str,
+    _params: NetworkParams,
+    model: Model,
+    x: Tensor,
+    medians: (f32, f32),
+}
+
+fn mixed_cases() -> Vec<MixedCase> {
+    [("resnet20", 1, 28, 16), ("resnet50", 3, 64, 6)]
+        .into_iter()
+        .map(|(arch, c, hw, n)| {
+            let (_params, model) = gated(arch, c, vec![1], 11);
+            let x = input(n, c, hw, 5);
+            let medians = score_medians(&model, &x);
+            MixedCase { arch, _params, model, x, medians }
+        })
+        .collect()
+}
+
 #[test]
 fn a_mixed_batch_equals_each_input_alone() {
     let _g = tch::no_grad_guard();
-    for (arch, c, hw, n) in [("resnet20", 1, 28, 16), ("resnet50", 3, 64, 6)] {
-        let (_params, model) = gated(arch, c, vec![1], 11);
-        let x = input(n, c, hw, 5);
-        let (channel_t, block_t) = score_medians(&model, &x);
+    for MixedCase { arch, model, x, medians: (channel_t, block_t), .. } in mixed_cases() {
+        let n = x.size()[0];
         for mode in [ChannelMode::Slice, ChannelMode::Select] {
             let base =
                 GatePolicy { overrides: block_medians(&model, &x), ..policy(channel_t, block_t, 1.0, mode) };
             let exit_t = mixing_exit_threshold(&model, &x, &base);
-            let p = GatePolicy { exit_threshold: exit_t, ..base };
-            let (logits, reports) = model.forward(&x, &p).unwrap();
-            assert!(some_block_mixed(&reports), "{arch} {mode:?}: decisions must actually differ");
-            assert!(reports.iter().any(|r| r.exit.is_some()) && reports.iter().any(|r| r.exit.is_none()));
-            for i in 0..n {
-                let (alone, report) = model.forward(&x.narrow(0, i, 1), &p).unwrap();
-                let diff = max_diff(&logits.narrow(0, i, 1), &alone);
-                let (mixed, alone_report) = (&reports[i as usize], &report[0]);
-                if mode == ChannelMode::Select {
-                    // Rows with different sets may run together on the union of their sets
-                    // (each masked to its own): same decisions and exit, counted at widths
-                    // at least their own.
-                    assert_eq!(mixed.exit, alone_report.exit, "{arch} input {i}");
-                    assert!(mixed.executed_flops >= alone_report.executed_flops, "{arch} input {i}");
-                    for (m, a) in mixed.blocks.iter().zip(&alone_report.blocks) {
-                        match (m, a) {
-                            (BlockDecision::Run { widths: m }, BlockDecision::Run { widths: a }) => {
-                                assert!(
-                                    m.iter().zip(a).all(|(m, a)| m >= a),
-                                    "{arch} input {i}: {m:?} < {a:?}"
-                                )
-                            }
-                            (m, a) => assert_eq!(m, a, "{arch} input {i}"),
-                        }
-                    }
+            // Some inputs leaving at the exit, and none (the rows a mixed block reorders come
+            // back in input order either way).
+            for exit_threshold in [exit_t, 1.0] {
+                let p = GatePolicy { exit_threshold, ..base.clone() };
+                let (logits, reports) = model.forward(&x, &p).unwrap();
+                assert!(some_block_mixed(&reports), "{arch} {mode:?}: decisions must actually differ");
+                let exits = reports.iter().filter(|r| r.exit.is_some()).count();
+                if exit_threshold < 1.0 {
+                    assert!(exits > 0 && exits < n as usize, "{arch} {mode:?}: {exits} of {n} left early");
                 } else {
-                    assert_eq!(mixed, alone_report, "{arch} {mode:?} input {i}");
+                    assert_eq!(exits, 0, "{arch} {mode:?}");
                 }
-                assert!(diff <= 1e-5, "{arch} {mode:?} input {i}: {diff} {:?}", report[0]);
+                for i in 0..n {
+                    let (alone, report) = model.forward(&x.narrow(0, i, 1), &p).unwrap();
+                    let diff = max_diff(&logits.narrow(0, i, 1), &alone);
+                    let (mixed, alone_report) = (&reports[i as usize], &report[0]);
+                    if mode == ChannelMode::Select {
+                        // Rows with different sets may run together on the union of their sets
+                        // (each masked to its own): same decisions and exit, counted at widths
+                        // at least their own.
+                        assert_eq!(mixed.exit, alone_report.exit, "{arch} input {i}");
+                        assert!(mixed.executed_flops >= alone_report.executed_flops, "{arch} input {i}");
+                        for (m, a) in mixed.blocks.iter().zip(&alone_report.blocks) {
+                            match (m, a) {
+                                (BlockDecision::Run { widths: m }, BlockDecision::Run { widths: a }) => {
+                                    assert!(
+                                        m.iter().zip(a).all(|(m, a)| m >= a),
+                                        "{arch} input {i}: {m:?} < {a:?}"
+                                    )
+                                }
+                                (m, a) => assert_eq!(m, a, "{arch} input {i}"),
+                            }
+                        }
+                    } else {
+                        assert_eq!(mixed, alone_report, "{arch} {mode:?} input {i}");
+                    }
+                    assert!(diff <= 1e-5, "{arch} {mode:?} input {i}: {diff} {:?}", report[0]);
+                }
             }
+        }
+    }
+}
+
+/// Calibration's trace of a mixed batch records for each input what tracing it alone
+/// records: every exit's logits, the FLOPs at each exit and the final logits.
+#[test]
+fn a_traced_mixed_batch_equals_each_input_traced_alone() {
+    let _g = tch::no_grad_guard();
+    for MixedCase { arch, model, x, medians: (channel_t, block_t), .. } in mixed_cases() {
+        let n = x.size()[0];
+        let p = GatePolicy {
+            overrides: block_medians(&model, &x),
+            ..policy(channel_t, block_t, 1.0, ChannelMode::Slice)
+        };
+        let batch = model.net.trace(&x, &p);
+        assert!(some_block_mixed(&batch.reports), "{arch}: decisions must actually differ");
+        assert_eq!(batch.exit_logits.len(), 1);
+        for i in 0..n {
+            let alone = model.net.trace(&x.narrow(0, i, 1), &p);
+            let row = i as usize;
+            assert_eq!(batch.reports[row], alone.reports[0], "{arch} input {i}");
+            assert_eq!(batch.flops_at_exit[0][row], alone.flops_at_exit[0][0], "{arch} input {i}");
+            let diff = max_diff(&batch.exit_logits[0].narrow(0, i, 1), &alone.exit_logits[0]);
+            assert!(diff <= 1e-5, "{arch} input {i}: exit logits differ by {diff}");
+            let diff = max_diff(&batch.final_logits.narrow(0, i, 1), &alone.final_logits);
+            assert!(diff <= 1e-5, "{arch} input {i}: final logits differ by {diff}");
         }
     }
 }

@@ -2,7 +2,6 @@
 //! grouped execution of a batch whose inputs decided differently.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tch::Tensor;
@@ -209,10 +208,8 @@ impl GatedBlock {
         format.apply(&h)
     }
 
-    /// Runs the block on a batch whose rows decided `execs` (one per row). Returns the
-    /// output and, when the rows that chose `select` ran together on the union of their
-    /// channel sets, the inner widths each of them ran at (for their FLOPs).
-    pub fn run(&self, x: &Tensor, execs: &[&Exec], format: Format) -> (Tensor, Option<Vec<i64>>) {
+    /// Runs the block on a batch whose rows decided `execs` (one per row).
+    pub fn run(&self, x: &Tensor, execs: &[&Exec], format: Format) -> BlockRun {
         let first = execs[0];
         if execs.iter().all(|e| *e == first) {
             let out = match first {
@@ -228,47 +225,83 @@ impl GatedBlock {
                     out.relu_()
                 }
             };
-            return (out, None);
+            return BlockRun { out, union_widths: None, order: None };
         }
-        // Mixed decisions: group rows by execution, compute each group's residual on its
-        // rows only, then add them into the shortcut in place. Rows that chose different
-        // `select` sets run as one group when that is cheaper (`SelectRows::union`).
+        // Mixed decisions: the rows are put in order of their execution, so that each group
+        // is one contiguous run of rows (the batch is copied once, and only when the order
+        // changes), then each group reads its rows in place and adds its residual into the
+        // same rows of the shortcut (one fused conv + add + ReLU for a sliced group). Rows
+        // that chose different `select` sets run as one group when that is cheaper
+        // (`SelectRows::union`).
         let union = SelectRows::union(execs, format.precision.kind());
-        let mut groups: HashMap<&Exec, Vec<i64>> = HashMap::new();
-        let mut order: Vec<&Exec> = Vec::new();
-        let mut together = Vec::new();
+        let mut groups: Vec<(Group, Vec<usize>)> = Vec::new();
         for (row, exec) in execs.iter().enumerate() {
-            match exec {
-                Exec::Skip => continue,
-                Exec::Select { .. } if union.is_some() => together.push(row as i64),
-                _ => groups
-                    .entry(exec)
-                    .or_insert_with(|| {
-                        order.push(exec);
-                        Vec::new()
-                    })
-                    .push(row as i64),
+            let key = match exec {
+                Exec::Skip => Group::Skip,
+                Exec::Select { .. } if union.is_some() => Group::Together,
+                exec => Group::Own(exec),
+            };
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, rows)) => rows.push(row),
+                None => groups.push((key, vec![row])),
             }
         }
-        let mut residuals: Vec<(Tensor, Tensor)> = order
-            .iter()
-            .map(|exec| {
-                let rows = Tensor::from_slice(&groups[exec]);
-                let r = self.residual_for(exec, &format.gather(x, 0, &rows), format);
-                (rows, r)
-            })
-            .collect();
-        let widths = union.map(|run| {
-            let rows = Tensor::from_slice(&together);
-            residuals.push((
-                rows.shallow_clone(),
-                self.residual_select(&run, &format.gather(x, 0, &rows), format),
-            ));
-            run.sets.iter().map(|s| s.len() as i64).collect()
-        });
-        // For an identity shortcut this writes into `x` itself: nothing else reads it.
-        (format.add_rows(self.shortcut(x), &residuals).relu_(), widths)
+        let order: Vec<usize> = groups.iter().flat_map(|(_, rows)| rows.iter().copied()).collect();
+        let reordered = order.iter().enumerate().any(|(position, &row)| position != row);
+        let x = if reordered { format.rows(x, &order) } else { x.shallow_clone() };
+        // For an identity shortcut this writes into `x` itself: each group reads its rows
+        // before it writes them, and nothing else reads them.
+        let acc = self.shortcut(&x);
+        let mut union_widths = None;
+        let mut start = 0;
+        for (key, rows) in &groups {
+            let len = rows.len() as i64;
+            let (rows_in, rows_out) = (x.narrow(0, start, len), acc.narrow(0, start, len));
+            start += len;
+            let residual = match key {
+                Group::Skip if self.downsample.is_some() => {
+                    let _ = rows_out.shallow_clone().relu_();
+                    continue;
+                }
+                Group::Skip => continue, // the identity shortcut's rows, already past a ReLU
+                Group::Own(Exec::Slice(v)) => {
+                    let done = residual_add_relu(&self.variants[*v], &rows_in, rows_out.shallow_clone());
+                    if done.data_ptr() != rows_out.data_ptr() {
+                        rows_out.shallow_clone().copy_(&done);
+                    }
+                    continue;
+                }
+                Group::Own(exec) => self.residual_for(exec, &rows_in, format),
+                Group::Together => {
+                    let Some(run) = &union else { continue }; // only made with a union
+                    union_widths = Some(run.sets.iter().map(|s| s.len() as i64).collect());
+                    self.residual_select(run, &rows_in, format)
+                }
+            };
+            let _ = rows_out.shallow_clone().g_add_(&residual).relu_();
+        }
+        BlockRun { out: acc, union_widths, order: reordered.then_some(order) }
     }
+}
+
+/// What [`GatedBlock::run`] returns.
+pub(super) struct BlockRun {
+    /// The block's output, its rows in `order`.
+    pub out: Tensor,
+    /// When the rows that chose `select` ran together on the union of their channel sets,
+    /// the inner widths each of them ran at (for their FLOPs).
+    pub union_widths: Option<Vec<i64>>,
+    /// `order[p]`: the input row now at row `p` of the output; `None`: the input's order.
+    pub order: Option<Vec<usize>>,
+}
+
+/// The groups a mixed batch runs in.
+#[derive(PartialEq)]
+enum Group<'e> {
+    Skip,
+    /// The rows that chose `select`, on the union of their sets.
+    Together,
+    Own(&'e Exec),
 }
 
 impl SelectConv {
@@ -414,9 +447,10 @@ mod tests {
                     let groups = bp.layers.len() - 1;
                     let sets = vec![(0..width).collect::<Vec<i64>>(); groups];
                     // Copies: a block may write its output into its input.
-                    let (select, _) =
-                        block.run(&x.copy(), &[&Exec::Select { sets, stats: vec![v; groups] }; 2], format);
-                    let (slice, _) = block.run(&x.copy(), &[&Exec::Slice(v); 2], format);
+                    let select = block
+                        .run(&x.copy(), &[&Exec::Select { sets, stats: vec![v; groups] }; 2], format)
+                        .out;
+                    let slice = block.run(&x.copy(), &[&Exec::Slice(v); 2], format).out;
                     let diff = (select - slice).abs().max().double_value(&[]);
                     assert!(diff < 1e-4, "{arch} {layout:?} width {width}: {diff}");
                 }
@@ -459,17 +493,19 @@ mod tests {
                 let x = seeded(9, || Tensor::randn([n, cin, hw, hw], (Kind::Float, Device::Cpu))).relu();
                 let refs: Vec<&Exec> = execs.iter().collect();
                 // A copy: a block may add into its input in place.
-                let (together, widths) = block.run(&format.apply(&x.copy()), &refs, format);
+                let run = block.run(&format.apply(&x.copy()), &refs, format);
                 assert_eq!(
-                    widths,
+                    run.union_widths,
                     Some(vec![inner; groups]),
                     "{arch}: the union of the three sets is every channel"
                 );
+                let order = run.order.clone().unwrap_or_else(|| (0..execs.len()).collect());
                 for (row, exec) in execs.iter().enumerate() {
                     let alone = format.apply(&x.narrow(0, row as i64, 1));
-                    let (alone, none) = block.run(&alone, &[exec], format);
-                    assert_eq!(none, None);
-                    let diff = (alone - together.narrow(0, row as i64, 1)).abs().max().double_value(&[]);
+                    let alone = block.run(&alone, &[exec], format);
+                    assert_eq!((alone.union_widths, alone.order), (None, None));
+                    let at = order.iter().position(|&r| r == row).unwrap() as i64;
+                    let diff = (alone.out - run.out.narrow(0, at, 1)).abs().max().double_value(&[]);
                     assert!(diff < 1e-4, "{arch} {layout:?} row {row}: {diff}");
                 }
             }

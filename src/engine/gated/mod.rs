@@ -1,9 +1,13 @@
 //! The gated inference network. Gate decisions are made on the host, per input, from one
 //! small MLP over the stem's pooled features; then every block runs only on the inputs
-//! that execute it, grouped by chosen width (gather → residual → in-place scatter-add), and
-//! inputs that pass an exit leave the batch. Nothing is computed densely and masked; rows
-//! that chose different `select` sets may run together on the union of their sets, each
-//! masked to its own, and are then counted at the union's width.
+//! that execute it, grouped by chosen width: a block whose inputs decided differently puts
+//! its rows in order of their decisions (one copy of the batch, only when the order
+//! changes), so each group reads its own run of rows and adds its residual into the same
+//! rows of the shortcut in place; the network follows which input each row holds and
+//! returns results in input order. Inputs that pass an exit leave the batch. Nothing is
+//! computed densely and masked; rows that chose different `select` sets may run together on
+//! the union of their sets, each masked to its own, and are then counted at the union's
+//! width.
 
 mod block;
 pub mod plan;
@@ -273,7 +277,8 @@ impl GatedResNet {
         let (mut ch, mut cw) = (sh, sw);
         for (b, block) in self.blocks.iter().enumerate() {
             let execs: Vec<&Exec> = active.iter().map(|&i| &plans[i][b]).collect();
-            let (next, union) = block.run(&cur, &execs, self.format);
+            let block::BlockRun { out: next, union_widths: union, order } =
+                block.run(&cur, &execs, self.format);
             for (&i, exec) in active.iter().zip(&execs) {
                 // Rows that chose `select` and ran together ran at the union's widths.
                 let widths = match (exec, &union) {
@@ -286,6 +291,9 @@ impl GatedResNet {
                     if widths.is_empty() { BlockDecision::Skipped } else { BlockDecision::Run { widths } };
             }
             cur = next;
+            if let Some(order) = order {
+                active = order.iter().map(|&local| active[local]).collect();
+            }
             let s = block.spec.stride();
             (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
 
@@ -305,7 +313,7 @@ impl GatedResNet {
                     trace.head_flops[i] += head;
                     trace.flops_at_exit[e][i] = reports[i].executed_flops;
                 }
-                trace.exit_logits.push(exit_logits);
+                trace.exit_logits.push(in_input_order(exit_logits, &active));
                 continue;
             }
             let confidence = exit_logits.softmax(1, Kind::Float).amax(&[1i64][..], false);
@@ -343,7 +351,7 @@ impl GatedResNet {
             reports[i].executed_flops += fc;
         }
         let logits = match out {
-            None => logits,
+            None => in_input_order(logits, &active),
             Some(mut dst) => {
                 let rows: Vec<i64> = active.iter().map(|&i| i as i64).collect();
                 let _ = dst.index_copy_(0, &Tensor::from_slice(&rows), &logits);
@@ -376,4 +384,13 @@ impl GatedResNet {
     pub fn device(&self) -> Device {
         self.stem.device()
     }
+}
+
+/// `rows` (row `p` belongs to input `active[p]`, every input present) in input order.
+fn in_input_order(rows: Tensor, active: &[usize]) -> Tensor {
+    if active.iter().enumerate().all(|(p, &i)| p == i) {
+        return rows;
+    }
+    let index: Vec<i64> = active.iter().map(|&i| i as i64).collect();
+    rows.zeros_like().index_copy_(0, &Tensor::from_slice(&index), &rows)
 }
