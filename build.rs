@@ -15,10 +15,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=src/engine/onednn.cpp");
     // oneDNN from Debian's libdnnl-dev (deploy/setup.sh installs it): the library the shim's
     // primitives come from, apart from the copy libtorch keeps private inside itself.
-    let dnnl_header = std::path::Path::new("/usr/include/oneapi/dnnl/dnnl.hpp");
+    // `SLUICE_DNNL_PREFIX` builds against another oneDNN (its `include/` and `lib/`, the
+    // library found there at run time too): benches/onednn3_probe.sh times oneDNN 3.x so.
+    println!("cargo:rerun-if-env-changed=SLUICE_DNNL_PREFIX");
+    let prefix = std::env::var_os("SLUICE_DNNL_PREFIX").map(PathBuf::from).unwrap_or_else(|| "/usr".into());
+    let oneapi = prefix.join("include/oneapi");
+    let dnnl_header = oneapi.join("dnnl/dnnl.hpp");
     if !dnnl_header.exists() {
         return Err(format!(
-            "{} is missing: sluice's convolutions need Debian's libdnnl-dev (run deploy/setup.sh)",
+            "{} is missing: sluice's convolutions need Debian's libdnnl-dev (run deploy/setup.sh) \
+             or SLUICE_DNNL_PREFIX pointing at another oneDNN",
             dnnl_header.display()
         )
         .into());
@@ -30,9 +36,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dnnl_include = out.join("dnnl-include");
     std::fs::create_dir_all(&dnnl_include)?;
     let link = dnnl_include.join("oneapi");
-    if std::fs::read_link(&link).ok().as_deref() != Some(std::path::Path::new("/usr/include/oneapi")) {
+    if std::fs::read_link(&link).ok().as_deref() != Some(oneapi.as_path()) {
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink("/usr/include/oneapi", &link)?;
+        std::os::unix::fs::symlink(&oneapi, &link)?;
     }
     let include = libtorch.join("include");
     cc::Build::new()
@@ -48,6 +54,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .flag_if_supported("-Wno-unused-parameter")
         .file("src/engine/onednn.cpp")
         .compile("sluice_onednn");
+    if prefix != std::path::Path::new("/usr") {
+        println!("cargo:rustc-link-search=native={}", prefix.join("lib").display());
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", prefix.join("lib").display());
+    }
     println!("cargo:rustc-link-lib=dylib=dnnl");
 
     println!("cargo:rerun-if-changed=proto");

@@ -1,5 +1,8 @@
 // Convolutions on oneDNN primitives that sluice builds and owns, against the oneDNN library
-// Debian packages (libdnnl 2.6, deploy/setup.sh installs it), made callable from Rust.
+// Debian packages (libdnnl 2.6, deploy/setup.sh installs it), made callable from Rust. It
+// also compiles against oneDNN 3.x (the two `DNNL_VERSION_MAJOR` blocks), which
+// benches/onednn3_probe.sh times against 2.6; 3.x has no FP32 Winograd, so `Fastest` finds
+// only the direct kernel for 3×3 convolutions there.
 //
 // A `sluice_conv` holds one convolution: its bias, its weights reordered into the layout its
 // kernel wants, and one ready primitive per input shape (batch, height, width) and post-op
@@ -150,13 +153,23 @@ struct Conv {
     memory::desc bias_md({out_ch}, dt::f32, tag::x);
     dnnl::post_ops ops;
     if (post == Post::AddRelu) ops.append_sum(1.f);
+#if DNNL_VERSION_MAJOR >= 3
+    if (post != Post::None) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+#else
     if (post != Post::None) ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+#endif
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
     auto algorithm = winograd ? dnnl::algorithm::convolution_winograd : dnnl::algorithm::convolution_direct;
+#if DNNL_VERSION_MAJOR >= 3
+    return dnnl::convolution_forward::primitive_desc(cpu(), dnnl::prop_kind::forward_inference, algorithm, src,
+                                                     weights, bias_md, dst, {step, step}, {padding, padding},
+                                                     {padding, padding}, attr);
+#else
     dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_inference, algorithm, src, weights, bias_md, dst,
                                          {step, step}, {padding, padding}, {padding, padding});
     return dnnl::convolution_forward::primitive_desc(desc, attr, cpu());
+#endif
   }
 
   // The packing `want` describes: an existing one, or a reorder of the first (lock held).
@@ -166,7 +179,11 @@ struct Conv {
       if (p.get_desc() == want) return p;
     dnnl::memory made(want, cpu());
     dnnl::stream s(cpu());
+#if DNNL_VERSION_MAJOR >= 3
+    if (want.get_format_kind() != dnnl::memory::format_kind::blocked) {
+#else
     if (want.data.format_kind == dnnl_format_kind_wino) {
+#endif
       dnnl::memory plain({{out_ch, in_ch, kernel, kernel}, type, tag::oihw}, cpu());
       dnnl::reorder(packs.front(), plain).execute(s, packs.front(), plain);
       dnnl::reorder(plain, made).execute(s, plain, made);
