@@ -227,8 +227,9 @@ impl Format {
 
     /// The batch rows of `t` in `order` (`order[p]`: the row of `t` that becomes row `p`), a
     /// new tensor in `t`'s layout, copied one run of consecutive rows at a time: whole rows
-    /// are contiguous in every layout, and a block copy of them is several times cheaper
-    /// than `index_select`'s gather (docs/benchmarks.md, stop 33).
+    /// are contiguous in every layout, and a block copy of them took 1/2.7 of
+    /// `index_select`'s time in isolation (docs/benchmarks.md, stop 33; within a whole
+    /// forward the two were indistinguishable, stop 34).
     pub fn rows(self, t: &Tensor, order: &[usize]) -> Tensor {
         let out = t.empty_like();
         let mut p = 0;
