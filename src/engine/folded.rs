@@ -393,21 +393,20 @@ impl FoldedConv {
         self.run(x, true)
     }
 
-    /// `relu(conv(x) + shortcut)`: a residual block's end. For the onednn layout, one fused
-    /// primitive that writes into `shortcut`'s storage (so an identity shortcut's input is
-    /// overwritten: the caller must not read it again).
+    /// `relu(conv(x) + shortcut)`: a residual block's end, written into `shortcut`'s storage
+    /// and returned (so an identity shortcut's input is overwritten: the caller must not
+    /// read it again). For the onednn layout, one fused primitive.
     pub fn forward_add_relu(&self, x: &Tensor, shortcut: Tensor) -> Tensor {
+        let mut acc = shortcut;
         match &self.kernel {
             Kernel::Packed(packed) => {
                 self.calls.fetch_add(1, Ordering::Relaxed);
-                let mut acc = shortcut;
                 packed.conv_add_relu_(&mut acc, x);
                 acc
             }
             Kernel::Strided(_) => {
-                let mut out = self.forward(x);
-                let _ = out.g_add_(&shortcut);
-                out.relu_()
+                let _ = acc.g_add_(&self.forward(x));
+                acc.relu_()
             }
         }
     }
@@ -460,8 +459,9 @@ pub fn residual(layers: &[FoldedConv], x: &Tensor) -> Tensor {
     layers[layers.len() - 1].forward(&inner(layers, x))
 }
 
-/// `relu(residual(layers, x) + shortcut)`, the last convolution fused with the add and
-/// the ReLU where the layout allows (see [`FoldedConv::forward_add_relu`]).
+/// `relu(residual(layers, x) + shortcut)`, written into `shortcut`'s storage, the last
+/// convolution fused with the add and the ReLU where the layout allows (see
+/// [`FoldedConv::forward_add_relu`]).
 pub fn residual_add_relu(layers: &[FoldedConv], x: &Tensor, shortcut: Tensor) -> Tensor {
     layers[layers.len() - 1].forward_add_relu(&inner(layers, x), shortcut)
 }

@@ -256,19 +256,17 @@ impl GatedBlock {
         let mut start = 0;
         for (key, rows) in &groups {
             let len = rows.len() as i64;
-            let (rows_in, rows_out) = (x.narrow(0, start, len), acc.narrow(0, start, len));
+            let (rows_in, mut rows_out) = (x.narrow(0, start, len), acc.narrow(0, start, len));
             start += len;
             let residual = match key {
                 Group::Skip if self.downsample.is_some() => {
-                    let _ = rows_out.shallow_clone().relu_();
+                    let _ = rows_out.relu_();
                     continue;
                 }
                 Group::Skip => continue, // the identity shortcut's rows, already past a ReLU
                 Group::Own(Exec::Slice(v)) => {
-                    let done = residual_add_relu(&self.variants[*v], &rows_in, rows_out.shallow_clone());
-                    if done.data_ptr() != rows_out.data_ptr() {
-                        rows_out.shallow_clone().copy_(&done);
-                    }
+                    // Written into the shortcut's rows.
+                    let _ = residual_add_relu(&self.variants[*v], &rows_in, rows_out);
                     continue;
                 }
                 Group::Own(exec) => self.residual_for(exec, &rows_in, format),
@@ -278,7 +276,7 @@ impl GatedBlock {
                     self.residual_select(run, &rows_in, format)
                 }
             };
-            let _ = rows_out.shallow_clone().g_add_(&residual).relu_();
+            let _ = rows_out.g_add_(&residual).relu_();
         }
         BlockRun { out: acc, union_widths, order: reordered.then_some(order) }
     }
