@@ -6,6 +6,7 @@ pub mod flops;
 pub mod folded;
 pub mod gated;
 pub mod gates;
+pub mod memory;
 pub mod model;
 pub mod onednn;
 pub mod params;
