@@ -59,15 +59,22 @@ FLAGS_OF_INTEREST = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "am
 
 
 def cpu_description() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "unknown", set()
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them (a
+    hypervisor may show only "AMD EPYC": family 25 is Zen 3/4, 26 Zen 5), and its flags."""
+    model, flags, ids = platform.processor() or "unknown", set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags |= set(line.split(":", 1)[1].split())
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and model in ("unknown", "", platform.processor()):
+                model = value
+            elif key in ("cpu family", "model") and key not in ids:
+                ids[key] = value
+            elif key == "flags":
+                flags |= set(value.split())
     except OSError:
         pass
+    if ids:
+        model += f" (family {ids.get('cpu family', '?')}, model {ids.get('model', '?')})"
     return model, [f for f in FLAGS_OF_INTEREST if f in flags]
 
 

@@ -6,8 +6,8 @@
 //! threshold hands it back to the kernel; both thresholds follow the largest chunk freed so
 //! far (trim = 2 × mmap), so a ResNet-50 forward at batch 8 — ~26 MB activations, well over
 //! 50 MB freed at its end — returns its pages at the end of every forward and faults them in
-//! again, zeroed, in the next: ~12,500 page faults and ~20 ms of kernel time per forward on
-//! the 2-core dev VM (docs/benchmarks.md, "Freed activations kept", stop 35).
+//! again, zeroed, in the next: ~12,500 page faults and ~25 ms of kernel CPU time per forward on
+//! the 2-core dev VM (docs/benchmarks.md, "A Zen 5 host, and freed activations kept").
 //!
 //! [`retain_freed_memory`] fixes both thresholds: chunks up to [`MMAP_THRESHOLD`] come from
 //! the heap, and freed memory stays with the process until the free top exceeds
