@@ -40,9 +40,23 @@ fn bench_engine_runs_both_engines_in_the_format_asked_for() {
     let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((row["layout"].as_str(), row["precision"].as_str()), (Some("onednn"), Some("fp32")));
     assert!(row["latency_ms"].as_f64().unwrap() > 0.0 && row["dense_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(row["width_levels"], 8, "the models' default");
     let out = sluice(&["bench", "engine", "--layout", "sideways"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown layout"));
+
+    // The gated models' width levels, as asked for, and refused outside 1..=64.
+    let common = ["bench", "engine", "--models", "resnet20", "--batches", "1", "--rounds", "1", "--json"];
+    let out = sluice(
+        &[&common[..], &["--gates", "channel-slice", "--targets", "0.5", "--width-levels", "4"]].concat(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["width_levels"], 4);
+    assert!(row["flop_fraction"].as_f64().unwrap() < 0.9, "{row}");
+    let out = sluice(&[&common[..], &["--width-levels", "0"]].concat());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--width-levels"));
 }
 
 /// `bench widths` times every width a channel gate may choose in one identity block per

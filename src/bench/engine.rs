@@ -48,6 +48,8 @@ pub struct Row {
     /// The engines' layout and precision.
     pub layout: Layout,
     pub precision: Precision,
+    /// The gated model's `gates.width_levels`.
+    pub width_levels: i64,
 }
 
 /// What to run.
@@ -60,6 +62,8 @@ pub struct BenchPlan {
     pub rounds: usize,
     /// Layout and precision of both the gated and the dense engine.
     pub format: Format,
+    /// `gates.width_levels` of the gated models (None: the default, 8).
+    pub width_levels: Option<i64>,
 }
 
 impl BenchPlan {
@@ -82,13 +86,19 @@ impl BenchPlan {
             targets: vec![0.75, 0.5, 0.3],
             rounds,
             format: Format::from(Layout::ChannelsLast),
+            width_levels: None,
         }
     }
 }
 
-fn gate_config(kind: GateKind, arch: &ArchSpec) -> GateConfig {
+fn gate_config(kind: GateKind, arch: &ArchSpec, width_levels: Option<i64>) -> GateConfig {
     let exits = if arch.is_cifar() { vec![1, 2] } else { vec![2, 3] };
-    let base = GateConfig { exit_conv: arch.is_cifar(), ..GateConfig::default() };
+    let defaults = GateConfig::default();
+    let base = GateConfig {
+        exit_conv: arch.is_cifar(),
+        width_levels: width_levels.unwrap_or(defaults.width_levels),
+        ..defaults
+    };
     match kind {
         GateKind::None => GateConfig { channel: true, block: BlockGates::Identity, exits, ..base },
         GateKind::ChannelSlice | GateKind::ChannelSelect => GateConfig { channel: true, ..base },
@@ -178,7 +188,7 @@ pub fn run(plan: &BenchPlan, mut each: impl FnMut(&Row)) -> anyhow::Result<Vec<R
         };
         for &kind in &plan.gates {
             let source = ModelSource {
-                gates: gate_config(kind, &spec),
+                gates: gate_config(kind, &spec, plan.width_levels),
                 format: plan.format,
                 ..ModelSource::random(spec.clone(), 0)
             };
@@ -215,6 +225,7 @@ pub fn run(plan: &BenchPlan, mut each: impl FnMut(&Row)) -> anyhow::Result<Vec<R
                     threads,
                     layout: plan.format.layout,
                     precision: plan.format.precision,
+                    width_levels: source.gates.width_levels,
                 };
                 each(&row);
                 rows.push(row);

@@ -202,6 +202,10 @@ pub struct EngineArgs {
     /// Target FLOP fractions.
     #[arg(long, env = "SLUICE_BENCH_TARGETS", value_delimiter = ',', default_value = "0.75,0.5,0.3")]
     pub targets: Vec<f64>,
+    /// `gates.width_levels` of the gated models (default: a model's default, 8). 4 keeps
+    /// ResNet-50's first-stage widths multiples of 16 (docs/gating.md, "Choosing widths").
+    #[arg(long, env = "SLUICE_BENCH_WIDTH_LEVELS", value_parser = clap::value_parser!(i64).range(1..=64))]
+    pub width_levels: Option<i64>,
     /// Layout and precision of both engines (precision default: fp32).
     #[command(flatten)]
     pub format: super::FormatArgs,
@@ -216,6 +220,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads.max(1) as i32);
     let mut plan = BenchPlan::standard(args.rounds);
     plan.targets = args.targets.clone();
+    plan.width_levels = args.width_levels;
     plan.format = crate::engine::Format::new(args.format.layout, args.format.precision.unwrap_or_default());
     plan.format.check().map_err(anyhow::Error::msg)?;
     if !args.models.is_empty() {
