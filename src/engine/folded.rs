@@ -225,13 +225,16 @@ impl Format {
         }
     }
 
-    /// The batch rows of `t` in `order` (`order[p]`: the row of `t` that becomes row `p`), a
-    /// new tensor in `t`'s layout, copied one run of consecutive rows at a time: whole rows
+    /// The batch rows of `t` in `order` (`order[p]`: the row of `t` that becomes row `p`; all
+    /// of them or a subset), a new tensor in `t`'s layout, copied one run of consecutive rows
+    /// at a time: whole rows
     /// are contiguous in every layout, and a block copy of them took 1/2.7 of
     /// `index_select`'s time in isolation (docs/benchmarks.md, stop 33; within a whole
     /// forward the two were indistinguishable, stop 34).
     pub fn rows(self, t: &Tensor, order: &[usize]) -> Tensor {
-        let out = t.empty_like();
+        // The batch is the outermost dimension in every layout, so the first rows are dense
+        // and `empty_like` keeps their strides.
+        let out = t.narrow(0, 0, order.len() as i64).empty_like();
         let mut p = 0;
         while p < order.len() {
             let mut end = p + 1;
@@ -571,10 +574,12 @@ mod tests {
     use super::*;
 
     /// `rows` is `index_select` on the batch dimension, keeping the layout, for orders with
-    /// runs of consecutive rows, reversed rows and the identity.
+    /// runs of consecutive rows, reversed rows, the identity and subsets (the rows that stay
+    /// after an exit).
     #[test]
     fn rows_in_an_order_match_index_select_and_keep_the_layout() {
-        let orders: [&[usize]; 3] = [&[2, 3, 4, 0, 5, 1], &[5, 4, 3, 2, 1, 0], &[0, 1, 2, 3, 4, 5]];
+        let orders: [&[usize]; 5] =
+            [&[2, 3, 4, 0, 5, 1], &[5, 4, 3, 2, 1, 0], &[0, 1, 2, 3, 4, 5], &[1, 3, 4], &[5]];
         for layout in [Layout::ChannelsLast, Layout::Nchw, Layout::Onednn] {
             let format = Format::from(layout);
             let t = format.apply(&Tensor::randn([6, 5, 3, 4], (Kind::Float, Device::Cpu)));

@@ -327,7 +327,7 @@ impl GatedResNet {
                     reports[i].exit = Some(exit.stage);
                     leave.push(local as i64);
                 } else {
-                    stay.push(local as i64);
+                    stay.push(local);
                 }
             }
             if leave.is_empty() {
@@ -342,8 +342,8 @@ impl GatedResNet {
             if stay.is_empty() {
                 return (out.unwrap_or_else(|| Tensor::zeros([0], tch::kind::FLOAT_CPU)), reports);
             }
-            cur = self.format.gather(&cur, 0, &Tensor::from_slice(&stay));
-            active = stay.iter().map(|&l| active[l as usize]).collect();
+            cur = self.format.rows(&cur, &stay);
+            active = stay.iter().map(|&l| active[l]).collect();
         }
         let logits = self.fc.forward(&self.format.pool(&cur));
         let fc = self.head_flops();
