@@ -18,9 +18,15 @@ mod check {
     use tch::{Device, Kind, Tensor};
 
     const CHILD: &str = "SLUICE_ALLOCATOR_CHILD";
-    /// ResNet-20 at 16 × 112 × 112: its first stage's activations are 12.8 MB each, above
-    /// glibc's default thresholds and below the retained ones.
-    const ACTIVATION_PAGES: i64 = 16 * 16 * 112 * 112 * 4 / 4096;
+    /// ResNet-20 at 112 × 112: a first-stage activation of a batch of 16 is 12.8 MB (above
+    /// glibc's default thresholds, below the largest mmap threshold it accepts, 32 MiB), of
+    /// a batch of 48 38.5 MB (above both).
+    const BATCHES: [i64; 2] = [16, 48];
+
+    /// The pages of one first-stage activation (16 channels) of a batch of `batch`.
+    fn activation_pages(batch: i64) -> i64 {
+        batch * 16 * 112 * 112 * 4 / 4096
+    }
 
     /// Minor page faults of the whole process so far.
     fn minor_faults() -> i64 {
@@ -30,27 +36,32 @@ mod check {
         usage.ru_minflt
     }
 
-    /// Median page faults per forward over five forwards, after two to warm up, on a new
-    /// thread.
-    fn faults_per_forward() -> i64 {
+    /// Median page faults per forward at each of [`BATCHES`] (five forwards each, after two
+    /// to warm up), on a new thread.
+    fn faults_per_forward() -> Vec<i64> {
         std::thread::spawn(|| {
             let _guard = tch::no_grad_guard();
             let spec = ArchSpec::named("resnet20", 1, 10).unwrap();
             let (_vs, params) = load_params(&ModelSource::random(spec, 0)).unwrap();
             let net = FoldedResNet::fold(&params.backbone, Format::from(Layout::ChannelsLast));
-            let x = Tensor::randn([16, 1, 112, 112], (Kind::Float, Device::Cpu));
-            for _ in 0..2 {
-                let _ = net.forward(&x);
-            }
-            let mut each: Vec<i64> = (0..5)
-                .map(|_| {
-                    let before = minor_faults();
-                    let _ = net.forward(&x);
-                    minor_faults() - before
+            BATCHES
+                .iter()
+                .map(|&batch| {
+                    let x = Tensor::randn([batch, 1, 112, 112], (Kind::Float, Device::Cpu));
+                    for _ in 0..2 {
+                        let _ = net.forward(&x);
+                    }
+                    let mut each: Vec<i64> = (0..5)
+                        .map(|_| {
+                            let before = minor_faults();
+                            let _ = net.forward(&x);
+                            minor_faults() - before
+                        })
+                        .collect();
+                    each.sort_unstable();
+                    each[2]
                 })
-                .collect();
-            each.sort_unstable();
-            each[2]
+                .collect()
         })
         .join()
         .expect("the measuring thread panicked")
@@ -58,27 +69,34 @@ mod check {
 
     pub fn main() {
         if std::env::var_os(CHILD).is_some() {
-            println!("{}", faults_per_forward());
+            let counts: Vec<String> = faults_per_forward().iter().map(i64::to_string).collect();
+            println!("{}", counts.join(" "));
             return;
         }
         let me = std::env::current_exe().expect("the test binary's path");
         let out = Command::new(me).env(CHILD, "1").output().expect("running the test binary again");
         assert!(out.status.success(), "the defaults run failed: {}", String::from_utf8_lossy(&out.stderr));
-        let by_default: i64 =
-            String::from_utf8_lossy(&out.stdout).trim().parse().expect("the defaults run prints a count");
+        let by_default: Vec<i64> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(|n| n.parse().expect("the defaults run prints counts"))
+            .collect();
+        assert_eq!(by_default.len(), BATCHES.len(), "the defaults run prints one count per batch");
 
-        assert!(retain_freed_memory(), "glibc refused the thresholds");
+        assert!(retain_freed_memory(), "glibc refused the settings");
         let retained = faults_per_forward();
-        println!(
-            "page faults per forward: {by_default} with glibc's defaults, {retained} retained \
-             (one activation: {ACTIVATION_PAGES} pages)"
-        );
-        assert!(
-            by_default >= ACTIVATION_PAGES,
-            "glibc's defaults fault fewer pages per forward than one activation has: this check \
-             no longer shows what it guards against"
-        );
-        assert!(retained * 20 < ACTIVATION_PAGES, "freed activations are faulted in again");
+        for ((batch, default), kept) in BATCHES.iter().zip(&by_default).zip(&retained) {
+            let pages = activation_pages(*batch);
+            println!(
+                "batch {batch}: page faults per forward: {default} with glibc's defaults, {kept} \
+                 retained (one activation: {pages} pages)"
+            );
+            assert!(
+                *default >= pages,
+                "batch {batch}: glibc's defaults fault fewer pages per forward than one activation \
+                 has: this check no longer shows what it guards against"
+            );
+            assert!(kept * 20 < pages, "batch {batch}: freed activations are faulted in again");
+        }
         println!("test {} ... ok", super::NAME);
     }
 }

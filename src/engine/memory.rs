@@ -9,27 +9,26 @@
 //! again, zeroed, in the next: ~12,500 page faults and ~25 ms of kernel CPU time per forward on
 //! the 2-core dev VM (docs/benchmarks.md, "A Zen 5 host, and freed activations kept").
 //!
-//! [`retain_freed_memory`] fixes both thresholds: chunks up to [`MMAP_THRESHOLD`] come from
-//! the heap, and freed memory stays with the process until the free top exceeds
-//! [`TRIM_THRESHOLD`]. It also makes every thread allocate from the one main arena: a thread
-//! of its own arena (the server's engine threads) carves chunks out of 64 MiB heaps and
-//! unmaps a heap as soon as all of it is free, whatever the trim threshold, so the same page
-//! faults came back there. Arena contention is no concern at the core counts sluice runs on:
-//! small chunks come from per-thread caches, large ones are a few per forward.
+//! [`retain_freed_memory`] fixes that: no chunk gets pages of its own (a zero limit on
+//! mmapped chunks, since glibc caps the mmap threshold at 32 MiB and a ResNet-50 activation
+//! at batch ≥ 11 is larger), and freed memory stays with the process until the free top of
+//! the heap exceeds [`TRIM_THRESHOLD`]. It also makes every thread allocate from the one main
+//! arena: a thread of its own arena (the server's engine threads) carves chunks out of 64 MiB
+//! heaps and unmaps a heap as soon as all of it is free, whatever the trim threshold, so the
+//! same page faults came back there. Arena contention is no concern at the core counts sluice
+//! runs on: small chunks come from per-thread caches, large ones are a few per forward.
 //!
 //! The resident set then stays at the largest forward's working set instead of dropping
 //! between requests; it does not grow past it, since the next forward reuses the same
-//! chunks. A larger chunk (a ResNet-50 activation at batch ≥ 11) still gets pages of its
-//! own: glibc refuses a higher mmap threshold.
-
-/// The largest chunk served from the heap: glibc's own ceiling for this setting (half of its
-/// 64 MiB heap size on 64-bit targets).
-pub const MMAP_THRESHOLD: usize = 32 << 20;
+//! chunks. Where the heap cannot grow in place, glibc still extends it with fresh mappings,
+//! so an allocation does not fail for want of contiguous address space.
 
 /// Free memory at a heap's top beyond this goes back to the kernel.
 pub const TRIM_THRESHOLD: usize = 1 << 30;
 
 /// Whether the process's allocator could be told (false off glibc, or when glibc refused).
+/// Every chunk then comes from the main arena's heap, and up to [`TRIM_THRESHOLD`] of free
+/// memory at its top stays mapped.
 /// Call once, first thing in `main`: a thread that has already allocated keeps its arena.
 pub fn retain_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -38,7 +37,7 @@ pub fn retain_freed_memory() -> bool {
         // SAFETY: mallopt only sets the allocator's parameters; it returns 0 when it rejects
         // one and touches no memory of ours.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, as_int(MMAP_THRESHOLD)) == 1
+            libc::mallopt(libc::M_MMAP_MAX, 0) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, as_int(TRIM_THRESHOLD)) == 1
                 && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
         }
