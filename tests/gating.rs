@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use sluice::bench::engine::varied_inputs as input;
 use sluice::engine::arch::BlockKind;
 use sluice::engine::flops::{dense_flops, linear_flops, residual_flops, shortcut_flops};
-use sluice::engine::folded::{FoldedResNet, Format, Layout, Precision};
+use sluice::engine::folded::{FoldedResNet, Format, Layout, Precision, ROW_TILE_BYTES};
 use sluice::engine::gates::{BlockGates, GateConfig, GateLayout};
 use sluice::engine::model::{NetworkParams, load_params};
 use sluice::engine::{ArchSpec, BlockDecision, ChannelMode, ComputeReport, GatePolicy, Model, ModelSource};
@@ -169,9 +169,15 @@ fn mixed_cases() -> Vec<MixedCase> {
 #[test]
 fn a_mixed_batch_equals_each_input_alone() {
     let _g = tch::no_grad_guard();
-    for MixedCase { arch, model, x, medians: (channel_t, block_t), .. } in mixed_cases() {
+    for MixedCase { arch, mut model, x, medians: (channel_t, block_t), .. } in mixed_cases() {
         let n = x.size()[0];
-        for mode in [ChannelMode::Slice, ChannelMode::Select] {
+        // The whole batch through every block, and the batch in tiles of one row through the
+        // blocks up to the exit (a budget of one byte tiles every block it may).
+        for (mode, tile_bytes) in [ChannelMode::Slice, ChannelMode::Select]
+            .into_iter()
+            .flat_map(|mode| [ROW_TILE_BYTES, 1].map(|bytes| (mode, bytes)))
+        {
+            model.net.row_tile_bytes = tile_bytes;
             let base =
                 GatePolicy { overrides: block_medians(&model, &x), ..policy(channel_t, block_t, 1.0, mode) };
             let exit_t = mixing_exit_threshold(&model, &x, &base);
@@ -212,6 +218,48 @@ fn a_mixed_batch_equals_each_input_alone() {
                         assert_eq!(mixed, alone_report, "{arch} {mode:?} input {i}");
                     }
                     assert!(diff <= 1e-5, "{arch} {mode:?} input {i}: {diff} {:?}", report[0]);
+                }
+            }
+        }
+    }
+}
+
+/// Row tiles of several rows through the blocks of a model without exits, where rows that
+/// decided differently are put in order within a tile: the same logits and reports as the
+/// whole batch at once.
+#[test]
+fn a_mixed_batch_in_row_tiles_equals_the_whole_batch() {
+    let _g = tch::no_grad_guard();
+    for (arch, c, hw, n) in [("resnet20", 1, 28, 16), ("resnet50", 3, 64, 8)] {
+        let (_params, mut model) = gated(arch, c, vec![], 17);
+        let x = input(n, c, hw, 3);
+        let (channel_t, block_t) = score_medians(&model, &x);
+        let first = &model.spec.block_specs()[0];
+        let side = model.spec.after_stem_hw(hw) / first.stride();
+        let row_bytes = first.out_ch() * side * side * 4;
+        for mode in [ChannelMode::Slice, ChannelMode::Select] {
+            let p =
+                GatePolicy { overrides: block_medians(&model, &x), ..policy(channel_t, block_t, 1.0, mode) };
+            model.net.row_tile_bytes = ROW_TILE_BYTES;
+            let (whole, whole_reports) = model.forward(&x, &p).unwrap();
+            assert!(some_block_mixed(&whole_reports), "{arch} {mode:?}: decisions must actually differ");
+            // Tiles of 2, 3 and 5 rows (the first block's output for that many).
+            for rows in [2, 3, 5] {
+                model.net.row_tile_bytes = rows * row_bytes;
+                let (tiled, tiled_reports) = model.forward(&x, &p).unwrap();
+                let diff = max_diff(&tiled, &whole);
+                assert!(diff <= 1e-5, "{arch} {mode:?}, {rows} rows a tile: {diff}");
+                for (i, (t, w)) in tiled_reports.iter().zip(&whole_reports).enumerate() {
+                    if mode == ChannelMode::Slice {
+                        assert_eq!(t, w, "{arch}, {rows} rows a tile, input {i}");
+                    } else {
+                        // Rows that chose `select` run together on the union of their tile's
+                        // sets, not the batch's: the same decisions, at other union widths.
+                        let skipped = |r: &ComputeReport| -> Vec<bool> {
+                            r.blocks.iter().map(|d| *d == BlockDecision::Skipped).collect()
+                        };
+                        assert_eq!(skipped(t), skipped(w), "{arch}, {rows} rows a tile, input {i}");
+                    }
                 }
             }
         }

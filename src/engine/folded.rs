@@ -249,6 +249,28 @@ impl Format {
         out
     }
 
+    /// The batches `parts` (each in this format, same `C × H × W`) one after another as one
+    /// batch in this format: one copy of each, whatever the layout (the batch is the
+    /// outermost dimension in every one).
+    pub fn cat_rows(self, parts: &[Tensor]) -> Tensor {
+        let size = parts[0].size();
+        let (c, h, w) = (size[1], size[2], size[3]);
+        let n: i64 = parts.iter().map(|p| p.size()[0]).sum();
+        let options = (parts[0].kind(), parts[0].device());
+        let out = if self.layout.channels_last() {
+            Tensor::empty([n, h, w, c], options).permute(FROM_NHWC)
+        } else {
+            Tensor::empty([n, c, h, w], options)
+        };
+        let mut start = 0;
+        for part in parts {
+            let rows = part.size()[0];
+            out.narrow(0, start, rows).copy_(part);
+            start += rows;
+        }
+        out
+    }
+
     /// Global average pool of a `[N, C, H, W]` activation to FP32 `[N, C]`.
     pub fn pool(self, x: &Tensor) -> Tensor {
         x.mean_dim(&[2i64, 3][..], false, Kind::Float)
@@ -499,6 +521,12 @@ impl FoldedBlock {
         }
     }
 
+    /// `(output channels, stride)`.
+    pub fn out_shape(&self) -> (i64, i64) {
+        let out_ch = self.layers.last().map_or(0, |l| l.shape.out_ch);
+        (out_ch, self.layers.iter().map(|l| l.shape.stride).product())
+    }
+
     /// The block on `x`. With the onednn layout and an identity shortcut the output is
     /// written into `x`'s storage: `x` must not be read afterwards.
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -515,6 +543,58 @@ pub fn stem_forward(stem: &FoldedConv, kind: StemKind, x: &Tensor) -> Tensor {
     }
 }
 
+/// The largest output, in bytes, a leading block may write for a whole batch before the
+/// network runs it in tiles of rows instead ([`row_tiles`]): ResNet-50 at 224×224 writes
+/// 25.7 MB per first-stage block at batch 8, more than this VM's 32 MiB L3 keeps with the
+/// block's other tensors, and its fused residual adds then read and write memory, not cache
+/// (docs/benchmarks.md, "Row tiles", stop 36).
+pub const ROW_TILE_BYTES: i64 = 8 << 20;
+
+/// How the leading blocks of a batch run in tiles of rows: each tile goes through
+/// `blocks` blocks alone (so their activations stay in cache), then the tiles are put back
+/// together and the rest of the network runs on the whole batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowTiles {
+    /// How many leading blocks run per tile.
+    pub blocks: usize,
+    /// Rows per tile (the last one may have fewer).
+    pub rows: i64,
+}
+
+impl RowTiles {
+    /// `(first row, rows)` of each tile of a batch of `n`.
+    pub fn spans(self, n: i64) -> impl Iterator<Item = (i64, i64)> {
+        (0..n).step_by(self.rows.max(1) as usize).map(move |start| (start, self.rows.min(n - start)))
+    }
+}
+
+/// The row tiles for a batch of `n` whose blocks (`(output channels, stride)` each, in
+/// order) start from a `hw` input with `elem_bytes` per value: the leading blocks whose
+/// output for the whole batch exceeds `budget` bytes run in tiles whose widest output fits
+/// it (at least one row). `None` when the first block's output already fits, or when a
+/// tile would hold the whole batch.
+pub fn row_tiles(
+    blocks: impl Iterator<Item = (i64, i64)>,
+    n: i64,
+    hw: [i64; 2],
+    elem_bytes: i64,
+    budget: i64,
+) -> Option<RowTiles> {
+    let [mut h, mut w] = hw;
+    let (mut lead, mut widest) = (0, 0);
+    for (out_ch, stride) in blocks {
+        (h, w) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let row_bytes = out_ch.saturating_mul(h).saturating_mul(w).saturating_mul(elem_bytes);
+        if row_bytes.saturating_mul(n) <= budget {
+            break;
+        }
+        lead += 1;
+        widest = widest.max(row_bytes);
+    }
+    let rows = (budget / widest.max(1)).max(1);
+    (lead > 0 && rows < n).then_some(RowTiles { blocks: lead, rows })
+}
+
 /// A whole folded dense ResNet: the baseline that gated models are measured against.
 #[derive(Debug)]
 pub struct FoldedResNet {
@@ -523,6 +603,8 @@ pub struct FoldedResNet {
     pub stem: FoldedConv,
     pub blocks: Vec<FoldedBlock>,
     pub fc: FoldedLinear,
+    /// [`ROW_TILE_BYTES`] unless a test asks for other tiles.
+    pub row_tile_bytes: i64,
 }
 
 impl FoldedResNet {
@@ -554,13 +636,35 @@ impl FoldedResNet {
             stem: FoldedConv::fold(&params.stem, format, input, onednn::Post::Relu),
             blocks,
             fc: FoldedLinear::copy_of(&params.fc),
+            row_tile_bytes: ROW_TILE_BYTES,
         }
     }
 
     /// Dense forward pass: `[N, C, H, W]` f32 in any layout → `[N, classes]` FP32 logits.
+    /// Large batches run their leading blocks in tiles of rows ([`row_tiles`]).
     pub fn forward(&self, input: &Tensor) -> Tensor {
         let mut x = stem_forward(&self.stem, self.spec.stem, &self.format.apply(input));
-        for block in &self.blocks {
+        let size = x.size();
+        let shapes = self.blocks.iter().map(FoldedBlock::out_shape);
+        let elem = x.kind().elt_size_in_bytes() as i64;
+        let mut first = 0;
+        if let Some(tiles) = row_tiles(shapes, size[0], [size[2], size[3]], elem, self.row_tile_bytes) {
+            // Each tile reads its rows of the stem's output in place; identity shortcuts
+            // write into them, which nothing reads afterwards.
+            let parts: Vec<Tensor> = tiles
+                .spans(size[0])
+                .map(|(start, rows)| {
+                    let mut t = x.narrow(0, start, rows);
+                    for block in &self.blocks[..tiles.blocks] {
+                        t = block.forward(&t);
+                    }
+                    t
+                })
+                .collect();
+            x = self.format.cat_rows(&parts);
+            first = tiles.blocks;
+        }
+        for block in &self.blocks[first..] {
             x = block.forward(&x);
         }
         self.fc.forward(&self.format.pool(&x))
@@ -572,6 +676,61 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
+
+    /// ResNet-50's blocks at 224×224 (output channels, stride), from its spec.
+    fn resnet50_blocks() -> Vec<(i64, i64)> {
+        let spec = ArchSpec::named("resnet50", 3, 10).unwrap();
+        spec.block_specs().iter().map(|b| (b.out_ch(), b.stride())).collect()
+    }
+
+    #[test]
+    fn batches_whose_leading_blocks_outgrow_the_budget_run_them_in_row_tiles() {
+        let r50 = resnet50_blocks();
+        // FP32 at batch 8: the first stage writes 3.2 MB per row (25.7 MB per batch), the
+        // second 1.6 MB (12.8 MB), the third 0.8 MB (6.4 MB, within 8 MiB).
+        let tiles = row_tiles(r50.iter().copied(), 8, [56, 56], 4, ROW_TILE_BYTES).unwrap();
+        assert_eq!(tiles, RowTiles { blocks: 7, rows: 2 });
+        assert_eq!(tiles.spans(8).collect::<Vec<_>>(), [(0, 2), (2, 2), (4, 2), (6, 2)]);
+        assert_eq!(RowTiles { blocks: 1, rows: 3 }.spans(7).collect::<Vec<_>>(), [(0, 3), (3, 3), (6, 1)]);
+        // bf16 halves every output: the first stage alone at batch 8 (12.8 MB), 5 rows a tile.
+        assert_eq!(
+            row_tiles(r50.iter().copied(), 8, [56, 56], 2, ROW_TILE_BYTES),
+            Some(RowTiles { blocks: 3, rows: 5 })
+        );
+        // Batch 1, and batch 2 (a tile would hold the whole batch): no tiles.
+        assert_eq!(row_tiles(r50.iter().copied(), 1, [56, 56], 4, ROW_TILE_BYTES), None);
+        assert_eq!(row_tiles(r50.iter().copied(), 2, [56, 56], 4, ROW_TILE_BYTES), None);
+        // The shipped ResNet-20 at 28×28: 50 KB per row, 1.6 MB at batch 32.
+        let r20 = ArchSpec::named("resnet20", 1, 10).unwrap();
+        let r20: Vec<(i64, i64)> = r20.block_specs().iter().map(|b| (b.out_ch(), b.stride())).collect();
+        assert_eq!(row_tiles(r20.iter().copied(), 32, [28, 28], 4, ROW_TILE_BYTES), None);
+        // A budget smaller than one row: every block, one row a tile.
+        assert_eq!(row_tiles(r20.iter().copied(), 5, [28, 28], 4, 1), Some(RowTiles { blocks: 9, rows: 1 }));
+    }
+
+    #[test]
+    fn a_dense_batch_in_row_tiles_equals_the_whole_batch() {
+        let _guard = tch::no_grad_guard();
+        let spec = ArchSpec::named("resnet20", 1, 10).unwrap();
+        let (_vs, params) =
+            crate::engine::model::load_params(&crate::engine::ModelSource::random(spec, 3)).unwrap();
+        let x = Tensor::randn([5, 1, 28, 28], (Kind::Float, Device::Cpu));
+        for layout in [Layout::ChannelsLast, Layout::Nchw, Layout::Onednn] {
+            let mut net = FoldedResNet::fold(&params.backbone, Format::from(layout));
+            net.row_tile_bytes = i64::MAX;
+            let whole = net.forward(&x);
+            // Tiles of one row through every block; of two rows (the last one short) through
+            // the first two stages.
+            for budget in [1, 2 * 16 * 28 * 28 * 4] {
+                net.row_tile_bytes = budget;
+                let shapes = net.blocks.iter().map(FoldedBlock::out_shape);
+                assert!(row_tiles(shapes, 5, [28, 28], 4, budget).is_some(), "budget {budget} tiles nothing");
+                let tiled = net.forward(&x);
+                let diff = (&tiled - &whole).abs().max().double_value(&[]);
+                assert!(diff <= 1e-5, "{layout:?}, budget {budget}: {diff}");
+            }
+        }
+    }
 
     /// `rows` is `index_select` on the batch dimension, keeping the layout, for orders with
     /// runs of consecutive rows, reversed rows, the identity and subsets (the rows that stay

@@ -18,7 +18,7 @@ use self::block::GatedBlock;
 use self::plan::{Exec, Thresholds, decide, exec_widths, select_limit};
 use super::arch::ArchSpec;
 use super::flops::{conv_flops, linear_flops, residual_flops, shortcut_flops, stem_flops};
-use super::folded::{FoldedConv, FoldedLinear, Format, stem_forward};
+use super::folded::{FoldedConv, FoldedLinear, Format, ROW_TILE_BYTES, row_tiles, stem_forward};
 use super::gates::{GateLayout, GateParams};
 use super::onednn::Post;
 use super::params::ResNetParams;
@@ -100,6 +100,8 @@ pub struct GatedResNet {
     blocks: Vec<GatedBlock>,
     exits: Vec<FoldedExit>,
     fc: FoldedLinear,
+    /// [`ROW_TILE_BYTES`] unless a test asks for other tiles.
+    pub row_tile_bytes: i64,
 }
 
 impl GatedResNet {
@@ -160,6 +162,7 @@ impl GatedResNet {
             blocks,
             exits,
             fc: FoldedLinear::copy_of(&backbone.fc),
+            row_tile_bytes: ROW_TILE_BYTES,
         }
     }
 
@@ -275,27 +278,36 @@ impl GatedResNet {
         let mut out: Option<Tensor> = None;
         let mut cur = stem;
         let (mut ch, mut cw) = (sh, sw);
-        for (b, block) in self.blocks.iter().enumerate() {
-            let execs: Vec<&Exec> = active.iter().map(|&i| &plans[i][b]).collect();
-            let block::BlockRun { out: next, union_widths: union, order } =
-                block.run(&cur, &execs, self.format);
-            for (&i, exec) in active.iter().zip(&execs) {
-                // Rows that chose `select` and ran together ran at the union's widths.
-                let widths = match (exec, &union) {
-                    (Exec::Select { .. }, Some(widths)) => widths.clone(),
-                    _ => exec_widths(exec, &block.slots, self.spec.block),
-                };
-                let cost = if widths.is_empty() { 0 } else { residual_flops(&block.spec, ch, cw, &widths) };
-                reports[i].executed_flops += cost + shortcut_flops(&block.spec, ch, cw);
-                reports[i].blocks[b] =
-                    if widths.is_empty() { BlockDecision::Skipped } else { BlockDecision::Run { widths } };
+        // Large batches run their leading blocks in tiles of rows (`row_tiles`), up to the
+        // first exit's block: an exit sees the whole batch.
+        let before_exits = self.exits.iter().map(|x| x.after_block + 1).min().unwrap_or(self.blocks.len());
+        let shapes = self.blocks[..before_exits].iter().map(|b| (b.spec.out_ch(), b.spec.stride()));
+        let elem = cur.kind().elt_size_in_bytes() as i64;
+        let mut first = 0;
+        if let Some(tiles) = row_tiles(shapes, n as i64, [sh, sw], elem, self.row_tile_bytes) {
+            let (mut parts, mut order) = (Vec::new(), Vec::with_capacity(n));
+            for (start, rows) in tiles.spans(n as i64) {
+                let mut rows_active: Vec<usize> = (start as usize..(start + rows) as usize).collect();
+                let mut t = cur.narrow(0, start, rows);
+                (ch, cw) = (sh, sw);
+                for b in 0..tiles.blocks {
+                    t = self.run_block(b, &t, &mut rows_active, &plans, &mut reports, (ch, cw));
+                    let s = self.blocks[b].spec.stride();
+                    (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
+                }
+                parts.push(t);
+                order.extend(rows_active);
             }
-            cur = next;
-            if let Some(order) = order {
-                active = order.iter().map(|&local| active[local]).collect();
+            cur = self.format.cat_rows(&parts);
+            active = order;
+            first = tiles.blocks;
+        }
+        for b in 0..self.blocks.len() {
+            if b >= first {
+                cur = self.run_block(b, &cur, &mut active, &plans, &mut reports, (ch, cw));
+                let s = self.blocks[b].spec.stride();
+                (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
             }
-            let s = block.spec.stride();
-            (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
 
             let Some((e, exit)) = self.exits.iter().enumerate().find(|(_, x)| x.after_block == b) else {
                 continue;
@@ -359,6 +371,38 @@ impl GatedResNet {
             }
         };
         (logits, reports)
+    }
+
+    /// Runs block `b` on `x`, whose row `p` holds input `active[p]` (an input of `hw`):
+    /// charges each input the FLOPs it ran and records its decision, and returns the output,
+    /// `active` reordered to its rows.
+    fn run_block(
+        &self,
+        b: usize,
+        x: &Tensor,
+        active: &mut Vec<usize>,
+        plans: &[Vec<Exec>],
+        reports: &mut [ComputeReport],
+        (h, w): (i64, i64),
+    ) -> Tensor {
+        let block = &self.blocks[b];
+        let execs: Vec<&Exec> = active.iter().map(|&i| &plans[i][b]).collect();
+        let block::BlockRun { out, union_widths: union, order } = block.run(x, &execs, self.format);
+        for (&i, exec) in active.iter().zip(&execs) {
+            // Rows that chose `select` and ran together ran at the union's widths.
+            let widths = match (exec, &union) {
+                (Exec::Select { .. }, Some(widths)) => widths.clone(),
+                _ => exec_widths(exec, &block.slots, self.spec.block),
+            };
+            let cost = if widths.is_empty() { 0 } else { residual_flops(&block.spec, h, w, &widths) };
+            reports[i].executed_flops += cost + shortcut_flops(&block.spec, h, w);
+            reports[i].blocks[b] =
+                if widths.is_empty() { BlockDecision::Skipped } else { BlockDecision::Run { widths } };
+        }
+        if let Some(order) = order {
+            *active = order.iter().map(|&local| active[local]).collect();
+        }
+        out
     }
 
     /// Dense FLOPs of the residual blocks for a stem output of `h × w` (from the blocks'
