@@ -677,15 +677,15 @@ mod tests {
 
     use super::*;
 
-    /// ResNet-50's blocks at 224×224 (output channels, stride), from its spec.
-    fn resnet50_blocks() -> Vec<(i64, i64)> {
-        let spec = ArchSpec::named("resnet50", 3, 10).unwrap();
+    /// An architecture's blocks as `row_tiles` reads them (output channels, stride).
+    fn blocks_of(arch: &str, channels: i64) -> Vec<(i64, i64)> {
+        let spec = ArchSpec::named(arch, channels, 10).unwrap();
         spec.block_specs().iter().map(|b| (b.out_ch(), b.stride())).collect()
     }
 
     #[test]
     fn batches_whose_leading_blocks_outgrow_the_budget_run_them_in_row_tiles() {
-        let r50 = resnet50_blocks();
+        let r50 = blocks_of("resnet50", 3);
         // FP32 at batch 8: the first stage writes 3.2 MB per row (25.7 MB per batch), the
         // second 1.6 MB (12.8 MB), the third 0.8 MB (6.4 MB, within 8 MiB).
         let tiles = row_tiles(r50.iter().copied(), 8, [56, 56], 4, ROW_TILE_BYTES).unwrap();
@@ -701,8 +701,7 @@ mod tests {
         assert_eq!(row_tiles(r50.iter().copied(), 1, [56, 56], 4, ROW_TILE_BYTES), None);
         assert_eq!(row_tiles(r50.iter().copied(), 2, [56, 56], 4, ROW_TILE_BYTES), None);
         // The shipped ResNet-20 at 28×28: 50 KB per row, 1.6 MB at batch 32.
-        let r20 = ArchSpec::named("resnet20", 1, 10).unwrap();
-        let r20: Vec<(i64, i64)> = r20.block_specs().iter().map(|b| (b.out_ch(), b.stride())).collect();
+        let r20 = blocks_of("resnet20", 1);
         assert_eq!(row_tiles(r20.iter().copied(), 32, [28, 28], 4, ROW_TILE_BYTES), None);
         // A budget smaller than one row: every block, one row a tile.
         assert_eq!(row_tiles(r20.iter().copied(), 5, [28, 28], 4, 1), Some(RowTiles { blocks: 9, rows: 1 }));
