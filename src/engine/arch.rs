@@ -101,6 +101,17 @@ impl BlockSpec {
     pub fn stride(&self) -> i64 {
         self.convs.iter().map(|c| c.stride).product()
     }
+
+    /// The block's output size for an `hw` input.
+    pub fn out_hw(&self, hw: (i64, i64)) -> (i64, i64) {
+        strided(hw, self.stride())
+    }
+}
+
+/// The output size of a `hw` input at `stride` (a ResNet block or its padded convolutions):
+/// each side ⌈side / stride⌉.
+pub fn strided((h, w): (i64, i64), stride: i64) -> (i64, i64) {
+    ((h - 1) / stride + 1, (w - 1) / stride + 1)
 }
 
 impl ArchSpec {

@@ -121,8 +121,7 @@ pub fn dense_flops(spec: &ArchSpec, h: i64, w: i64) -> u64 {
         let widths = [block.inner_width(); 2];
         total +=
             residual_flops(&block, h2, w2, &widths[..block.convs.len() - 1]) + shortcut_flops(&block, h2, w2);
-        let s = block.stride();
-        (h2, w2) = ((h2 - 1) / s + 1, (w2 - 1) / s + 1);
+        (h2, w2) = block.out_hw((h2, w2));
     }
     total
 }
@@ -168,8 +167,7 @@ mod tests {
             for b in spec.block_specs() {
                 let widths = vec![b.inner_width(); b.convs.len() - 1];
                 blocks += residual_flops(&b, h, w, &widths) + shortcut_flops(&b, h, w);
-                let s = b.stride();
-                (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
+                (h, w) = b.out_hw((h, w));
             }
             let stem = dense_layers(&spec, hw, hw)[0].flops;
             assert_eq!(stem + blocks + linear_flops(spec.feature_width(), 10), dense_flops(&spec, hw, hw));

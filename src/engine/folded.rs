@@ -580,10 +580,10 @@ pub fn row_tiles(
     elem_bytes: i64,
     budget: i64,
 ) -> Option<RowTiles> {
-    let [mut h, mut w] = hw;
+    let (mut h, mut w) = (hw[0], hw[1]);
     let (mut lead, mut widest) = (0, 0);
     for (out_ch, stride) in blocks {
-        (h, w) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        (h, w) = super::arch::strided((h, w), stride);
         let row_bytes = out_ch.saturating_mul(h).saturating_mul(w).saturating_mul(elem_bytes);
         if row_bytes.saturating_mul(n) <= budget {
             break;

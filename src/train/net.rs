@@ -118,8 +118,7 @@ impl TrainableNet {
             let quad = if block.convs.len() > 2 { 2.0 * (full - 2.0 * half) } else { 0.0 };
             residual.push((full - quad, quad));
             shortcut.push(shortcut_flops(&block, h, w) as f64);
-            let s = block.stride();
-            (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
+            (h, w) = block.out_hw((h, w));
         }
         let dense = crate::engine::flops::dense_flops(spec, input_hw, input_hw) as f64;
         let fixed = dense - residual.iter().map(|(l, q)| l + q).sum::<f64>() - shortcut.iter().sum::<f64>();

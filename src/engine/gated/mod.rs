@@ -222,8 +222,7 @@ impl GatedResNet {
             .map(|block| {
                 let full = [block.spec.inner_width(); 2]; // one inner width per group
                 let flops = residual_flops(&block.spec, hw.0, hw.1, &full[..block.spec.convs.len() - 1]);
-                let s = block.spec.stride();
-                hw = ((hw.0 - 1) / s + 1, (hw.1 - 1) / s + 1);
+                hw = block.spec.out_hw(hw);
                 select_limit(hw.0 * hw.1, flops)
             })
             .collect();
@@ -292,8 +291,7 @@ impl GatedResNet {
                 (ch, cw) = (sh, sw);
                 for b in 0..tiles.blocks {
                     t = self.run_block(b, &t, &mut rows_active, &plans, &mut reports, (ch, cw));
-                    let s = self.blocks[b].spec.stride();
-                    (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
+                    (ch, cw) = self.blocks[b].spec.out_hw((ch, cw));
                 }
                 parts.push(t);
                 order.extend(rows_active);
@@ -305,8 +303,7 @@ impl GatedResNet {
         for b in 0..self.blocks.len() {
             if b >= first {
                 cur = self.run_block(b, &cur, &mut active, &plans, &mut reports, (ch, cw));
-                let s = self.blocks[b].spec.stride();
-                (ch, cw) = ((ch - 1) / s + 1, (cw - 1) / s + 1);
+                (ch, cw) = self.blocks[b].spec.out_hw((ch, cw));
             }
 
             let Some((e, exit)) = self.exits.iter().enumerate().find(|(_, x)| x.after_block == b) else {
@@ -414,8 +411,7 @@ impl GatedResNet {
             let full = [block.spec.inner_width(); 2];
             let widths = &full[..block.spec.convs.len() - 1];
             total += residual_flops(&block.spec, h, w, widths) + shortcut_flops(&block.spec, h, w);
-            let s = block.spec.stride();
-            (h, w) = ((h - 1) / s + 1, (w - 1) / s + 1);
+            (h, w) = block.spec.out_hw((h, w));
         }
         total
     }
